@@ -1,0 +1,1 @@
+"""Data preprocessing: raw images -> center-cropped RGB -> VAE moments -> WebDataset shards."""

@@ -1,0 +1,238 @@
+"""Versioned, immutable artifacts: the one file format every stage reads and writes.
+
+An artifact is a directory with a `manifest.json` that records its kind, schema version, a
+content id (from the files' hashes), creation time, toolkit version and git commit, the full
+config of the stage that made it, its inputs (kind, id and path of each parent artifact) and
+every file with its size and sha256.
+
+Writing: `begin_artifact(out)` gives a staging directory `.NAME.partial` beside `out` (kept
+across crashes, so a stage can resume into it); `finish_artifact(...)` hashes the files, writes
+the manifest and renames the staging directory into place. A directory without a manifest is
+never read as finished, and an existing artifact is never overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from sitctl import __version__
+from sitctl.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+KINDS = ("latents", "checkpoint", "samples", "reference", "metrics", "bench")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact on disk and its parsed manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["config"]
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.manifest["inputs"]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.manifest.get("extra", {})
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def ref(self) -> dict[str, str]:
+        """How a child artifact records this one as its input."""
+        return {"kind": self.kind, "id": self.id, "path": str(self.path.resolve())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def staging_dir(out: str | Path) -> Path:
+    """The deterministic staging directory of `out`, so a rerun can resume into it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def open_artifact(path: str | Path, kind: str | Iterable[str] | None = None) -> Artifact:
+    """Open a finished artifact, checking kind, schema version and each file's presence and size."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        if staging_dir(path).is_dir():
+            raise ArtifactError(f"{path} is not finished (a half-written {staging_dir(path).name} exists); rerun its stage to complete it")
+        raise ArtifactError(f"{path}: no such artifact directory")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} has no {MANIFEST}: not an artifact, or not finished")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{manifest_path} is unreadable: {error}") from None
+    if not isinstance(manifest, dict) or "schema" not in manifest or "kind" not in manifest:
+        raise ArtifactError(f"{manifest_path} is not an artifact manifest")
+    if manifest["schema"] > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has schema {manifest['schema']}, newer than this sitctl's {SCHEMA_VERSION}; upgrade sitctl"
+        )
+    wanted = (kind,) if isinstance(kind, str) else tuple(kind or ())
+    if wanted and manifest["kind"] not in wanted:
+        raise ArtifactError(f"{path} is a '{manifest['kind']}' artifact, expected {' or '.join(repr(k) for k in wanted)}")
+    for name, entry in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
+        if file.stat().st_size != entry["size"]:
+            raise ArtifactError(f"{path}: file {name} has {file.stat().st_size} bytes, manifest says {entry['size']}")
+    return Artifact(path=path, manifest=manifest)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_artifact(path: str | Path) -> Artifact:
+    """Open an artifact and recheck the sha256 of every file; raise ArtifactError on any mismatch."""
+    artifact = open_artifact(path)
+    for name, entry in artifact.manifest["files"].items():
+        if sha256_file(artifact.path / name) != entry["sha256"]:
+            raise ArtifactError(f"{artifact.path}: file {name} does not match its recorded sha256 (tampered or corrupt)")
+    if content_id(artifact.manifest["files"]) != artifact.id:
+        raise ArtifactError(f"{artifact.path}: content id does not match its files")
+    return artifact
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def begin_artifact(out: str | Path) -> Path:
+    """Refuse an existing `out`; create (or reuse, to resume) its staging directory and return it."""
+    out = Path(out)
+    if out.exists():
+        raise ArtifactError(f"{out} already exists; artifacts are never overwritten, choose a new --out")
+    staging = staging_dir(out)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ArtifactError(f"cannot write to {out.parent}: {error.strerror}") from None
+    return staging
+
+
+def content_id(files: dict[str, dict[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]['sha256']}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def finish_artifact(
+    staging: Path,
+    out: str | Path,
+    *,
+    kind: str,
+    config: dict[str, Any],
+    inputs: Iterable[Artifact] = (),
+    extra: dict[str, Any] | None = None,
+) -> Artifact:
+    """Hash every file in `staging`, write the manifest, and rename the directory to `out`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    out = Path(out)
+    files = {}
+    for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+        name = file.relative_to(staging).as_posix()
+        if name != MANIFEST and not name.endswith(".tmp"):
+            files[name] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "kind": kind,
+        "id": content_id(files),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "sitctl_version": __version__,
+        "git_commit": _git_commit(),
+        "config": config,
+        "inputs": [parent.ref() for parent in inputs],
+        "extra": extra or {},
+        "files": files,
+    }
+    write_json_atomic(staging / MANIFEST, manifest)
+    if out.exists():
+        raise ArtifactError(f"{out} already exists; artifacts are never overwritten, choose a new --out")
+    os.replace(staging, out)
+    return Artifact(path=out, manifest=manifest)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` through a temporary file, fsync'd, then renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lineage
+# ---------------------------------------------------------------------------------------------
+
+
+def parents(artifact: Artifact) -> list[Artifact | dict[str, Any]]:
+    """The input artifacts, opened where they still exist (else their recorded reference)."""
+    found: list[Artifact | dict[str, Any]] = []
+    for ref in artifact.inputs:
+        try:
+            found.append(open_artifact(ref["path"]))
+        except ArtifactError:
+            found.append(ref)
+    return found
+
+
+def ancestor(artifact: Artifact, kind: str) -> Artifact | None:
+    """The nearest ancestor (or the artifact itself) of the given kind, if it can be opened."""
+    if artifact.kind == kind:
+        return artifact
+    for parent in parents(artifact):
+        if isinstance(parent, Artifact):
+            found = ancestor(parent, kind)
+            if found is not None:
+                return found
+    return None

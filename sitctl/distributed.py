@@ -1,0 +1,68 @@
+"""Process-group setup shared by every stage: one code path for 1 process or N under torchrun.
+
+`setup()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the stage runs
+as a single process and no process group is created. The backend is NCCL when CUDA is present,
+gloo otherwise (CPU tests run real multi-process gloo groups).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: its rank, the world size, and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str | None = None) -> Dist:
+    """Initialise the process group if launched by torchrun; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    torch_device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(torch_device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=30),
+            device_id=torch_device if use_cuda else None,
+        )
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        dist.barrier()
+
+
+def all_reduce_sum(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (a no-op for one process) and return it."""
+    if d.active:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def teardown(d: Dist) -> None:
+    if d.active and dist.is_initialized():
+        dist.destroy_process_group()
