@@ -1,0 +1,296 @@
+"""The SiT network: the DiT transformer with adaLN-Zero blocks, fed t in [0, 1].
+
+SiT (Ma et al. 2024, arXiv 2401.08740) keeps DiT's architecture (Peebles & Xie 2023) and only
+changes what it is trained to predict; the time input is the interpolant time t in [0, 1]
+instead of DiT's integer diffusion step. Module and parameter names match the published
+SiT-XL/2 and DiT-XL/2 state dicts so they load directly (`load_state_dict_checked`).
+
+Shapes: N batch, C channels, H = W = input_size, p patch size, T = (H/p)^2 tokens, D width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.configs import SiTConfig
+from sitctl.errors import CheckpointMismatchError
+
+# =============================================================================================
+# Embeddings: patches, time, labels, positions
+# =============================================================================================
+
+
+class PatchEmbed(nn.Module):
+    """Cut (N, C, H, W) into p x p patches and project each to a D-dim token."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, H/p, W/p) -> (N, T, D)
+
+
+def timestep_frequencies(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features [cos(t f_k), sin(t f_k)], f_k = max_period^(-k/(dim/2)), of t (N,) -> (N, dim).
+
+    The DiT layout (cosines first); SiT feeds t in [0, 1] directly, without DiT's x1000 scaling.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (N, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+
+class TimestepEmbedder(nn.Module):
+    """t (N,) -> (N, D): sinusoidal features then a two-layer SiLU MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: Tensor) -> Tensor:
+        features = timestep_frequencies(t, self.frequency_size)  # (N, 256), float32
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """y (N,) -> (N, D); row `num_classes` is the learned null label of classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.embedding_table(y)
+
+
+def drop_labels(y: Tensor, prob: float, null_class: int, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each label by `null_class` with probability `prob` (classifier-free training)."""
+    if prob <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < prob
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+def sincos_1d(dim: int, positions: Tensor) -> Tensor:
+    """[sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k/(dim/2)): positions (M,) -> (M, dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    args = positions.double()[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def sincos_2d(dim: int, grid_size: int) -> Tensor:
+    """Fixed 2-D position embedding (T, dim), tokens in row-major order.
+
+    Token (row i, column j) gets [sincos_1d(j) | sincos_1d(i)], half the width per axis, the
+    layout of the published DiT/SiT weights (MAE's numpy recipe, meshgrid with columns first).
+    """
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    embed = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    return embed.float()  # (T, dim)
+
+
+# =============================================================================================
+# Transformer blocks
+# =============================================================================================
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, per sample. x (N, T, D); shift, scale (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention (flash kernels on GPU)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        # QK-norm bounds attention logits, which otherwise grow and overflow in bf16 at scale.
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(n, tokens, 3, self.num_heads, width // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D/heads)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (N, heads, T, D/heads)
+        return self.proj(out.transpose(1, 2).reshape(n, tokens, width))  # (N, T, D)
+
+
+class Mlp(nn.Module):
+    """Token-wise fc1 -> GELU (tanh approximation, as DiT) -> fc2."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiTBlock(nn.Module):
+    """Transformer block whose LayerNorms are shifted, scaled and gated by the condition c."""
+
+    def __init__(self, config: SiTConfig):
+        super().__init__()
+        width = config.hidden_size
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, config.num_heads, config.qk_norm)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, int(width * config.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        # Six (N, D) vectors, in the order of the published weights' rows.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm then a linear map from each token to its p*p*C patch values."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C)
+
+
+# =============================================================================================
+# The network
+# =============================================================================================
+
+
+class SiT(nn.Module):
+    """Predicts a field (velocity, noise or score) with the shape of x from (x_t, t, y)."""
+
+    def __init__(self, config: SiTConfig):
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, width)
+        self.t_embedder = TimestepEmbedder(width)
+        self.y_embedder = LabelEmbedder(config.num_classes, width)
+        # Fixed, so not saved: rebuilt from the config. Published files that carry it still load.
+        self.register_buffer("pos_embed", sincos_2d(width, config.grid_size)[None], persistent=False)  # (1, T, D)
+        self.blocks = nn.ModuleList([SiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(width, config.patch_size, config.in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # The patch projection is a linear map on flattened patches; initialise it as one.
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: zero gates make every block the identity at initialisation (DiT Sec. 3.2),
+        # and a zero output layer makes the fresh network predict exactly 0.
+        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for linear in zeroed:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(N, T, p*p*c) -> (N, c, H, W); c is read from x, so a 2C-channel published head also works."""
+        n, p, grid = x.shape[0], self.config.patch_size, self.config.grid_size
+        channels = x.shape[-1] // (p * p)
+        x = x.reshape(n, grid, grid, p, p, channels)  # (N, H/p, W/p, p, p, c)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # (N, c, H/p, p, W/p, p)
+        return x.reshape(n, channels, grid * p, grid * p)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """x (N, C, H, W), t (N,) in [0, 1], y (N,) long with num_classes = null -> (N, C, H, W)."""
+        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        for block in self.blocks:
+            tokens = block(tokens, c)  # (N, T, D)
+        return self.unpatchify(self.final_layer(tokens, c))  # (N, C, H, W)
+
+
+# =============================================================================================
+# Loading our own and published state dicts
+# =============================================================================================
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DistributedDataParallel
+
+
+def _shape(tensor: Tensor) -> str:
+    return "(" + ", ".join(str(size) for size in tensor.shape) + ")"
+
+
+def _drop_sigma_half(weight: Tensor, patch_size: int, channels: int) -> Tensor:
+    """Keep the first C of 2C output channels of a learn_sigma head (rows ordered (p, p, 2C))."""
+    rows = weight.reshape(patch_size * patch_size, 2 * channels, *weight.shape[1:])
+    return rows[:, :channels].reshape(patch_size * patch_size * channels, *weight.shape[1:])
+
+
+def _normalise_state_dict(net: SiT, state_dict: dict) -> dict:
+    """Unwrap, strip compile/DDP prefixes, drop the fixed pos_embed and a learn_sigma half."""
+    if "ema" in state_dict and isinstance(state_dict["ema"], dict):  # SiT's training checkpoints
+        state_dict = state_dict["ema"]
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        cleaned[key] = value
+    head_rows = net.final_layer.linear.out_features
+    for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        value = cleaned.get(key)
+        if value is not None and value.shape[0] == 2 * head_rows:
+            cleaned[key] = _drop_sigma_half(value, net.config.patch_size, net.config.in_channels)
+    return cleaned
+
+
+def load_state_dict_checked(net: SiT, state_dict: dict, model_name: str) -> None:
+    """Load our own or a published SiT/DiT state dict into `net`, or say exactly what does not fit.
+
+    Published SiT-XL/2 and DiT-XL/2 files predict 2C channels (learn_sigma); the sigma half of the
+    final linear is dropped. `pos_embed` is fixed and rebuilt, so it may be present or absent,
+    but when present its shape must match (it encodes the input size).
+    """
+    cleaned = _normalise_state_dict(net, state_dict)
+    expected = net.state_dict()
+    expected["pos_embed"] = net.pos_embed
+    for key, value in cleaned.items():
+        if key not in expected:
+            raise CheckpointMismatchError(
+                f"checkpoint does not fit {model_name}: unexpected key {key} with shape {_shape(value)} (not in the model)"
+            )
+        if value.shape != expected[key].shape:
+            raise CheckpointMismatchError(
+                f"checkpoint does not fit {model_name}: {key} has shape {_shape(value)} in the checkpoint "
+                f"but {_shape(expected[key])} in the model"
+            )
+    for key, value in expected.items():
+        if key not in cleaned and key != "pos_embed":
+            raise CheckpointMismatchError(
+                f"checkpoint does not fit {model_name}: key {key} with shape {_shape(value)} is missing from the checkpoint"
+            )
+    cleaned.pop("pos_embed", None)
+    net.load_state_dict(cleaned, strict=True)
