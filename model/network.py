@@ -106,6 +106,13 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over one head's features whose gain follows the input dtype (fused under bf16 autocast)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention (flash kernels on GPU)."""
 
@@ -115,8 +122,8 @@ class Attention(nn.Module):
         head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         # QK-norm bounds attention logits, which otherwise grow and overflow in bf16 at scale.
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = HeadRMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = HeadRMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -241,7 +248,7 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DistributedDa
 
 
 def _shape(tensor: Tensor) -> str:
-    return "(" + ", ".join(str(size) for size in tensor.shape) + ")"
+    return str(tuple(tensor.shape))
 
 
 def _drop_sigma_half(weight: Tensor, patch_size: int, channels: int) -> Tensor:
@@ -256,8 +263,8 @@ def _normalise_state_dict(net: SiT, state_dict: dict) -> dict:
         state_dict = state_dict["ema"]
     cleaned = {}
     for key, value in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
         cleaned[key] = value
     head_rows = net.final_layer.linear.out_features
     for key in ("final_layer.linear.weight", "final_layer.linear.bias"):

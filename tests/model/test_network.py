@@ -1,0 +1,202 @@
+"""The SiT network: shapes, adaLN-Zero initialisation, positions, published-weight loading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from model.configs import MODEL_NAMES, ModelConfigError, SiTConfig, model_config
+from model.network import SiT, drop_labels, load_state_dict_checked, sincos_2d, timestep_frequencies
+from sitctl.errors import CheckpointMismatchError
+
+
+def tiny(**overrides) -> SiTConfig:
+    settings = {"input_size": 8, "in_channels": 3, "num_classes": 10} | overrides
+    return model_config("SiT-T/2", **settings)
+
+
+def randomised(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter (the zero-initialised ones too) random values, so outputs carry signal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return net
+
+
+def inputs(config: SiTConfig, n: int = 3, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, config.in_channels, config.input_size, config.input_size, generator=generator)
+    t = torch.rand(n, generator=generator)
+    y = torch.arange(n) % (config.num_classes + 1)  # includes the null label when n > num_classes
+    y[-1] = config.num_classes
+    return x, t, y
+
+
+@pytest.mark.parametrize(
+    "name, input_size, channels",
+    [("SiT-T/2", 8, 4), ("SiT-T/4", 16, 3), ("SiT-T/2", 12, 1), ("SiT-T/4", 32, 4)],
+)
+def test_output_has_input_shape(name, input_size, channels):
+    config = model_config(name, input_size=input_size, in_channels=channels, num_classes=5)
+    net = randomised(SiT(config))
+    x, t, y = inputs(config)
+    out = net(x, t, y)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_fresh_network_predicts_exactly_zero():
+    config = tiny()
+    x, t, y = inputs(config)
+    assert torch.equal(SiT(config)(x, t, y), torch.zeros_like(x))
+
+
+def test_fresh_blocks_are_identity_maps():
+    # adaLN-Zero: zero gates make each residual branch vanish at initialisation.
+    net = SiT(tiny())
+    tokens, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    assert torch.equal(net.blocks[0](tokens, c), tokens)
+
+
+def test_position_embedding_is_2d_sincos():
+    dim, grid = 16, 3
+    embed = sincos_2d(dim, grid)  # (9, 16): [columns: 4 sin, 4 cos | rows: 4 sin, 4 cos]
+    for row in range(grid):
+        for col in range(grid):
+            token = embed[row * grid + col]
+            for k in range(4):
+                omega = 10000 ** (-k / 4)
+                expected = [math.sin(col * omega), math.cos(col * omega), math.sin(row * omega), math.cos(row * omega)]
+                got = [token[k], token[4 + k], token[8 + k], token[12 + k]]
+                assert torch.allclose(torch.stack(got), torch.tensor(expected), atol=1e-6)
+
+
+def test_timestep_features_take_t_directly():
+    features = timestep_frequencies(torch.tensor([0.0, 0.5]), dim=8)  # frequencies 1, 0.1, 0.01, 0.001
+    assert torch.equal(features[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    assert math.isclose(features[1, 4].item(), math.sin(0.5), rel_tol=1e-6)
+    assert math.isclose(features[1, 1].item(), math.cos(0.05), rel_tol=1e-6)
+
+
+def test_time_and_label_reach_the_output():
+    config = tiny()
+    net = randomised(SiT(config))
+    x, t, y = inputs(config)
+    out = net(x, t, y)
+    assert not torch.allclose(out, net(x, 1 - t, y))
+    assert not torch.allclose(out, net(x, t, torch.full_like(y, config.num_classes)))
+
+
+def test_xl2_has_the_published_parameter_count():
+    with torch.device("meta"):
+        net = SiT(model_config("SiT-XL/2"))
+    count = sum(parameter.numel() for parameter in net.parameters())
+    # DiT-XL/2's 675M also counts the pos_embed parameter and the sigma half of the head.
+    published_extras = net.pos_embed.numel() + (1152 + 1) * 2 * 2 * 4
+    assert count + published_extras == 675_129_632
+
+
+def published_layout(config: SiTConfig) -> SiT:
+    """A network laid out as the published learn_sigma checkpoints: a 2C-channel final linear."""
+    net = SiT(config)
+    net.final_layer.linear = nn.Linear(config.hidden_size, config.patch_size**2 * 2 * config.in_channels)
+    return randomised(net)
+
+
+@pytest.mark.parametrize("name", ["SiT-T/2", "SiT-T/4"])
+def test_published_state_dict_loads_and_keeps_the_mean_half(name):
+    config = model_config(name, input_size=16, in_channels=4, num_classes=10)
+    published = published_layout(config)
+    state_dict = published.state_dict() | {"pos_embed": published.pos_embed.clone()}  # as the .pt files hold it
+    assert state_dict["y_embedder.embedding_table.weight"].shape[0] == config.num_classes + 1
+    net = SiT(config)
+    load_state_dict_checked(net, state_dict, name)
+    x, t, y = inputs(config, n=4)
+    with torch.no_grad():
+        expected = published(x, t, y)  # (N, 2C, H, W): epsilon/velocity half then sigma half
+        assert expected.shape[1] == 2 * config.in_channels
+        assert torch.allclose(net(x, t, y), expected[:, : config.in_channels], atol=1e-6)
+
+
+def test_own_state_dict_round_trips_through_compile_and_ddp_prefixes():
+    config = tiny()
+    source = randomised(SiT(config))
+    prefixed = {"module._orig_mod." + key: value for key, value in source.state_dict().items()}
+    net = SiT(config)
+    load_state_dict_checked(net, prefixed, "SiT-T/2")
+    x, t, y = inputs(config)
+    assert torch.equal(net(x, t, y), source(x, t, y))
+
+
+def test_wrong_shape_names_model_key_and_both_shapes():
+    state_dict = SiT(tiny(num_classes=7)).state_dict()
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_state_dict_checked(SiT(tiny()), state_dict, "SiT-T/2")
+    message = str(error.value)
+    assert "SiT-T/2" in message and "y_embedder.embedding_table.weight" in message
+    assert "(8, 64)" in message and "(11, 64)" in message and "\n" not in message
+
+
+def test_pos_embed_of_another_input_size_is_refused():
+    state_dict = SiT(tiny()).state_dict() | {"pos_embed": sincos_2d(64, 8)[None]}
+    with pytest.raises(CheckpointMismatchError, match=r"pos_embed has shape \(1, 64, 64\).*\(1, 16, 64\)"):
+        load_state_dict_checked(SiT(tiny()), state_dict, "SiT-T/2")
+
+
+def test_missing_and_unexpected_keys_are_named():
+    state_dict = SiT(tiny()).state_dict()
+    del state_dict["blocks.1.mlp.fc2.bias"]
+    with pytest.raises(CheckpointMismatchError, match=r"blocks\.1\.mlp\.fc2\.bias with shape \(64,\) is missing"):
+        load_state_dict_checked(SiT(tiny()), state_dict, "SiT-T/2")
+    deeper = SiT(tiny(depth=3)).state_dict()
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected key blocks\.2\."):
+        load_state_dict_checked(SiT(tiny()), deeper, "SiT-T/2")
+
+
+def test_bf16_autocast_forward_is_finite():
+    config = tiny(qk_norm=True)
+    net = randomised(SiT(config))
+    x, t, y = inputs(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x * 100, t, y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_qk_norm_adds_per_head_norm_weights():
+    keys = SiT(tiny(qk_norm=True)).state_dict().keys()
+    assert "blocks.0.attn.q_norm.weight" in keys and "blocks.0.attn.k_norm.weight" in keys
+    assert "blocks.0.attn.q_norm.weight" not in SiT(tiny()).state_dict()
+
+
+def test_compiled_network_matches_eager():
+    # aot_eager traces the whole graph (fullgraph: no graph breaks) in seconds; inductor's C++
+    # codegen takes ~40 s on a CPU and is exercised by `python -m sitctl.bench model --compile`.
+    config = tiny()
+    net = randomised(SiT(config))
+    x, t, y = inputs(config)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x, t, y), net(x, t, y), atol=1e-6)
+
+
+def test_drop_labels_replaces_a_fraction_by_the_null_class():
+    y = torch.arange(20_000) % 10
+    dropped = drop_labels(y, 0.3, null_class=10, generator=torch.Generator().manual_seed(0))
+    changed = dropped != y
+    assert torch.all(dropped[changed] == 10)
+    assert abs(changed.float().mean().item() - 0.3) < 0.02  # binomial std is 0.003
+    assert torch.equal(drop_labels(y, 0.0, null_class=10), y)
+
+
+def test_configs_cover_the_papers_sizes_and_reject_nonsense():
+    assert {"SiT-S/2", "SiT-B/4", "SiT-L/8", "SiT-XL/2", "SiT-T/2"} <= set(MODEL_NAMES)
+    xl = model_config("SiT-XL/2")
+    assert (xl.depth, xl.hidden_size, xl.num_heads, xl.patch_size) == (28, 1152, 16, 2)
+    assert SiTConfig(**xl.__dict__) == xl
+    with pytest.raises(ModelConfigError, match="unknown model"):
+        model_config("SiT-XXL/2")
+    with pytest.raises(ModelConfigError, match="not divisible by patch_size"):
+        model_config("SiT-S/8", input_size=12)
