@@ -51,3 +51,35 @@ def test_count_agrees_with_the_layers_actually_run():
     x = torch.randn(1, 3, 16, 16)
     measured = count_macs_by_hooks(SiT(config), x, torch.rand(1), torch.tensor([2]))
     assert forward_flops(config) == measured
+
+
+def test_model_benchmark_reports_flops_from_the_count():
+    from model.flops import train_step_flops
+    from sitctl.bench import bench_model
+
+    result = bench_model("SiT-T/2", batch=2, steps=1, warmup=0, device="cpu", input_size=8, in_channels=3)
+    config = model_config("SiT-T/2", input_size=8, in_channels=3)
+    assert result["forward_gmacs_per_image"] * 1e9 == forward_flops(config)
+    seconds = result["train_step_ms"] / 1e3
+    assert result["train_tflops"] * 1e12 * seconds == pytest.approx(train_step_flops(config, 2))
+    assert result["mfu"] is None  # no known peak for a CPU
+
+
+def test_model_benchmark_refuses_an_unknown_precision_in_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sitctl.bench", "model", "--precision", "fp16"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: unknown precision 'fp16'; choose one of fp32, tf32, bf16"
+
+
+def test_mfu_peaks_tell_h100_sxm_from_pcie():
+    from sitctl.bench import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert peak_tflops("cpu", "bf16") is None
