@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -195,7 +196,7 @@ def test_configs_cover_the_papers_sizes_and_reject_nonsense():
     assert {"SiT-S/2", "SiT-B/4", "SiT-L/8", "SiT-XL/2", "SiT-T/2"} <= set(MODEL_NAMES)
     xl = model_config("SiT-XL/2")
     assert (xl.depth, xl.hidden_size, xl.num_heads, xl.patch_size) == (28, 1152, 16, 2)
-    assert SiTConfig(**xl.__dict__) == xl
+    assert SiTConfig(**asdict(xl)) == xl
     with pytest.raises(ModelConfigError, match="unknown model"):
         model_config("SiT-XXL/2")
     with pytest.raises(ModelConfigError, match="not divisible by patch_size"):
