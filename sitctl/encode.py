@@ -1,0 +1,218 @@
+"""The encode stage: raw images -> a `latents` artifact of WebDataset shards of VAE moments.
+
+Items are put in a fixed order (a seeded permutation, so every shard mixes classes), cut into
+shards of `shard_size`, and shard i is encoded by rank i % world_size. A shard's bytes depend
+only on its items, so the output is the same for 1 or N processes and for a run resumed after a
+crash: complete shards in the staging directory are kept (their done marker's sha256 still
+matches), the rest are redone. Rank 0 writes the manifest once every rank has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+from torch.utils.data import DataLoader
+
+from pipelines.moments import PRECISIONS, latent_moments, pixels_to_tensor
+from pipelines.shards import PROGRESS_DIR, Sample, done_record, mark_done, shard_name, write_shard
+from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_items, open_source
+from sitctl import distributed
+from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, write_json_atomic
+from sitctl.errors import ArtifactError, SitctlError
+from sitctl.vae import load_vae
+
+CRASH_AFTER_SHARDS_ENV = "SITCTL_TEST_CRASH_AFTER_SHARDS"  # test hook: exit hard after N shards
+ERRORS_FILE = "errors.jsonl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeConfig:
+    """Settings of one encode run; written into the latents manifest."""
+
+    src: str
+    """A folder of class subfolders, `digits`, or `fashion-mnist[:DIR]`."""
+    out: str
+    """The artifact directory to create (must not exist)."""
+    image_size: int = 256
+    """Side of the center crop (ADM's center_crop_arr), in pixels."""
+    vae: str = "ema"
+    """`ema`, `mse` (Stable Diffusion VAEs), `none` (pixel space), or a local AutoencoderKL directory."""
+    shard_size: int = 1000
+    """Samples per WebDataset shard (the last shard may hold fewer)."""
+    batch_size: int = 32
+    """Images per VAE forward (each goes through with its flip, so 2x this)."""
+    workers: int = 4
+    """DataLoader worker processes decoding and cropping images (0: in the main process)."""
+    limit: int | None = None
+    """Keep only the first N images of the fixed order (demos and tests)."""
+    order_seed: int | None = 0
+    """Seed of the permutation that orders images before sharding; None keeps the source order."""
+    precision: str = "auto"
+    """VAE autocast: auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."""
+    device: str | None = None
+    """Compute device; None picks CUDA when present."""
+
+    def __post_init__(self):
+        for name in ("image_size", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise SitctlError(f"--workers must be 0 or more, got {self.workers}")
+        if self.limit is not None and self.limit < 1:
+            raise SitctlError(f"--limit must be at least 1, got {self.limit}")
+        if self.precision not in PRECISIONS:
+            raise SitctlError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def encode(config: EncodeConfig) -> Artifact | None:
+    """Run the stage on this process's share of shards; rank 0 returns the finished artifact."""
+    dist = distributed.setup(config.device)
+    try:
+        # Everything a user can get wrong is checked on every rank before any collective call.
+        source = open_source(config.src)
+        vae, vae_info = load_vae(config.vae, dist.device)
+        if config.image_size % vae_info["downsample"]:
+            raise SitctlError(f"--image-size {config.image_size} is not a multiple of the VAE's downsampling {vae_info['downsample']}")
+        staging = begin_artifact(config.out)
+        _check_resume_settings(staging, config)
+        shards = plan_shards(len(source), config)
+        mine = {index: items for index, items in enumerate(shards) if index % dist.world_size == dist.rank}
+        encode_shards(source, mine, staging, vae, config, dist.device, show_progress=dist.is_main)
+        distributed.barrier(dist)
+        if not dist.is_main:
+            return None
+        return _finish(staging, config, source, len(shards), vae_info)
+    finally:
+        distributed.teardown(dist)
+
+
+def plan_shards(count: int, config: EncodeConfig) -> list[np.ndarray]:
+    """Item indices of each shard: the seeded order, cut to --limit, in runs of shard_size."""
+    order = np.arange(count) if config.order_seed is None else np.random.default_rng(config.order_seed).permutation(count)
+    order = order[: config.limit]
+    return [order[start : start + config.shard_size] for start in range(0, len(order), config.shard_size)]
+
+
+def _check_resume_settings(staging: Path, config: EncodeConfig) -> None:
+    """Refuse to resume into a staging directory left by a run with other settings."""
+    settings = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change bytes
+    path = staging / PROGRESS_DIR / "settings.json"
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        raise ArtifactError(f"{staging} holds a partial encode with other settings; rerun with the same options or delete it")
+    path.parent.mkdir(exist_ok=True)
+    write_json_atomic(path, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding this rank's shards
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_shards(source: ImageSource, shards: dict[int, np.ndarray], staging: Path, vae, config: EncodeConfig, device, *, show_progress: bool) -> None:
+    """Encode every shard in `shards` (global index -> item indices) not already done in `staging`."""
+    pending = {index: items for index, items in shards.items() if done_record(staging, index) is None}
+    # Batches never straddle two shards, and are the same whichever rank encodes the shard.
+    batches, owners = [], []
+    for index, items in sorted(pending.items()):
+        for start in range(0, len(items), config.batch_size):
+            batches.append(items[start : start + config.batch_size].tolist())
+            owners.append((index, start + config.batch_size >= len(items)))
+    loader = DataLoader(
+        CroppedImages(source, config.image_size), batch_sampler=batches, num_workers=config.workers, collate_fn=collate_items
+    )
+    crash_after = int(os.environ.get(CRASH_AFTER_SHARDS_ENV, "0"))
+    written, samples, errors = 0, [], []
+    with _progress(show_progress, sum(len(items) for items in pending.values())) as advance:
+        for (index, last), batch in zip(owners, loader):
+            batch_samples, batch_errors = _encode_batch(batch, source, vae, config, device)
+            samples += batch_samples
+            errors += batch_errors
+            advance(len(batch))
+            if last:
+                _write_shard(staging, index, samples, errors, len(source.class_names))
+                written, samples, errors = written + 1, [], []
+                if written == crash_after:
+                    os._exit(75)  # simulate a kill: no cleanup, no finally blocks
+
+
+def _encode_batch(batch: list, source: ImageSource, vae, config: EncodeConfig, device) -> tuple[list[Sample], list[dict]]:
+    """Decoded (index, crop, reason) triples -> stored samples, and error records for the rest."""
+    good = [(index, crop) for index, crop, _ in batch if crop is not None]
+    errors = [
+        {"key": source.keys[index], "path": source.paths[index], "reason": reason}
+        for index, crop, reason in batch if crop is None
+    ]
+    if not good:
+        return [], errors
+    moments = latent_moments(vae, pixels_to_tensor([crop for _, crop in good], device), config.precision)  # (n, 2, 2, C, h, w)
+    samples = [
+        Sample(key=source.keys[index], label=source.labels[index], moments=moment, path=source.paths[index])
+        for (index, _), moment in zip(good, moments)
+    ]
+    return samples, errors
+
+
+def _write_shard(staging: Path, index: int, samples: list[Sample], errors: list[dict], num_classes: int) -> None:
+    sha256 = write_shard(staging / shard_name(index), samples)
+    histogram = np.bincount([s.label for s in samples], minlength=num_classes).tolist()
+    record = {"name": shard_name(index), "count": len(samples), "sha256": sha256, "histogram": histogram, "errors": errors}
+    mark_done(staging, index, record)
+
+
+class RateColumn(ProgressColumn):
+    """Images per second, from rich's moving estimate of the task's speed."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} images/s" if task.speed else "- images/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int):
+    """Yield `advance(n)`, driving a rich bar with images/s and ETA (rank 0 only)."""
+    columns = (TextColumn("encode"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as progress:
+        task = progress.add_task("encode", total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finishing (rank 0)
+# ---------------------------------------------------------------------------------------------
+
+
+def _finish(staging: Path, config: EncodeConfig, source: ImageSource, num_shards: int, vae_info: dict) -> Artifact:
+    """Merge the shards' done markers into errors.jsonl and the manifest, then publish the artifact."""
+    records = [done_record(staging, index) for index in range(num_shards)]
+    if any(record is None for record in records):
+        raise RuntimeError(f"{staging}: shards missing after every rank finished")  # a bug, not user input
+    errors = [error for record in records for error in record["errors"]]
+    num_samples = sum(record["count"] for record in records)
+    if num_samples == 0:
+        raise SourceError(f"no readable images in {config.src} ({len(errors)} files failed; see {staging / PROGRESS_DIR})")
+    with open(staging / ERRORS_FILE, "w") as handle:
+        handle.writelines(json.dumps(error) + "\n" for error in errors)
+    shutil.rmtree(staging / PROGRESS_DIR)
+    side = config.image_size // vae_info["downsample"]
+    extra = {
+        "shards": [{"name": record["name"], "count": record["count"]} for record in records],
+        "num_samples": num_samples,
+        "num_classes": len(source.class_names),
+        "class_names": source.class_names,
+        "latent_shape": [vae_info["latent_channels"], side, side],
+        "scale_factor": vae_info["scale_factor"],
+        "image_size": config.image_size,
+        "vae": {"name": vae_info["name"], "source": vae_info["source"]},
+        "class_histogram": np.sum([record["histogram"] for record in records], axis=0).tolist(),
+        "num_errors": len(errors),
+        "source": {"name": source.name, "root": source.root},
+    }
+    return finish_artifact(staging, config.out, kind="latents", config=asdict(config), extra=extra)
