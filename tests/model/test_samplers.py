@@ -1,0 +1,321 @@
+"""Samplers, guidance and likelihood against closed-form Gaussian transport (tests/model/gaussian.py).
+
+Data is 2-D: N(m, S), or a two-mode mixture, in float64. For one Gaussian the probability-flow
+ODE has a known flow map, so ODE solvers are checked sample by sample; SDE samplers are checked
+on the mean and covariance of 4000 samples. The sampling error alone of those statistics is
+about 0.013 (one standard deviation), so the stated tolerance of 0.06 leaves room for the
+solver's own bias but not for a wrong drift or noise scale (a noise missing its factor 2 moves
+the covariance by ~0.25).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.guidance import GuidedVelocity
+from model.interpolants import interpolant, interpolate
+from model.likelihood import bits_per_dim, log_likelihood
+from model.objectives import default_eps
+from model.samplers import (
+    DIFFUSIONS,
+    diffusion_coefficient,
+    per_sample_generators,
+    randn_per_sample,
+    sample_ode,
+    sample_sde,
+    sde_last_step,
+)
+from sitctl.errors import SitctlError
+from tests.model.gaussian import ExactVelocity, GaussianMixture
+
+DATA = GaussianMixture.single([1.0, -0.5], [[0.6, 0.25], [0.25, 0.4]])
+MIXTURE = GaussianMixture(
+    torch.tensor([0.3, 0.7], dtype=torch.float64),
+    torch.tensor([[-1.5, 0.5], [1.0, -0.5]], dtype=torch.float64),
+    torch.tensor([[[0.2, 0.05], [0.05, 0.3]], [[0.3, -0.1], [-0.1, 0.25]]], dtype=torch.float64),
+)
+STAT_TOL = 0.06
+
+
+def noise(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def assert_distribution(x: torch.Tensor, data: GaussianMixture, tol: float = STAT_TOL) -> None:
+    mean_error = (x.mean(0) - data.mean()).abs().max().item()
+    cov_error = (torch.cov(x.T) - data.cov()).abs().max().item()
+    assert mean_error < tol and cov_error < tol, f"mean error {mean_error:.4f}, covariance error {cov_error:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# ODE
+# ---------------------------------------------------------------------------------------------
+
+# (method, steps, largest pathwise error allowed): euler is first order, heun second, dopri5 adaptive.
+# dopri5 runs at rtol 1e-5: at the default 1e-3 a few vp paths take one accepted step over
+# t = 0.09 .. 0.93 (the field is nearly zero early on) and land 0.07 off; local error control
+# bounds no global error.
+ODE_CASES = [("euler", 100, 0.05), ("heun", 30, 5e-3), ("dopri5", 0, 5e-3)]
+
+
+@pytest.mark.parametrize("name", ("linear", "gvp", "vp"))
+@pytest.mark.parametrize("method, steps, tol", ODE_CASES)
+def test_ode_follows_exact_flow_map_and_reaches_target(name, method, steps, tol):
+    interp = interpolant(name)
+    eps = default_eps(name, "velocity")[1]
+    x0 = noise(4000)
+    x1 = sample_ode(ExactVelocity(DATA, interp), x0, method=method, steps=steps, sample_eps=eps, rtol=1e-5)
+    exact = DATA.flow_map(interp, x0, eps, 1 - eps)
+    assert (x1 - exact).abs().max().item() < tol
+    assert_distribution(x1, DATA)
+
+
+def test_error_shrinks_with_steps_first_order_euler_second_order_heun():
+    interp = interpolant("linear")
+    x0 = noise(500)
+    exact = DATA.flow_map(interp, x0, 0.0, 1.0)
+
+    def error(method: str, steps: int) -> float:
+        x1 = sample_ode(ExactVelocity(DATA, interp), x0, method=method, steps=steps)
+        return (x1 - exact).abs().max().item()
+
+    euler_ratio, heun_ratio = error("euler", 40) / error("euler", 20), error("heun", 40) / error("heun", 20)
+    assert 0.4 < euler_ratio < 0.6  # halving the step halves the error
+    assert 0.18 < heun_ratio < 0.32  # ... and quarters it
+    assert error("heun", 20) < error("euler", 40) / 10  # same 40 evaluations, far more accurate
+
+
+def test_dopri5_tolerance_controls_error_and_reports_evaluations():
+    interp = interpolant("gvp")
+    x0 = noise(200)
+    exact = DATA.flow_map(interp, x0, 0.0, 1.0)
+    loose, tight = {}, {}
+    error_loose = (sample_ode(ExactVelocity(DATA, interp), x0, method="dopri5", rtol=1e-3, stats=loose) - exact).abs().max()
+    error_tight = (sample_ode(ExactVelocity(DATA, interp), x0, method="dopri5", rtol=1e-7, atol=1e-9, stats=tight) - exact).abs().max()
+    assert error_tight < 1e-6 < error_loose
+    assert 1 < loose["nfe"] < tight["nfe"]
+    assert (loose["nfe"] - 1) % 6 == 0  # one first evaluation, then 6 per trial step (FSAL)
+
+
+@pytest.mark.parametrize("method, tol", [("heun", 5e-4), ("dopri5", 1e-4)])
+def test_reverse_ode_maps_data_to_its_noise(method, tol):
+    interp = interpolant("linear")
+    velocity = ExactVelocity(DATA, interp)
+    x1 = DATA.sample(300, torch.Generator().manual_seed(3))
+    back = sample_ode(velocity, x1, method=method, steps=100, rtol=1e-6, reverse=True)
+    torch.testing.assert_close(back, DATA.flow_map(interp, x1, 1.0, 0.0), atol=tol, rtol=0)
+    again = sample_ode(velocity, back, method=method, steps=100, rtol=1e-6)
+    torch.testing.assert_close(again, x1, atol=2 * tol, rtol=0)
+
+
+def test_dopri5_sample_does_not_depend_on_its_batch():
+    velocity = ExactVelocity(MIXTURE, interpolant("linear"))
+    x0 = noise(4)
+    whole = sample_ode(velocity, x0, method="dopri5")
+    halves = torch.cat([sample_ode(velocity, x0[:2], method="dopri5"), sample_ode(velocity, x0[2:], method="dopri5")])
+    torch.testing.assert_close(whole, halves, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDE
+# ---------------------------------------------------------------------------------------------
+
+# Every diffusion form, w in {0, 0.5, 1, 2}, every last step, both methods, each interpolant.
+SDE_CASES = [
+    ("linear", "euler", "sigma", 1.0, "mean"),
+    ("linear", "heun", "constant", 1.0, "tweedie"),
+    ("gvp", "euler", "linear", 2.0, "euler"),
+    ("vp", "euler", "SBDM", 1.0, "mean"),
+    ("vp", "heun", "decreasing", 0.5, "none"),
+    ("linear", "euler", "increasing-decreasing", 1.0, "mean"),
+    ("gvp", "heun", "sigma", 0.0, "mean"),
+    ("linear", "euler", "SBDM", 0.5, "tweedie"),
+]
+
+
+@pytest.mark.parametrize("name, method, diffusion, w, last_step", SDE_CASES)
+def test_sde_reaches_gaussian_target(name, method, diffusion, w, last_step):
+    interp = interpolant(name)
+    x = sample_sde(ExactVelocity(DATA, interp), noise(4000), interp=interp, method=method, steps=100,
+                   diffusion=diffusion, w=w, last_step=last_step, sample_eps=default_eps(name, "velocity")[1],
+                   # vp is far from its data at the reference's 0.04 last step (sigma = 0.14)
+                   last_step_size=0.005 if name == "vp" else 0.04,
+                   generator=torch.Generator().manual_seed(1))
+    assert_distribution(x, DATA)
+
+
+# "mean" as the last step with constant w_t = 1 would shrink the narrow modes by ~20% (a noiseless
+# score step of 0.04 against a variance of 0.2): the reference's behaviour, so tweedie is used there.
+@pytest.mark.parametrize("method, diffusion, last_step", [("euler", "sigma", "mean"), ("heun", "constant", "tweedie")])
+def test_sde_reaches_mixture_target_with_right_mode_weights(method, diffusion, last_step):
+    interp = interpolant("linear")
+    x = sample_sde(ExactVelocity(MIXTURE, interp), noise(6000, seed=10), interp=interp, method=method, steps=100,
+                   diffusion=diffusion, last_step=last_step, generator=torch.Generator().manual_seed(2))
+    assert_distribution(x, MIXTURE)
+    # mass left of -0.25 from the two components' normal CDFs (about 0.307)
+    spread = MIXTURE.covs[:, 0, 0].sqrt()
+    expected = (MIXTURE.weights * torch.distributions.Normal(MIXTURE.means[:, 0], spread).cdf(torch.tensor(-0.25))).sum()
+    assert (x[:, 0] < -0.25).double().mean().item() == pytest.approx(expected.item(), abs=0.015)
+
+
+@pytest.mark.parametrize("method", ("euler", "heun"))
+def test_sde_with_w0_equals_ode(method):
+    velocity = ExactVelocity(MIXTURE, interpolant("gvp"))
+    x0 = noise(64)
+    ode = sample_ode(velocity, x0, method=method, steps=20)
+    sde = sample_sde(velocity, x0, interp="gvp", method=method, steps=20, w=0.0, last_step="none",
+                     generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sde, ode, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method", ("euler", "heun"))
+def test_sde_sample_does_not_depend_on_its_batch(method):
+    velocity = ExactVelocity(MIXTURE, interpolant("linear"))
+    generators = per_sample_generators(7, range(4))
+    x0 = randn_per_sample(generators, (4, 2), dtype=torch.float64)
+    whole = sample_sde(velocity, x0, interp="linear", method=method, steps=30, generator=generators)
+    halves = []
+    for indices in ((0, 1), (2, 3)):
+        gens = per_sample_generators(7, indices)
+        start = randn_per_sample(gens, (2, 2), dtype=torch.float64)
+        halves.append(sample_sde(velocity, start, interp="linear", method=method, steps=30, generator=gens))
+    torch.testing.assert_close(whole, torch.cat(halves), atol=1e-12, rtol=0)
+
+
+def test_per_sample_generators_depend_on_seed_and_index_only():
+    first = randn_per_sample(per_sample_generators(0, [5, 6]), (2, 3))
+    torch.testing.assert_close(first[1:], randn_per_sample(per_sample_generators(0, [6]), (1, 3)))
+    assert not torch.equal(first[0], first[1])
+    assert not torch.equal(first, randn_per_sample(per_sample_generators(1, [5, 6]), (2, 3)))
+    with pytest.raises(ValueError, match="2 generators"):
+        randn_per_sample(per_sample_generators(0, [5, 6]), (3, 3))
+
+
+def test_diffusion_forms_scale_with_w_and_vanish_at_w0():
+    interp, t = interpolant("vp"), torch.linspace(0.01, 0.99, 9)
+    for form in DIFFUSIONS:
+        one = diffusion_coefficient(form, interp, t, 1.0)
+        assert (one >= 0).all() and one.max() > 0, form
+        torch.testing.assert_close(diffusion_coefficient(form, interp, t, 2.5), 2.5 * one)
+        assert (diffusion_coefficient(form, interp, t, 0.0) == 0).all()
+    # SBDM on the vp path is the VP-SDE's beta(1 - t) / 2
+    beta = 0.1 + (1 - t) * (20 - 0.1)
+    torch.testing.assert_close(diffusion_coefficient("SBDM", interp, t, 1.0), beta / 2)
+
+
+def test_tweedie_last_step_is_posterior_mean():
+    interp = interpolant("gvp")
+    x0, x1 = noise(50), MIXTURE.sample(50, torch.Generator().manual_seed(4))
+    t = torch.full((50,), 0.9, dtype=torch.float64)
+    x_t, _ = interpolate(interp, t, x0, x1)
+    out = sde_last_step(ExactVelocity(MIXTURE, interp), x_t, 0.9, interp=interp, kind="tweedie",
+                        diffusion="sigma", w=1.0)
+    torch.testing.assert_close(out, MIXTURE.posterior_means(interp, x_t, t)[0])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "rk4"}, "unknown SDE method"),
+    ({"diffusion": "increasing_decreasing"}, "unknown diffusion form"),
+    ({"last_step": "Mean"}, "unknown last step"),
+    ({"w": -1.0}, "w must be >= 0"),
+    ({"last_step_size": 0.0}, "last_step_size"),
+])
+def test_bad_sde_options_are_user_errors(options, message):
+    with pytest.raises(SitctlError, match=message):
+        sample_sde(ExactVelocity(DATA, interpolant("linear")), noise(2), interp="linear", **options)
+
+
+def test_bad_ode_method_is_a_user_error():
+    with pytest.raises(SitctlError, match="unknown ODE method"):
+        sample_ode(ExactVelocity(DATA, interpolant("linear")), noise(2), method="rk45")
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ---------------------------------------------------------------------------------------------
+
+
+class ClassGaussians(torch.nn.Module):
+    """A 'network' whose class k is component k of MIXTURE; the null class is the whole mixture.
+
+    Predicts the velocity or the noise E[x0 | x_t] exactly, and records each forward's batch size.
+    """
+
+    def __init__(self, interp, pred: str):
+        super().__init__()
+        self.interp, self.pred, self.batches = interp, pred, []
+        self.classes = [GaussianMixture.single(MIXTURE.means[k], MIXTURE.covs[k]) for k in range(2)]
+
+    def forward(self, x, t, y):
+        self.batches.append(x.shape[0])
+        out = torch.empty_like(x)
+        for k, data in enumerate([*self.classes, MIXTURE]):
+            rows = y == k
+            if rows.any():
+                if self.pred == "velocity":
+                    out[rows] = data.velocity(self.interp, x[rows], t[rows])
+                else:
+                    out[rows] = data.posterior_means(self.interp, x[rows], t[rows])[1]
+        return out
+
+
+@pytest.mark.parametrize("pred", ("velocity", "noise"))
+def test_guidance_combines_cond_and_uncond_in_one_forward(pred):
+    interp = interpolant("linear")
+    net = ClassGaussians(interp, pred)
+    x, y = noise(6), torch.tensor([0, 1, 0, 1, 1, 0])
+    t = torch.tensor([0.1, 0.3, 0.5, 0.6, 0.8, 0.95], dtype=torch.float64)
+    guided = GuidedVelocity(net, y, interp=interp, pred=pred, cfg_scale=4.0, null_class=2)(x, t)
+    assert net.batches == [12]
+    v_cond = torch.stack([net.classes[k].velocity(interp, x[i:i + 1], t[i:i + 1])[0] for i, k in enumerate(y.tolist())])
+    v_uncond = MIXTURE.velocity(interp, x, t)
+    torch.testing.assert_close(guided, v_uncond + 4.0 * (v_cond - v_uncond))
+
+
+def test_guidance_interval_and_unit_scale_give_conditional_velocity():
+    interp = interpolant("linear")
+    net = ClassGaussians(interp, "velocity")
+    x, y = noise(4), torch.tensor([0, 1, 1, 0])
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)
+    v_cond = net(x, t, y)
+    net.batches.clear()
+    inside = GuidedVelocity(net, y, interp=interp, pred="velocity", cfg_scale=3.0, null_class=2, interval=(0.2, 0.7))(x, t)
+    torch.testing.assert_close(inside[[0, 3]], v_cond[[0, 3]])  # outside [0.2, 0.7]: plain conditional
+    assert not torch.allclose(inside[[1, 2]], v_cond[[1, 2]])
+    unit = GuidedVelocity(net, y, interp=interp, pred="velocity", cfg_scale=1.0, null_class=2)(x, t)
+    torch.testing.assert_close(unit, v_cond)
+    assert net.batches == [8, 4]  # scale 1 skips the unconditional half
+
+
+# ---------------------------------------------------------------------------------------------
+# Likelihood
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", (DATA, MIXTURE), ids=("gaussian", "mixture"))
+def test_exact_divergence_likelihood_matches_closed_form_density(data):
+    interp = interpolant("linear")
+    x1 = data.sample(100, torch.Generator().manual_seed(5))
+    log_p, x0 = log_likelihood(ExactVelocity(data, interp), x1, divergence="exact", atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(log_p, data.log_density(x1), atol=1e-4, rtol=0)
+    expected_bpd = -data.log_density(x1) / (2 * math.log(2))
+    torch.testing.assert_close(bits_per_dim(log_p, x1), expected_bpd, atol=1e-4, rtol=0)
+    if data is DATA:
+        torch.testing.assert_close(x0, DATA.flow_map(interp, x1, 1.0, 0.0), atol=1e-5, rtol=0)
+
+
+def test_hutchinson_likelihood_is_unbiased_and_batch_independent():
+    interp = interpolant("gvp")
+    velocity = ExactVelocity(MIXTURE, interp)
+    x1 = MIXTURE.sample(1000, torch.Generator().manual_seed(6))
+    exact, _ = log_likelihood(velocity, x1, divergence="exact", method="heun", steps=40)
+    generators = per_sample_generators(3, range(1000))
+    estimate, _ = log_likelihood(velocity, x1, divergence="hutchinson", method="heun", steps=40, generator=generators)
+    difference = estimate - exact
+    assert difference.std() > 1e-3  # really an estimate
+    assert abs(difference.mean()) < 4 * difference.std() / math.sqrt(1000)
+    part, _ = log_likelihood(velocity, x1[10:13], method="heun", steps=40, generator=per_sample_generators(3, range(10, 13)))
+    torch.testing.assert_close(part, estimate[10:13], atol=1e-10, rtol=0)
