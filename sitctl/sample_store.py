@@ -10,6 +10,8 @@ number of rank files, so nothing downstream depends on how many processes wrote 
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -50,11 +52,15 @@ class SampleWriter:
             dataset.resize(start + n, axis=0)
             dataset[start : start + n] = values
         self.handle.flush()
+        # The count is set only once the rows are flushed: a kill mid-append leaves it behind.
+        self.handle.attrs["committed"] = start + n
+        self.handle.flush()
 
     def truncate(self, n: int) -> None:
         """Keep only the first n samples (drops a batch that was being written when killed)."""
         for name in ("images", "labels", "indices"):
             self.handle[name].resize(n, axis=0)
+        self.handle.attrs["committed"] = n
         self.handle.flush()
 
     def close(self) -> None:
@@ -115,3 +121,118 @@ def write_images(directory: Path, images: np.ndarray, labels: np.ndarray | None 
         writer.append(images, labels, np.arange(len(images), dtype=np.int64))
     finally:
         writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming, the merged view, and the ADM reference-evaluator export
+# ---------------------------------------------------------------------------------------------
+
+VIRTUAL_FILE = "samples.h5"
+DATASETS = ("images", "labels", "indices")
+
+
+def repair_rank_file(path: Path) -> int:
+    """Cut a rank file back to its committed rows (a batch cut short by a kill); return the count.
+
+    A file HDF5 cannot open at all (killed during a metadata write) is deleted: its samples are
+    simply drawn again, and they come out the same because they depend on (seed, index) alone.
+    """
+    try:
+        handle = h5py.File(path, "a")
+    except OSError:
+        Path(path).unlink()
+        return 0
+    with handle:
+        if not all(name in handle for name in DATASETS):  # killed while creating the datasets
+            kept = None
+        else:
+            kept = int(handle.attrs.get("committed", min(handle[name].shape[0] for name in DATASETS)))
+            for name in DATASETS:
+                handle[name].resize(kept, axis=0)
+            handle.attrs["committed"] = kept
+    if kept is None:
+        Path(path).unlink()
+        return 0
+    return kept
+
+
+def stored_indices(directory: Path) -> np.ndarray:
+    """Global indices of every stored sample, over all rank files, in file order."""
+    parts = [np.zeros(0, np.int64)]
+    for path in _rank_files(directory):
+        with h5py.File(path, "r") as handle:
+            parts.append(handle["indices"][:])
+    return np.concatenate(parts)
+
+
+def _consecutive_runs(indices: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first row, end row, first index) of each run of consecutive global indices in a file."""
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(indices)]])
+    return [(int(a), int(b), int(indices[a])) for a, b in zip(starts, ends) if b > a]
+
+
+def write_virtual_dataset(directory: Path, num: int) -> Path:
+    """Write `samples.h5`: an HDF5 virtual dataset presenting all rank files as one, in index order.
+
+    Nothing is copied; each run of consecutive indices in a rank file maps to its slice of the
+    (num, H, W, C) view. Sources are named relative to the directory, so the artifact can move.
+    """
+    directory = Path(directory)
+    shape = image_shape(directory)
+    layouts = {
+        "images": h5py.VirtualLayout((num, *shape), np.uint8),
+        "labels": h5py.VirtualLayout((num,), np.int64),
+        "indices": h5py.VirtualLayout((num,), np.int64),
+    }
+    for path in _rank_files(directory):
+        with h5py.File(path, "r") as handle:
+            indices = handle["indices"][:]
+            sources = {name: h5py.VirtualSource(path.name, name, shape=handle[name].shape) for name in DATASETS}
+        for first_row, end_row, first_index in _consecutive_runs(indices):
+            rows = slice(first_row, end_row)
+            target = slice(first_index, first_index + end_row - first_row)
+            for name in DATASETS:
+                layouts[name][target] = sources[name][rows]
+    out = directory / VIRTUAL_FILE
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w", libver="latest") as handle:
+        for name, layout in layouts.items():
+            handle.create_virtual_dataset(name, layout, fillvalue=-1 if name != "images" else 0)
+    os.replace(tmp, out)
+    return out
+
+
+def _batches_in_order(directory: Path, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Contiguous slices of `samples.h5` where it exists (fast), else `iter_batches`."""
+    virtual = Path(directory) / VIRTUAL_FILE
+    if not virtual.is_file():
+        yield from iter_batches(directory, batch_size)
+        return
+    with h5py.File(virtual, "r") as handle:
+        for start in range(0, handle["labels"].shape[0], batch_size):
+            yield handle["images"][start : start + batch_size], handle["labels"][start : start + batch_size]
+
+
+def export_npz(directory: Path, path: Path, batch_size: int = 1024) -> Path:
+    """Write the ADM evaluator's layout: `.npz` with arr_0 uint8 (N, H, W, C) and arr_1 labels (N,).
+
+    Streamed in index order through a zip member (stored, zip64), so 50K 256x256 images never
+    need to sit in memory at once; `np.load(path)["arr_0"]` reads it back.
+    """
+    path = Path(path)
+    count, shape = num_samples(directory), image_shape(directory)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+            header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (count, *shape)}
+            np.lib.format.write_array_header_2_0(member, header)
+            labels = []
+            for images, batch_labels in _batches_in_order(directory, batch_size):
+                member.write(np.ascontiguousarray(images).tobytes())
+                labels.append(batch_labels)
+        with archive.open("arr_1.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, np.concatenate(labels or [np.zeros(0, np.int64)]))
+    os.replace(tmp, path)
+    return path

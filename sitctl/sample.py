@@ -1,0 +1,613 @@
+"""The sample stage: draw images from a checkpoint and write a `samples` artifact.
+
+One code path serves one process or any number under torchrun. Sample i's noise and label
+depend on (seed, i) alone, and the indices are cut into blocks of `batch_size` dealt to the
+ranks round-robin (block b -> rank b % world), so the same batches form whatever the world size
+and an image is byte-identical on 1 or N processes. Each rank appends its blocks to its own HDF5
+file in the staging directory; a killed run resumes there, redrawing only missing blocks. Rank 0
+then writes `samples.h5` (a virtual dataset presenting the rank files in index order), a preview
+grid and optionally the ADM evaluator's `.npz`, and renames the staging directory into place.
+
+Sources: a checkpoint artifact (or a run dir: its latest), whose lineage names the model, the
+interpolant, the prediction target and (through the latents ancestor) the VAE and scale factor;
+or a published SiT-XL/2 `.pt` state dict, a linear-interpolant velocity model that carries no
+lineage, so --model and --vae name what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from sitctl.errors import ArtifactError, SitctlError
+
+MODES = ("ode", "sde")
+LABEL_SCHEMES = ("balanced", "uniform")
+# The paper's sampler settings (SiT Tables 4-5 and the reference sample scripts).
+DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
+DEFAULT_STEPS = {"ode": 50, "sde": 250}
+SD_SCALE_FACTOR = 0.18215  # Stable Diffusion VAE latents are scaled by this to unit variance
+SETTINGS_FILE = "sampling-settings.json"  # in the staging dir only: guards resume against changed settings
+PREVIEW_FILE = "preview.png"
+NPZ_FILE = "samples.npz"
+CRASH_HOOK = "SITCTL_TEST_SAMPLE_CRASH_AFTER_BATCHES"  # tests: exit abruptly after k batches
+
+
+class SampleError(SitctlError):
+    """Sampling settings or sources that cannot work."""
+
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """Everything `sitctl sample` needs; written into the samples artifact's manifest."""
+
+    checkpoint: str
+    """A checkpoint artifact, a run dir (its latest checkpoint) or a published SiT .pt state dict."""
+    out: str
+    """Directory of the samples artifact to create (never overwritten)."""
+    mode: str = "sde"
+    """Sampler family: "ode" (probability-flow ODE) or "sde" (the paper's best FID)."""
+    method: str | None = None
+    """Solver; None = the paper's default for the mode (ode: dopri5, sde: euler)."""
+    steps: int | None = None
+    """Time steps (output grid for dopri5); None = the default for the mode (ode 50, sde 250)."""
+    atol: float = 1e-6
+    """Absolute tolerance of an adaptive ODE solver."""
+    rtol: float = 1e-3
+    """Relative tolerance of an adaptive ODE solver."""
+    w: float = 1.0
+    """SDE diffusion scale: drift = v + w_t score, noise sqrt(2 w_t); 0 gives the ODE."""
+    diffusion: str = "sigma"
+    """SDE diffusion form w_t (before scaling by w); "sigma" as the paper's tables."""
+    last_step: str = "mean"
+    """SDE last step: none, mean, tweedie or euler."""
+    last_step_size: float = 0.04
+    """Size in t of the SDE's last step."""
+    sample_eps: float | None = None
+    """Integrate t over [eps, 1 - eps]; None = the reference's default for the interpolant and prediction."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance scale; 1.0 switches guidance off."""
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    """Guide only for t in this interval (plain conditional velocity outside)."""
+    num: int = 50_000
+    """Number of images to draw."""
+    batch_size: int = 32
+    """Images per forward batch on each process (results agree across sizes up to rounding)."""
+    seed: int = 0
+    """Image i's noise and label depend on (seed, i) alone."""
+    labels: str = "balanced"
+    """"balanced": num/num_classes of each class in an order shuffled by the seed;
+    "uniform": i.i.d. uniform labels as the reference scripts draw them."""
+    ema: bool = True
+    """Use the EMA weights (the model the paper evaluates)."""
+    model: str | None = None
+    """Model preset (e.g. SiT-XL/2) of a bare .pt file; checkpoint artifacts record their own."""
+    vae: str | None = None
+    """VAE of a bare .pt file: ema, mse, none or a local diffusers directory."""
+    npz: bool = False
+    """Also write samples.npz in the ADM evaluator layout (arr_0 uint8 NHWC, arr_1 labels)."""
+    preview: int = 64
+    """Images in the preview grid PNG (0 for none)."""
+    device: str | None = None
+    """"cpu" or "cuda"; None picks CUDA when present."""
+    tf32: bool = True
+    """Allow TF32 matmuls on CUDA, as the reference sampler does (no effect on CPU)."""
+
+    def __post_init__(self) -> None:
+        from model.samplers import DIFFUSIONS, LAST_STEPS, ODE_METHODS, SDE_METHODS
+
+        if self.mode not in MODES:
+            raise SampleError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        # Fill the mode's defaults so the manifest records what actually ran.
+        if self.method is None:
+            object.__setattr__(self, "method", DEFAULT_METHOD[self.mode])
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.mode])
+        object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+        for name in ("num", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise SampleError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        methods = ODE_METHODS if self.mode == "ode" else SDE_METHODS
+        for option, value, choices in (("method", self.method, methods), ("diffusion", self.diffusion, DIFFUSIONS),
+                                       ("last-step", self.last_step, LAST_STEPS), ("labels", self.labels, LABEL_SCHEMES)):
+            if value not in choices:
+                raise SampleError(f"--{option} must be one of {', '.join(choices)}{' for --mode ' + self.mode if option == 'method' else ''}, got {value!r}")
+        if self.w < 0 or self.cfg_scale < 0 or self.atol <= 0 or self.rtol <= 0 or self.preview < 0:
+            raise SampleError("--w, --cfg and --preview must be >= 0 and --atol, --rtol > 0")
+        low, high = self.guidance_interval
+        if len(self.guidance_interval) != 2 or not 0.0 <= low <= high <= 1.0:
+            raise SampleError(f"--guidance-interval must be two times 0 <= lo <= hi <= 1, got {self.guidance_interval}")
+        if not 0.0 < self.last_step_size < 1.0:
+            raise SampleError(f"--last-step-size must be in (0, 1), got {self.last_step_size}")
+        if self.sample_eps is not None and not 0.0 <= self.sample_eps < 0.5:
+            raise SampleError(f"--sample-eps must be in [0, 0.5), got {self.sample_eps}")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise SampleError(f"--device must be cpu or cuda, got {self.device!r}")
+
+
+# Settings that change the images: a resumed run must match them (batch size only rounds).
+_RESUME_KEYS = ("mode", "method", "steps", "atol", "rtol", "w", "diffusion", "last_step", "last_step_size",
+                "sample_eps", "cfg_scale", "guidance_interval", "num", "seed", "labels", "ema", "model", "vae")
+
+
+# =============================================================================================
+# Where the model comes from: a checkpoint artifact, or a published .pt file
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Source:
+    """A loaded network and what its lineage says about sampling and decoding it."""
+
+    net: Any  # model.network.SiT in eval mode, on the device
+    model_config: Any  # model.configs.SiTConfig
+    interp: str  # interpolant it was trained on
+    pred: str  # what it predicts: velocity, score or noise
+    vae: str  # what sitctl.vae.load_vae is given: ema, mse, none, a hub id or a directory
+    scale_factor: float | None  # latents were multiplied by this in training; None = the VAE's own
+    artifact: Any  # the checkpoint Artifact (recorded as input), or None for a .pt file
+    identity: str  # checkpoint id or .pt sha256: a resumed run must sample the same weights
+    description: dict[str, Any] = field(default_factory=dict)  # provenance for the manifest
+
+
+def open_source(config: SampleConfig, device) -> Source:
+    """Resolve and load the model named by `config.checkpoint`; all user errors surface here."""
+    path = Path(config.checkpoint)
+    if path.is_file():
+        return _open_published(config, path, device)
+    if config.model is not None:
+        raise SampleError("--model is only for bare .pt files; a checkpoint artifact records its model")
+    from sitctl.checkpoint import latest_checkpoint, load_network
+
+    artifact = latest_checkpoint(path)
+    net, model_config = load_network(artifact, ema=config.ema, device=device)
+    vae, scale_factor = _lineage_vae(artifact, config.vae)
+    return Source(
+        net=net.eval(), model_config=model_config, interp=artifact.extra["interp"], pred=artifact.extra["pred"],
+        vae=vae, scale_factor=scale_factor, artifact=artifact, identity=f"checkpoint:{artifact.id}",
+        description={"checkpoint": str(artifact.path.resolve()), "step": artifact.extra.get("step")},
+    )
+
+
+def _lineage_vae(checkpoint, override: str | None) -> tuple[str, float | None]:
+    """The VAE and scale factor of the latents the checkpoint was trained on; --vae overrides the VAE."""
+    from sitctl.artifacts import ancestor
+
+    latents = ancestor(checkpoint, "latents")
+    scale = float(latents.extra["scale_factor"]) if latents is not None else None
+    if override is not None:
+        return override, scale
+    if latents is None:
+        raise ArtifactError(
+            f"the latents artifact of {checkpoint.path} cannot be opened (moved or deleted), so its VAE is "
+            "unknown; pass --vae ema|mse|none|DIR"
+        )
+    recorded = latents.extra["vae"]
+    return recorded["source"] or recorded["name"], scale
+
+
+def _open_published(config: SampleConfig, path: Path, device) -> Source:
+    """A published SiT .pt state dict: linear interpolant, velocity prediction, shape inferred."""
+    import torch
+
+    from model.configs import model_config as preset
+    from model.network import SiT, load_state_dict_checked
+    from sitctl.artifacts import sha256_file
+
+    if config.model is None or config.vae is None:
+        raise SampleError(f"{path} is a bare state dict with no lineage: pass --model (e.g. SiT-XL/2) and --vae")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or pickled objects beyond tensors
+        raise ArtifactError(f"{path} is not a readable torch state dict: {str(error).splitlines()[0]}") from None
+    if not isinstance(state_dict, dict):
+        raise ArtifactError(f"{path} does not hold a state dict")
+    # Reference training checkpoints hold {"model", "ema", "opt", "args"}; released files are bare EMA weights.
+    weights = state_dict.get("ema" if config.ema else "model", state_dict)
+    model_config = preset(config.model, **_shape_from_state_dict(weights))
+    net = SiT(model_config)
+    load_state_dict_checked(net, weights, config.model)
+    digest = sha256_file(path)
+    return Source(
+        net=net.to(device).eval(), model_config=model_config, interp="linear", pred="velocity",
+        vae=config.vae, scale_factor=None, artifact=None, identity=f"file:{digest}",
+        description={"file": str(path.resolve()), "sha256": digest, "model": config.model},
+    )
+
+
+def _shape_from_state_dict(weights: dict) -> dict[str, int]:
+    """input_size, in_channels and num_classes read off the published tensors.
+
+    x_embedder.proj.weight is (D, C, p, p); the label table has num_classes + 1 rows (the last
+    is the null class); the stored pos_embed (1, T, D) gives input_size = sqrt(T) p. What is
+    absent keeps the preset's value, and load_state_dict_checked reports any misfit.
+    """
+    overrides = {}
+    proj = weights.get("x_embedder.proj.weight")
+    table = weights.get("y_embedder.embedding_table.weight")
+    position = weights.get("pos_embed")
+    if proj is not None and proj.ndim == 4:
+        overrides["in_channels"] = int(proj.shape[1])
+        if position is not None and position.ndim == 3:
+            overrides["input_size"] = round(position.shape[1] ** 0.5) * int(proj.shape[-1])
+    if table is not None and table.ndim == 2 and table.shape[0] > 1:
+        overrides["num_classes"] = int(table.shape[0]) - 1
+    return overrides
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Latents -> uint8 images through the VAE (or none, for pixel-space models)."""
+
+    vae: Any  # diffusers AutoencoderKL, or None
+    scale_factor: float  # training latents were (VAE mean + std z) * scale_factor
+    record: dict[str, Any]  # {"name", "source"} as a latents manifest records the VAE
+
+    def __call__(self, latents) -> np.ndarray:
+        """(n, C, h, w) latents -> (n, H, W, 3) uint8, quantised as the reference: clamp(127.5 x + 128)."""
+        import torch
+
+        from sitctl.sample_store import quantize
+
+        with torch.no_grad():
+            pixels = latents if self.vae is None else self.vae.decode(latents / self.scale_factor).sample  # [-1, 1]
+        return quantize(pixels.float().permute(0, 2, 3, 1).cpu().numpy())
+
+
+def load_decoder(source: Source, device) -> Decoder:
+    """Load the source's VAE now, so a missing one fails before any sampling."""
+    from sitctl.vae import load_vae
+
+    vae, info = load_vae(source.vae, device)
+    scale = source.scale_factor if source.scale_factor is not None else info["scale_factor"]
+    return Decoder(vae=vae, scale_factor=scale, record={"name": info["name"], "source": info["source"]})
+
+
+# =============================================================================================
+# Which images a rank draws, and how
+# =============================================================================================
+
+
+def class_labels(num: int, num_classes: int, seed: int, scheme: str) -> np.ndarray:
+    """Labels of all `num` images (num,) int64, a function of (num, num_classes, seed, scheme) alone.
+
+    "balanced": the classes 0..K-1 repeated over the indices, then shuffled by the seed, so each
+    class appears floor(num/K) or ceil(num/K) times; "uniform": i.i.d. draws as the reference's.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    if scheme == "balanced":
+        return (torch.randperm(num, generator=generator) % num_classes).numpy().astype(np.int64)
+    return torch.randint(num_classes, (num,), generator=generator).numpy().astype(np.int64)
+
+
+def rank_blocks(num: int, batch_size: int, rank: int, world_size: int) -> list[range]:
+    """The index blocks of one rank: block b = [b B, (b+1) B) goes to rank b mod world_size."""
+    starts = range(rank * batch_size, num, world_size * batch_size)
+    return [range(start, min(start + batch_size, num)) for start in starts]
+
+
+def draw_latents(source: Source, config: SampleConfig, indices: list[int], labels: np.ndarray, device,
+                 stats: dict | None = None):
+    """Integrate from noise (t=0) to data (t=1) for the given sample indices -> (n, C, H, W) latents."""
+    import torch
+
+    from model.guidance import GuidedVelocity
+    from model.objectives import default_eps
+    from model.samplers import per_sample_generators, randn_per_sample, sample_ode, sample_sde
+
+    side, channels = source.model_config.input_size, source.model_config.in_channels
+    generators = per_sample_generators(config.seed, indices)
+    x0 = randn_per_sample(generators, (len(indices), channels, side, side), device=device)  # (n, C, H, W)
+    velocity = GuidedVelocity(
+        source.net, torch.as_tensor(labels, dtype=torch.long, device=device), interp=source.interp,
+        pred=source.pred, cfg_scale=config.cfg_scale, null_class=source.model_config.num_classes,
+        interval=config.guidance_interval,
+    )
+    eps = config.sample_eps if config.sample_eps is not None else default_eps(source.interp, source.pred)[1]
+    if config.mode == "ode":
+        return sample_ode(velocity, x0, method=config.method, steps=config.steps, atol=config.atol,
+                          rtol=config.rtol, sample_eps=eps, stats=stats)
+    # The SDE's noise continues each sample's own generator after its initial draw.
+    return sample_sde(velocity, x0, interp=source.interp, method=config.method, steps=config.steps,
+                      diffusion=config.diffusion, w=config.w, last_step=config.last_step,
+                      last_step_size=config.last_step_size, generator=generators, sample_eps=eps, stats=stats)
+
+
+# =============================================================================================
+# Staging: resume a killed run where it stopped
+# =============================================================================================
+
+
+def _settings(config: SampleConfig, source: Source) -> dict[str, Any]:
+    settings = {key: getattr(config, key) for key in _RESUME_KEYS}
+    settings["guidance_interval"] = list(settings["guidance_interval"])
+    return {**settings, "source": source.identity}
+
+
+def check_resumable(staging: Path, settings: dict[str, Any]) -> None:
+    """Refuse to continue a staging dir that was drawn with other settings or other weights."""
+    recorded_path = staging / SETTINGS_FILE
+    if not recorded_path.is_file():
+        return
+    recorded = json.loads(recorded_path.read_text())
+    changed = [key for key in settings if recorded.get(key) != settings[key]]
+    if changed:
+        key = changed[0]
+        raise SampleError(
+            f"{staging} holds a run interrupted with {key}={recorded.get(key)!r}, now {settings[key]!r}; "
+            "rerun with the same settings to resume, or delete it to start afresh"
+        )
+
+
+def prepare_staging(staging: Path, settings: dict[str, Any], d) -> set[int]:
+    """Make the staging dir consistent and return the indices already drawn (by any rank).
+
+    All ranks compare settings first (read-only), rank 0 then truncates partial batches, and
+    only after a barrier does anyone read; a world size that changed between runs is fine.
+    """
+    from sitctl.artifacts import write_json_atomic
+    from sitctl.distributed import barrier
+    from sitctl.sample_store import repair_rank_file, stored_indices
+
+    check_resumable(staging, settings)
+    barrier(d)
+    if d.is_main:
+        write_json_atomic(staging / SETTINGS_FILE, settings)
+        for path in sorted(staging.glob("images-rank*.h5")):
+            repair_rank_file(path)
+    barrier(d)
+    done = set(stored_indices(staging).tolist())
+    barrier(d)  # nobody opens its file for writing while others still read
+    return done
+
+
+def _maybe_crash(batches_written: int) -> None:
+    """Test hook: die like a killed process (no cleanup) after k batches."""
+    limit = os.environ.get(CRASH_HOOK)
+    if limit is not None and batches_written >= int(limit):
+        os._exit(17)
+
+
+# =============================================================================================
+# The stage
+# =============================================================================================
+
+
+def sample_stage(config: SampleConfig):
+    """Draw `config.num` images into a new samples artifact at `config.out` and return it.
+
+    Run it as one process or under torchrun; every rank returns the finished Artifact.
+    """
+    import torch
+
+    from sitctl import distributed
+    from sitctl.artifacts import begin_artifact, open_artifact
+
+    d = distributed.setup(config.device)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
+    try:
+        # Everything a user can get wrong is checked here, before the first network evaluation.
+        source = open_source(config, d.device)
+        decoder = load_decoder(source, d.device)
+        staging = begin_artifact(config.out)
+        done = prepare_staging(staging, _settings(config, source), d)
+        labels = class_labels(config.num, source.model_config.num_classes, config.seed, config.labels)
+        blocks = rank_blocks(config.num, config.batch_size, d.rank, d.world_size)
+        draw_blocks(source, decoder, config, staging, blocks, labels, done, d)
+        distributed.barrier(d)
+        if d.is_main:
+            finish_samples(staging, config, source, decoder, labels, d.world_size)
+        distributed.barrier(d)
+        return open_artifact(config.out, "samples")
+    finally:
+        distributed.teardown(d)
+
+
+def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging: Path, blocks: list[range],
+                labels: np.ndarray, done: set[int], d) -> None:
+    """Draw this rank's blocks not yet on disk and append each to the rank's HDF5 file."""
+    import torch
+
+    from sitctl.sample_store import SampleWriter, rank_file
+
+    # A block drawn before the kill is skipped whole; one cut short (batch size changed) is redrawn
+    # without its finished indices.
+    todo = [[i for i in block if i not in done] for block in blocks]
+    todo = [indices for indices in todo if indices]
+    writer = None
+    with _progress(d.is_main) as progress:
+        task = progress.add_task("sampling", total=sum(map(len, todo)) * d.world_size)
+        try:
+            for batches, indices in enumerate(todo, start=1):
+                with torch.no_grad():
+                    images = decoder(draw_latents(source, config, indices, labels[indices], d.device))  # (n, H, W, C)
+                if writer is None:
+                    writer = SampleWriter(rank_file(staging, d.rank), tuple(images.shape[1:]))
+                _append(writer, images, labels[indices], np.asarray(indices, dtype=np.int64), staging)
+                progress.advance(task, len(indices) * d.world_size)  # rank 0 speaks for all ranks
+                _maybe_crash(batches)
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def _append(writer, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, staging: Path) -> None:
+    try:
+        writer.append(images, labels, indices)
+    except OSError as error:  # a full disk: the committed rows stay valid, the run can resume
+        raise SampleError(f"cannot write samples into {staging}: {error}; free space and rerun to resume") from None
+
+
+class ImagesPerSecond(ProgressColumn):
+    """The bar's throughput column."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
+
+
+def _progress(enabled: bool) -> Progress:
+    """A rich progress bar with images/s and ETA (silent on ranks other than 0)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeRemainingColumn())
+    return Progress(*columns, disable=not enabled)
+
+
+# =============================================================================================
+# Finishing: the merged view, preview, export, manifest
+# =============================================================================================
+
+
+def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder: Decoder, labels: np.ndarray,
+                   world_size: int):
+    """Check every index is drawn exactly once, write samples.h5, preview and npz, then publish."""
+    import h5py
+
+    from sitctl.artifacts import finish_artifact
+    from sitctl.sample_store import VIRTUAL_FILE, export_npz, image_shape, stored_indices, write_virtual_dataset
+
+    indices = np.sort(stored_indices(staging))
+    if len(indices) != config.num or not np.array_equal(indices, np.arange(config.num)):
+        raise ArtifactError(f"{staging} holds {len(indices)} samples, not indices 0..{config.num - 1} once each; delete it and rerun")
+    write_virtual_dataset(staging, config.num)
+    if config.preview:
+        with h5py.File(staging / VIRTUAL_FILE, "r") as handle:
+            save_preview(handle["images"][: config.preview], staging / PREVIEW_FILE)
+    if config.npz:
+        export_npz(staging, staging / NPZ_FILE)
+    (staging / SETTINGS_FILE).unlink(missing_ok=True)
+    height, width, channels = image_shape(staging)
+    extra = {
+        "num_samples": config.num,
+        "image_size": height,
+        "image_shape": [height, width, channels],
+        "num_classes": source.model_config.num_classes,
+        "class_counts": np.bincount(labels, minlength=source.model_config.num_classes).tolist(),
+        "model_config": asdict(source.model_config),
+        "interp": source.interp,
+        "pred": source.pred,
+        "vae": decoder.record,
+        "scale_factor": decoder.scale_factor,
+        "source": source.description,
+        "world_size": world_size,
+        "virtual_file": VIRTUAL_FILE,
+        "npz": NPZ_FILE if config.npz else None,
+    }
+    inputs = [source.artifact] if source.artifact is not None else []
+    return finish_artifact(staging, config.out, kind="samples", config=asdict(config), inputs=inputs, extra=extra)
+
+
+def save_preview(images: np.ndarray, path: Path) -> None:
+    """A square-ish grid PNG of uint8 NHWC images, tiny images enlarged to about 64 pixels."""
+    from sitctl.plots import save_image_grid
+
+    save_image_grid(images, path, nrow=int(np.ceil(np.sqrt(len(images)))), upscale=max(1, 64 // images.shape[1]))
+
+
+def export_samples_npz(samples: str | Path, path: str | Path) -> Path:
+    """Write a finished samples artifact as the ADM reference evaluator's .npz (arr_0 uint8 NHWC)."""
+    from sitctl.artifacts import open_artifact
+    from sitctl.sample_store import export_npz
+
+    artifact = open_artifact(samples, "samples")
+    return export_npz(artifact.path, Path(path))
+
+
+# =============================================================================================
+# Benchmark: images/s of the samplers, VAE share, achieved FLOP/s
+# =============================================================================================
+
+# (mode, method) pairs timed by bench_sampling; dopri5 adapts its steps, so it is timed once.
+BENCH_SAMPLERS = (("ode", "euler"), ("ode", "heun"), ("ode", "dopri5"), ("sde", "euler"), ("sde", "heun"))
+
+
+def bench_sampling(model: str = "SiT-XL/2", *, batch_size: int = 16, steps: tuple[int, ...] = (50, 250),
+                   cfg_scales: tuple[float, ...] = (1.0, 1.5), samplers=BENCH_SAMPLERS, vae: str = "none",
+                   device: str | None = None, tf32: bool = True, **overrides) -> dict[str, Any]:
+    """Time one batch per (sampler, steps, cfg) on a randomly initialised `model`; return a dict of rows.
+
+    Each row: images/s end to end, the share of time spent decoding latents with `vae`, the
+    network evaluations (NFE) and the achieved FLOP/s = 2 x forward MACs x NFE x images (x2 under
+    guidance: cond and uncond run as one doubled batch). The zero-initialised layers get random
+    weights, so the velocity is not trivially 0; dopri5's step count on a random network is not
+    that of a trained one. `overrides` are SiTConfig fields (e.g. input_size=16).
+    """
+    import time
+
+    import torch
+
+    from model.configs import model_config
+    from model.flops import forward_flops
+    from model.network import SiT
+
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    config = model_config(model, **overrides)
+    net = _randomised(SiT(config)).to(torch_device).eval()
+    source = Source(net=net, model_config=config, interp="linear", pred="velocity", vae=vae, scale_factor=None,
+                    artifact=None, identity="bench")
+    decoder = load_decoder(source, torch_device)
+    labels = class_labels(batch_size, config.num_classes, 0, "uniform")
+
+    def run(settings: SampleConfig) -> tuple[float, float, int]:
+        stats: dict[str, int] = {}
+        _synchronize(torch_device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            latents = draw_latents(source, settings, list(range(batch_size)), labels, torch_device, stats)
+            _synchronize(torch_device)
+            middle = time.perf_counter()
+            decoder(latents)
+        _synchronize(torch_device)
+        return middle - start, time.perf_counter() - middle, stats.get("nfe", 0)
+
+    run(SampleConfig(checkpoint="-", out="-", mode="ode", method="euler", steps=2, num=batch_size))  # warm-up
+    rows = []
+    for mode, method in samplers:
+        for count in steps[:1] if method == "dopri5" else steps:
+            for cfg_scale in cfg_scales:
+                settings = SampleConfig(checkpoint="-", out="-", mode=mode, method=method, steps=count,
+                                        cfg_scale=cfg_scale, num=batch_size, batch_size=batch_size)
+                sampling_s, decode_s, nfe = run(settings)
+                forwards = nfe * batch_size * (2 if cfg_scale != 1.0 else 1)
+                rows.append({
+                    "mode": mode, "method": method, "steps": None if method == "dopri5" else count,
+                    "cfg_scale": cfg_scale, "nfe": nfe, "images_per_s": batch_size / (sampling_s + decode_s),
+                    "decode_share": decode_s / (sampling_s + decode_s),
+                    "tflops": 2 * forward_flops(config) * forwards / sampling_s / 1e12,
+                })
+    device_name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"
+    return {"model": model, "device": device_name, "batch_size": batch_size, "vae": vae, "tf32": tf32,
+            "input_shape": [config.in_channels, config.input_size, config.input_size], "rows": rows}
+
+
+def _randomised(net):
+    """Give the zero-initialised adaLN and output layers small random weights (a stand-in for training)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.02, generator=generator)
+    return net
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

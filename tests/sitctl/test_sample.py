@@ -1,0 +1,232 @@
+"""The sample stage: determinism across processes, batch sizes and kills; exports; published files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from model.configs import model_config
+from model.network import SiT
+from sitctl.artifacts import open_artifact, staging_dir
+from sitctl.checkpoint import save_checkpoint
+from sitctl.errors import ArtifactError, CheckpointMismatchError, SitctlError
+from sitctl.sample import CRASH_HOOK, SampleConfig, class_labels, rank_blocks, sample_stage
+from sitctl.sample_store import rank_file
+from tests.torchrun import torchrun
+
+# Ten images in blocks of 4: rank 0 of 2 gets blocks [0..3] and [8, 9], rank 1 gets [4..7].
+SETTINGS = dict(mode="sde", steps=6, cfg_scale=1.5, num=10, batch_size=4, device="cpu", preview=4)
+CLI_ARGS = ["--mode", "sde", "--steps", "6", "--cfg", "1.5", "--num-samples", "10", "--batch-size", "4", "--device", "cpu",
+            "--preview", "4"]
+
+
+def randomised_sit(**overrides) -> tuple[SiT, object]:
+    """A SiT-T/2 with every weight random, so its velocity (and each image) depends on all of them."""
+    config = model_config("SiT-T/2", num_classes=10, **overrides)
+    net = SiT(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.normal_(0.0, 0.05, generator=generator)
+    return net, config
+
+
+def write_checkpoint(run_dir: Path, latents_dir: Path, net: SiT, config) -> Path:
+    optimizer = torch.optim.AdamW(net.parameters())
+    extra = {"model_config": asdict(config), "model": "SiT-T/2", "interp": "linear", "pred": "velocity"}
+    artifact = save_checkpoint(run_dir, 1, model=net, ema=net, optimizer=optimizer, state={}, config={},
+                               latents=open_artifact(latents_dir), extra=extra)
+    return artifact.path
+
+
+def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 NHWC, labels) of a finished samples artifact, in index order."""
+    artifact = open_artifact(path, "samples")
+    with h5py.File(artifact.file("samples.h5"), "r") as handle:
+        assert np.array_equal(handle["indices"][:], np.arange(len(handle["indices"])))
+        return handle["images"][:], handle["labels"][:]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sitctl.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=full_env)
+
+
+@pytest.fixture(scope="module")
+def pixel_run(digits_latents_dir, tmp_path_factory) -> Path:
+    """A run dir holding one checkpoint of a random SiT-T/2 on the 8x8 RGB digits (vae none)."""
+    net, config = randomised_sit(input_size=8, in_channels=3)
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    write_checkpoint(run_dir, digits_latents_dir, net, config)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(pixel_run, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run, with the .npz export."""
+    out = tmp_path_factory.mktemp("samples") / "reference"
+    sample_stage(SampleConfig(checkpoint=str(pixel_run), out=str(out), npz=True, **SETTINGS))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Who draws what
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_rank_blocks_cover_every_index_once_in_whole_batches(world_size):
+    blocks = [block for rank in range(world_size) for block in rank_blocks(23, 5, rank, world_size)]
+    assert sorted(i for block in blocks for i in block) == list(range(23))
+    assert sorted(block.start for block in blocks) == [0, 5, 10, 15, 20]  # the same batches at any world size
+
+
+def test_balanced_labels_give_each_class_its_share_in_a_seeded_order():
+    labels = class_labels(25, 10, seed=3, scheme="balanced")
+    assert sorted(np.bincount(labels, minlength=10)) == [2] * 5 + [3] * 5
+    assert np.array_equal(labels, class_labels(25, 10, seed=3, scheme="balanced"))
+    assert not np.array_equal(labels, class_labels(25, 10, seed=4, scheme="balanced"))
+    assert class_labels(1000, 10, seed=0, scheme="uniform").max() == 9
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reference_run_is_a_complete_samples_artifact(reference, pixel_run):
+    artifact = open_artifact(reference, "samples")
+    images, labels = read_samples(reference)
+    assert images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
+    assert sorted(np.bincount(labels, minlength=10)) == [1] * 10  # 10 images, 10 classes: one each
+    assert images.std() > 10  # a random network still draws varied pixels, not a constant
+    assert artifact.inputs[0]["kind"] == "checkpoint"
+    assert artifact.extra["num_samples"] == 10 and artifact.extra["image_size"] == 8
+    assert artifact.extra["vae"]["name"] == "none" and artifact.config["method"] == "euler"
+    assert (reference / "preview.png").is_file()
+
+
+def test_two_processes_draw_byte_identical_images_and_labels(pixel_run, reference, tmp_path):
+    out = tmp_path / "two"
+    torchrun(["-m", "sitctl.cli", "sample", str(pixel_run), "--out", str(out), *CLI_ARGS], nproc=2)
+    images, labels = read_samples(out)
+    expected_images, expected_labels = read_samples(reference)
+    assert np.array_equal(labels, expected_labels)
+    assert np.array_equal(images, expected_images)
+    assert rank_file(out, 1).is_file() and open_artifact(out).extra["world_size"] == 2
+
+
+def test_batch_sizes_agree_up_to_float_rounding(pixel_run, reference, tmp_path):
+    out = tmp_path / "batch3"
+    sample_stage(SampleConfig(checkpoint=str(pixel_run), out=str(out), **{**SETTINGS, "batch_size": 3}))
+    images, labels = read_samples(out)
+    expected_images, expected_labels = read_samples(reference)
+    assert np.array_equal(labels, expected_labels)  # labels depend on (seed, index) alone
+    difference = np.abs(images.astype(int) - expected_images.astype(int))
+    assert difference.max() <= 2 and (difference <= 1).mean() > 0.99
+
+
+def test_killed_run_resumes_to_the_images_of_an_uninterrupted_one(pixel_run, reference, tmp_path):
+    out = tmp_path / "resumed"
+    killed = run_cli("sample", str(pixel_run), "--out", str(out), *CLI_ARGS, env={CRASH_HOOK: "1"})
+    assert killed.returncode == 17, killed.stderr
+    with pytest.raises(ArtifactError, match="not finished"):
+        open_artifact(out)
+    # Fake a kill in the middle of the next append: rows resized and half written, never committed.
+    with h5py.File(rank_file(staging_dir(out), 0), "a") as handle:
+        assert handle["indices"].shape[0] == 4
+        for name in ("images", "labels", "indices"):
+            handle[name].resize(6, axis=0)
+        handle["indices"][4:6] = [4, 5]
+    changed = run_cli("sample", str(pixel_run), "--out", str(out), *CLI_ARGS, "--seed", "1")
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1  # one line: mixing runs is refused
+    assert "seed=0" in changed.stderr, changed.stderr
+    sample_stage(SampleConfig(checkpoint=str(pixel_run), out=str(out), **SETTINGS))
+    images, labels = read_samples(out)
+    expected_images, expected_labels = read_samples(reference)
+    assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export, published checkpoints, bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_npz_export_reads_back_in_the_adm_layout(reference, tmp_path):
+    from sitctl.sample import export_samples_npz
+
+    images, labels = read_samples(reference)
+    bundled = np.load(reference / "samples.npz")
+    assert bundled["arr_0"].dtype == np.uint8 and bundled["arr_0"].shape == (10, 8, 8, 3)  # NHWC
+    assert np.array_equal(bundled["arr_0"], images) and np.array_equal(bundled["arr_1"], labels)
+    exported = np.load(export_samples_npz(reference, tmp_path / "again.npz"))
+    assert np.array_equal(exported["arr_0"], images)
+
+
+def published_layout(net: SiT) -> dict[str, torch.Tensor]:
+    """The state dict as the SiT release stores it: pos_embed saved, a learn_sigma head of 2C channels."""
+    state = {key: value.clone() for key, value in net.state_dict().items()}
+    state["pos_embed"] = net.pos_embed.clone()
+    p, channels = net.config.patch_size, net.config.in_channels
+    for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        mean_rows = state[key].reshape(p * p, channels, *state[key].shape[1:])  # rows ordered (p, p, C)
+        sigma_rows = torch.randn_like(mean_rows)  # the half the sampler must ignore
+        state[key] = torch.cat([mean_rows, sigma_rows], dim=1).reshape(p * p * 2 * channels, *state[key].shape[1:])
+    return state
+
+
+def test_published_checkpoint_samples_like_its_artifact_through_the_vae(tiny_vae_dir, tmp_path):
+    from sitctl.encode import EncodeConfig, encode
+
+    latents = tmp_path / "latents"
+    encode(EncodeConfig(src="digits", out=str(latents), image_size=16, vae=str(tiny_vae_dir), limit=4,
+                        shard_size=4, workers=0))
+    net, config = randomised_sit(input_size=8, in_channels=4)
+    checkpoint = write_checkpoint(tmp_path / "run", latents, net, config)
+    published = tmp_path / "SiT-T-2-published.pt"
+    torch.save(published_layout(net), published)
+    args = ["--mode", "ode", "--method", "heun", "--steps", "3", "--num", "5", "--batch-size", "4", "--cfg", "2",
+            "--device", "cpu"]
+    result = run_cli("sample", str(published), "--model", "SiT-T/2", "--vae", str(tiny_vae_dir),
+                     "--out", str(tmp_path / "from-file"), *args)
+    assert result.returncode == 0, result.stderr
+    sample_stage(SampleConfig(checkpoint=str(checkpoint), out=str(tmp_path / "from-artifact"), mode="ode",
+                              method="heun", steps=3, num=5, batch_size=4, cfg_scale=2.0, device="cpu"))
+    from_file, _ = read_samples(tmp_path / "from-file")
+    from_artifact, _ = read_samples(tmp_path / "from-artifact")
+    assert from_file.shape == (5, 16, 16, 3)  # decoded by the tiny VAE's 2x upsampling
+    assert np.array_equal(from_file, from_artifact)
+    manifest = open_artifact(tmp_path / "from-file").manifest
+    assert manifest["inputs"] == [] and manifest["extra"]["vae"]["name"] == "local"
+    assert manifest["extra"]["model_config"]["num_classes"] == 10  # read off the label table
+
+    with pytest.raises(CheckpointMismatchError, match="does not fit SiT-T/4"):  # another architecture
+        sample_stage(SampleConfig(checkpoint=str(published), model="SiT-T/4", vae="none", out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists() and not staging_dir(tmp_path / "x").exists()
+
+
+def test_bad_sources_fail_with_one_clear_error_before_sampling(pixel_run, tmp_path):
+    out = str(tmp_path / "never")
+    half_written = tmp_path / "half" / ".step-0000001.partial"
+    half_written.mkdir(parents=True)
+    (tmp_path / "empty-vae").mkdir()
+    cases = [
+        (dict(checkpoint=str(tmp_path / "missing")), "no finished checkpoint"),
+        (dict(checkpoint=str(half_written.parent)), "no finished checkpoint"),
+        (dict(checkpoint=str(pixel_run), vae=str(tmp_path / "empty-vae")), "cannot load"),
+        (dict(checkpoint=str(pixel_run), model="SiT-T/2"), "only for bare .pt"),
+        (dict(checkpoint=str(pixel_run), mode="ode", method="tweedie"), "--method"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(SitctlError, match=message):
+            sample_stage(SampleConfig(out=out, **{**SETTINGS, **fields}))
+    assert not Path(out).exists() and not staging_dir(out).exists()
