@@ -1,0 +1,149 @@
+"""Training objectives: targets, weights, time sampling and eps defaults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.interpolants import NAMES, interpolant, interpolate, velocity_to_score
+from model.objectives import (
+    check_objective,
+    default_eps,
+    prediction_to_velocity,
+    sample_times,
+    score_coefficient,
+    training_loss,
+)
+from sitctl.errors import SitctlError
+from tests.model.gaussian import GaussianMixture
+
+DATA = GaussianMixture.single([1.0, -0.5], [[0.6, 0.25], [0.25, 0.4]])
+
+
+def some_net(x, t, y):
+    """An arbitrary smooth, time-dependent 'network' (the identities below hold for any net)."""
+    return torch.tanh(x.flip(1)) * (0.5 + t[:, None]) + 0.1 * y[:, None]
+
+
+def fixed_batch(n: int = 64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x1 = DATA.sample(n, gen)
+    x0 = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    t = 0.05 + 0.9 * torch.rand(n, generator=gen, dtype=torch.float64)
+    return x1, x0, t, torch.randint(0, 3, (n,), generator=gen)
+
+
+def test_default_eps_match_reference():
+    assert default_eps("linear", "velocity") == (0.0, 0.0)
+    assert default_eps("gvp", "velocity") == (0.0, 0.0)
+    assert default_eps("linear", "noise") == (1e-3, 1e-3)
+    assert default_eps("gvp", "score") == (1e-3, 1e-3)
+    for pred in ("velocity", "score", "noise"):
+        assert default_eps("vp", pred) == (1e-5, 1e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("cosine", "velocity", "none"), "unknown interpolant"),
+    (("linear", "x0", "none"), "unknown prediction"),
+    (("linear", "noise", "snr"), "unknown loss weight"),
+    (("linear", "velocity", "likelihood"), "not velocity"),
+])
+def test_bad_objectives_are_user_errors(args, message):
+    with pytest.raises(SitctlError, match=message):
+        check_objective(*args)
+
+
+def test_continuous_times_fill_the_interval_and_discrete_times_sit_on_the_grid():
+    gen = torch.Generator().manual_seed(0)
+    t = sample_times(5000, train_eps=0.1, generator=gen)
+    assert t.shape == (5000,) and t.min() >= 0.1 and t.max() <= 0.9
+    assert t.mean().item() == pytest.approx(0.5, abs=0.01) and len(t.unique()) > 4900
+    grid = torch.linspace(0.1, 0.9, 5)
+    t = sample_times(5000, train_eps=0.1, discrete_steps=5, generator=gen)
+    assert set(t.tolist()) == set(grid.tolist())
+    with pytest.raises(SitctlError, match="discrete_steps"):
+        sample_times(4, train_eps=0.0, discrete_steps=1)
+
+
+def test_velocity_loss_is_per_sample_mean_squared_error():
+    interp = interpolant("gvp")
+    x1, x0, t, y = fixed_batch()
+    _, u_t = interpolate(interp, t, x0, x1)
+    loss = training_loss(lambda x, tt, yy: torch.zeros_like(x), x1, y, interp=interp, t=t, x0=x0)
+    assert loss.shape == (64,)
+    torch.testing.assert_close(loss, u_t.pow(2).mean(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("pred", ("noise", "score"))
+def test_velocity_weight_measures_the_implied_velocity_error(name, pred):
+    """weight="velocity" on a noise/score net equals the plain loss of its converted velocity."""
+    interp = interpolant(name)
+    x1, x0, t, y = fixed_batch()
+
+    def as_velocity(x, tt, yy):
+        return prediction_to_velocity(some_net(x, tt, yy), x, tt, interp=interp, pred=pred)
+
+    weighted = training_loss(some_net, x1, y, interp=interp, pred=pred, weight="velocity", t=t, x0=x0)
+    torch.testing.assert_close(weighted, training_loss(as_velocity, x1, y, interp=interp, t=t, x0=x0))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("pred", ("noise", "score"))
+def test_likelihood_weight_is_score_error_times_score_coefficient(name, pred):
+    interp = interpolant(name)
+    x1, x0, t, y = fixed_batch()
+    x_t, _ = interpolate(interp, t, x0, x1)
+    sigma = interp.sigma(t)[:, None]
+    score_hat = velocity_to_score(interp, prediction_to_velocity(some_net(x_t, t, y), x_t, t, interp=interp, pred=pred), x_t, t)
+    expected = score_coefficient(interp, t) * (score_hat + x0 / sigma).pow(2).mean(1)
+    loss = training_loss(some_net, x1, y, interp=interp, pred=pred, weight="likelihood", t=t, x0=x0)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_unweighted_score_loss_is_in_noise_space():
+    interp = interpolant("linear")
+    x1, x0, t, y = fixed_batch()
+    x_t, _ = interpolate(interp, t, x0, x1)
+    sigma = interp.sigma(t)[:, None]
+    loss = training_loss(some_net, x1, y, interp=interp, pred="score", t=t, x0=x0)
+    torch.testing.assert_close(loss, (sigma * some_net(x_t, t, y) + x0).pow(2).mean(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("pred", ("velocity", "noise"))
+def test_oracle_loss_equals_conditional_variance(name, pred):
+    """The Bayes-optimal prediction's loss is tr Cov(target | x_t) / D, known for Gaussian data."""
+    interp, t_value = interpolant(name), 0.4
+    a, s, da, ds = (f(torch.tensor(t_value, dtype=torch.float64)) for f in (interp.alpha, interp.sigma, interp.d_alpha, interp.d_sigma))
+    cov, eye = DATA.covs[0], torch.eye(2, dtype=torch.float64)
+    # target = p x1 + q x0: (p, q) = (a', s') for velocity, (0, 1) for noise
+    p, q = (da, ds) if pred == "velocity" else (0.0, 1.0)
+    target_cov, cross = p**2 * cov + q**2 * eye, p * a * cov + q * s * eye
+    conditional = target_cov - cross @ torch.linalg.solve(a**2 * cov + s**2 * eye, cross.T)
+
+    def oracle(x, tt, yy):
+        e_x1, e_x0 = DATA.posterior_means(interp, x, tt)
+        return interp.d_alpha(tt)[:, None] * e_x1 + interp.d_sigma(tt)[:, None] * e_x0 if pred == "velocity" else e_x0
+
+    gen = torch.Generator().manual_seed(1)
+    x1 = DATA.sample(20000, gen)
+    t = torch.full((20000,), t_value, dtype=torch.float64)
+    loss = training_loss(oracle, x1, torch.zeros(20000, dtype=torch.long), interp=interp, pred=pred, t=t, generator=gen)
+    assert loss.mean().item() == pytest.approx(torch.trace(conditional).item() / 2, rel=0.03)
+
+
+def test_drawn_t_and_noise_follow_the_generator():
+    x1, _, _, y = fixed_batch()
+    first = training_loss(some_net, x1, y, interp="vp", pred="noise", generator=torch.Generator().manual_seed(5))
+    again = training_loss(some_net, x1, y, interp="vp", pred="noise", generator=torch.Generator().manual_seed(5))
+    other = training_loss(some_net, x1, y, interp="vp", pred="noise", generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other)
+    assert torch.isfinite(first).all()
+
+
+def test_prediction_to_velocity_rejects_unknown_prediction():
+    x = torch.zeros(2, 2)
+    with pytest.raises(SitctlError, match="unknown prediction"):
+        prediction_to_velocity(x, x, torch.full((2,), 0.5), interp="linear", pred="x0")
