@@ -60,7 +60,8 @@ def test_continuous_times_fill_the_interval_and_discrete_times_sit_on_the_grid()
     assert t.mean().item() == pytest.approx(0.5, abs=0.01) and len(t.unique()) > 4900
     grid = torch.linspace(0.1, 0.9, 5)
     t = sample_times(5000, train_eps=0.1, discrete_steps=5, generator=gen)
-    assert set(t.tolist()) == set(grid.tolist())
+    distance = (t[:, None] - grid[None]).abs()  # (5000, 5)
+    assert distance.min(1).values.max() < 1e-6 and (distance < 1e-6).any(0).all()
     with pytest.raises(SitctlError, match="discrete_steps"):
         sample_times(4, train_eps=0.0, discrete_steps=1)
 
