@@ -136,6 +136,20 @@ def test_digits_limit_and_labels(tmp_path):
         np.testing.assert_allclose(sample["moments.npy"][0, 0, 0], expected, atol=1e-3)
 
 
+def test_fashion_mnist_from_idx_files(tmp_path):
+    from tests.pipelines.test_sources import write_idx
+
+    pixels = np.random.default_rng(2).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte", pixels)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(6, dtype=np.uint8))
+    artifact = encode(EncodeConfig(src=f"fashion-mnist:{tmp_path}", out=str(tmp_path / "f"), image_size=28, vae="none", workers=0))
+    assert artifact.extra["class_names"][5] == "Sandal" and artifact.extra["class_histogram"] == [1] * 6 + [0] * 4
+    for key, sample in read_shards(artifact.path).items():
+        index = int(key.rsplit("_", 1)[1])
+        assert sample["cls"] == index
+        np.testing.assert_array_equal(sample["moments.npy"][0, 0, 1], (pixels[index] / 127.5 - 1).astype(np.float16))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -1,0 +1,92 @@
+"""Image sources: the idx parser, Fashion-MNIST and digits, folder keys, and decoding failures."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.sources import (
+    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, CroppedImages, SourceError, open_source, read_idx, stable_keys,
+)
+
+
+def write_idx(path: Path, array: np.ndarray, type_code: int = 0x08) -> None:
+    """An idx file as the MNIST format defines it: 0, 0, type, ndim, big-endian sizes, big-endian data."""
+    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    """A 5-image Fashion-MNIST in the Debian layout: gzipped train images and labels."""
+    rng = np.random.default_rng(1)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([9, 0, 3, 3, 7], dtype=np.uint8))
+    return tmp_path
+
+
+def test_read_idx_round_trips_types_and_compression(tmp_path):
+    for name, array, code in [
+        ("a.idx", np.arange(24, dtype=np.uint8).reshape(2, 3, 4), 0x08),
+        ("b.idx.gz", np.array([-5, 70000, 3], dtype=np.int32), 0x0C),
+        ("c.idx", np.linspace(0, 1, 6, dtype=np.float32).reshape(3, 2), 0x0D),
+    ]:
+        write_idx(tmp_path / name, array, code)
+        read = read_idx(tmp_path / name)
+        np.testing.assert_array_equal(read, array)
+        assert read.shape == array.shape
+
+
+def test_read_idx_refuses_bad_magic_and_truncation(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(SourceError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    write_idx(tmp_path / "full", np.zeros((4, 4), dtype=np.uint8))
+    (tmp_path / "short").write_bytes((tmp_path / "full").read_bytes()[:-3])
+    with pytest.raises(SourceError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_source_reads_debian_layout(fashion_dir):
+    source = open_source(f"fashion-mnist:{fashion_dir}")
+    assert source.labels == [9, 0, 3, 3, 7] and source.class_names == FASHION_MNIST_CLASSES
+    assert source.keys[2] == "fashion-mnist_train_00002" and source.paths[2] == "train-images-idx3-ubyte.gz[2]"
+    pixels = read_idx(fashion_dir / "train-images-idx3-ubyte.gz")
+    index, crop, reason = CroppedImages(source, 28)[4]
+    assert (index, reason) == (4, None)
+    np.testing.assert_array_equal(crop, np.repeat(pixels[4][:, :, None], 3, axis=2))  # gray -> RGB, no resize
+
+
+def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
+    with pytest.raises(SourceError, match="apt-get install dataset-fashion-mnist"):
+        open_source(f"fashion-mnist:{tmp_path}")
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed")
+def test_installed_fashion_mnist_is_the_60000_image_train_split():
+    source = open_source("fashion-mnist")
+    assert len(source) == 60000 and source.pixels.shape == (60000, 28, 28)
+    assert np.bincount(source.labels).tolist() == [6000] * 10
+
+
+def test_digits_are_rescaled_to_full_gray_range():
+    source = open_source("digits")
+    assert len(source) == 1797 and source.pixels.dtype == np.uint8 and source.pixels.max() == 255
+    assert sorted(set(source.labels)) == list(range(10))
+
+
+def test_stable_keys_have_no_dots_and_never_collide():
+    paths = ["cat/a.b.png", "cat/a_b_png", "dog/x.JPEG", "dog/deep/y z.png"]
+    keys = stable_keys(paths)
+    assert keys[2:] == ["dog_x_JPEG", "dog_deep_y_z_png"]
+    assert len(set(keys)) == 4 and not any("." in key for key in keys)
+    assert keys[0].startswith("cat_a_b_png-") and keys[1].startswith("cat_a_b_png-")
