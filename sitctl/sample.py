@@ -120,15 +120,17 @@ class SampleConfig:
             if getattr(self, name) < 1:
                 raise SampleError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         methods = ODE_METHODS if self.mode == "ode" else SDE_METHODS
-        for option, value, choices in (("method", self.method, methods), ("diffusion", self.diffusion, DIFFUSIONS),
-                                       ("last-step", self.last_step, LAST_STEPS), ("labels", self.labels, LABEL_SCHEMES)):
-            if value not in choices:
-                raise SampleError(f"--{option} must be one of {', '.join(choices)}{' for --mode ' + self.mode if option == 'method' else ''}, got {value!r}")
-        if self.w < 0 or self.cfg_scale < 0 or self.atol <= 0 or self.rtol <= 0 or self.preview < 0:
-            raise SampleError("--w, --cfg and --preview must be >= 0 and --atol, --rtol > 0")
-        low, high = self.guidance_interval
-        if len(self.guidance_interval) != 2 or not 0.0 <= low <= high <= 1.0:
-            raise SampleError(f"--guidance-interval must be two times 0 <= lo <= hi <= 1, got {self.guidance_interval}")
+        choices = {"method": methods, "diffusion": DIFFUSIONS, "last_step": LAST_STEPS, "labels": LABEL_SCHEMES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                where = f" with --mode {self.mode}" if name == "method" else ""
+                raise SampleError(f"--{name.replace('_', '-')}{where} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for option, value, positive in (("w", self.w, False), ("cfg", self.cfg_scale, False), ("preview", self.preview, False),
+                                        ("atol", self.atol, True), ("rtol", self.rtol, True)):
+            if value < 0 or (positive and value == 0):
+                raise SampleError(f"--{option} must be {'> 0' if positive else '>= 0'}, got {value}")
+        if len(self.guidance_interval) != 2 or not 0.0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1.0:
+            raise SampleError(f"--guidance-interval must be LO,HI with 0 <= LO <= HI <= 1, got {self.guidance_interval}")
         if not 0.0 < self.last_step_size < 1.0:
             raise SampleError(f"--last-step-size must be in (0, 1), got {self.last_step_size}")
         if self.sample_eps is not None and not 0.0 <= self.sample_eps < 0.5:
@@ -411,7 +413,10 @@ def sample_stage(config: SampleConfig):
         draw_blocks(source, decoder, config, staging, blocks, labels, done, d)
         distributed.barrier(d)
         if d.is_main:
-            finish_samples(staging, config, source, decoder, labels, d.world_size)
+            try:
+                finish_samples(staging, config, source, decoder, labels, d.world_size)
+            except OSError as error:  # e.g. a full disk: nothing is renamed into place, a rerun finishes
+                raise SampleError(f"cannot finish {config.out}: {error}; free space and rerun to resume") from None
         distributed.barrier(d)
         return open_artifact(config.out, "samples")
     finally:
