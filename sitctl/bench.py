@@ -179,6 +179,31 @@ def model_command(
     print_result(result, as_json)
 
 
+# ---------------------------------------------------------------------------------------------
+# encode: decode-and-crop images/s per core, and VAE images/s (pipelines/bench_encode.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command("encode")
+def encode_command(
+    src: str = typer.Option("synthetic", help="Image folder, digits, fashion-mnist[:DIR], or synthetic (500x375 JPEGs)."),
+    image_size: int = typer.Option(256, help="Center-crop side in pixels."),
+    vae: str = typer.Option("none", help="ema, mse, none, a local AutoencoderKL directory, or sd-random (SD architecture, random weights)."),
+    images: int = typer.Option(64, help="Images to decode for the per-core rate."),
+    batch: int = typer.Option(32, help="Images per VAE forward (each with its flip)."),
+    steps: int = typer.Option(3, help="Timed VAE batches (after one warm-up)."),
+    precision: str = typer.Option("auto", help="VAE autocast: auto, fp32, fp16, bf16."),
+    device: str = typer.Option(None, help="Device; default cuda if present, else cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Decode-and-crop images/s on one CPU core, and VAE encode images/s on the device."""
+    from pipelines.bench_encode import bench_encode
+
+    result = bench_encode(src, image_size=image_size, vae=vae, images=images, batch=batch, steps=steps,
+                          precision=precision, device=device)
+    print_result(result, as_json)
+
+
 def print_result(result: dict[str, object], as_json: bool = False) -> None:
     """One JSON line, or a two-column rich table."""
     if as_json:
