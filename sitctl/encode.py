@@ -83,7 +83,7 @@ def encode(config: EncodeConfig) -> Artifact | None:
         if config.image_size % vae_info["downsample"]:
             raise SitctlError(f"--image-size {config.image_size} is not a multiple of the VAE's downsampling {vae_info['downsample']}")
         staging = begin_artifact(config.out)
-        _check_resume_settings(staging, config)
+        _check_resume_settings(staging, config, record=dist.is_main)
         shards = plan_shards(len(source), config)
         mine = {index: items for index, items in enumerate(shards) if index % dist.world_size == dist.rank}
         encode_shards(source, mine, staging, vae, config, dist.device, show_progress=dist.is_main)
@@ -102,14 +102,15 @@ def plan_shards(count: int, config: EncodeConfig) -> list[np.ndarray]:
     return [order[start : start + config.shard_size] for start in range(0, len(order), config.shard_size)]
 
 
-def _check_resume_settings(staging: Path, config: EncodeConfig) -> None:
-    """Refuse to resume into a staging directory left by a run with other settings."""
+def _check_resume_settings(staging: Path, config: EncodeConfig, *, record: bool) -> None:
+    """Refuse to resume into a staging directory left by a run with other settings; `record` ours."""
     settings = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change bytes
     path = staging / PROGRESS_DIR / "settings.json"
     if path.is_file() and json.loads(path.read_text()) != settings:
         raise ArtifactError(f"{staging} holds a partial encode with other settings; rerun with the same options or delete it")
-    path.parent.mkdir(exist_ok=True)
-    write_json_atomic(path, settings)
+    if record:  # one writer: ranks sharing a temporary file name would race
+        path.parent.mkdir(exist_ok=True)
+        write_json_atomic(path, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +118,9 @@ def _check_resume_settings(staging: Path, config: EncodeConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_shards(source: ImageSource, shards: dict[int, np.ndarray], staging: Path, vae, config: EncodeConfig, device, *, show_progress: bool) -> None:
+def encode_shards(
+    source: ImageSource, shards: dict[int, np.ndarray], staging: Path, vae, config: EncodeConfig, device, *, show_progress: bool
+) -> None:
     """Encode every shard in `shards` (global index -> item indices) not already done in `staging`."""
     pending = {index: items for index, items in shards.items() if done_record(staging, index) is None}
     # Batches never straddle two shards, and are the same whichever rank encodes the shard.

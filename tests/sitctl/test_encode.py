@@ -122,12 +122,12 @@ def test_keys_are_stable_from_source_paths(image_folder, tmp_path):
     assert keys["dog_deeper_rgb_png"] == "dog/deeper/rgb.png"
 
 
-def test_digits_limit_and_labels(tmp_path):
+def test_digits_limit_and_labels(digits_latents_dir):
     from sklearn.datasets import load_digits
 
-    artifact = encode(EncodeConfig(src="digits", out=str(tmp_path / "d"), image_size=8, vae="none", limit=50, shard_size=16, workers=0))
+    artifact = open_artifact(digits_latents_dir, "latents")  # the shared fixture: 64 digits, shards of 32
     samples = read_shards(artifact.path)
-    assert len(samples) == 50 and [s["count"] for s in artifact.extra["shards"]] == [16, 16, 16, 2]
+    assert len(samples) == 64 and [s["count"] for s in artifact.extra["shards"]] == [32, 32]
     digits = load_digits()
     for key, sample in samples.items():
         index = int(key.split("_")[1])
