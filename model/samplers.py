@@ -240,18 +240,20 @@ def diffusion_coefficient(form: str, interp: Interpolant, t: Tensor, w: float) -
     elif form == "decreasing":
         shape = 0.25 * (torch.cos(math.pi * t) + 1) ** 2
     elif form == "increasing-decreasing":
-        shape = torch.sin(math.pi * t) ** 2
+        shape = torch.sin(math.pi * (1 - t)) ** 2  # = sin(pi t)^2, but exactly 0 at t = 1 in floats
     else:
         raise SitctlError(f"unknown diffusion form {form!r}; choose one of {', '.join(DIFFUSIONS)}")
     return w * shape
 
 
 def sde_drift(velocity: Velocity, interp: Interpolant, x: Tensor, t: Tensor, w_t: Tensor) -> Tensor:
-    """v + w_t * score, the score recovered from v; w_t of shape (N,). Skips the score where w = 0."""
+    """v + w_t * score, the score recovered from v; w_t of shape (N,).
+
+    Where w_t = 0 the drift is v itself, even where the score is singular (sigma = 0 at t = 1).
+    """
     v = velocity(x, t)
-    if not bool((w_t != 0).any()):
-        return v
-    return v + expand_like(w_t, x) * velocity_to_score(interp, v, x, t)
+    w_t = expand_like(w_t, x)
+    return torch.where(w_t == 0, v, v + w_t * velocity_to_score(interp, v, x, t))
 
 
 def sde_euler(velocity: Velocity, x: Tensor, grid: Sequence[float], *, interp: Interpolant, diffusion: str,
@@ -323,6 +325,9 @@ def sample_sde(velocity: Velocity, x0: Tensor, *, interp: str | Interpolant, met
         raise SitctlError(f"steps must be at least {1 if last_step == 'none' else 2}, got {steps}")
     if last_step != "none" and not 0.0 < last_step_size < 1.0 - sample_eps:
         raise SitctlError(f"last_step_size must lie in (0, {1.0 - sample_eps}), got {last_step_size}")
+    if last_step == "none" and sample_eps == 0 and method == "heun" and diffusion in ("constant", "SBDM"):
+        # Heun's correction would evaluate w_t * score at t = 1, where sigma = 0 and w_t does not vanish.
+        raise SitctlError(f"SDE heun with the {diffusion} diffusion needs a last step or sample_eps > 0")
     t0 = max(sample_eps, 1e-3) if diffusion == "SBDM" and interp.name != "vp" else sample_eps
     if last_step == "none":
         grid = uniform_grid(t0, 1.0 - sample_eps, steps)

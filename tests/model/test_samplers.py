@@ -173,6 +173,14 @@ def test_sde_with_w0_equals_ode(method):
     torch.testing.assert_close(sde, ode, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("diffusion", ("sigma", "linear", "decreasing", "increasing-decreasing"))
+def test_heun_sde_may_end_at_t1_where_its_diffusion_vanishes(diffusion):
+    x = sample_sde(ExactVelocity(DATA, interpolant("linear")), noise(500), interp="linear", method="heun",
+                   steps=50, diffusion=diffusion, last_step="none", generator=torch.Generator().manual_seed(8))
+    assert torch.isfinite(x).all()
+    assert_distribution(x, DATA, tol=0.1)  # 500 samples: sampling error ~0.035
+
+
 @pytest.mark.parametrize("method", ("euler", "heun"))
 def test_sde_sample_does_not_depend_on_its_batch(method):
     velocity = ExactVelocity(MIXTURE, interpolant("linear"))
@@ -224,6 +232,7 @@ def test_tweedie_last_step_is_posterior_mean():
     ({"last_step": "Mean"}, "unknown last step"),
     ({"w": -1.0}, "w must be >= 0"),
     ({"last_step_size": 0.0}, "last_step_size"),
+    ({"method": "heun", "diffusion": "constant", "last_step": "none"}, "needs a last step"),
 ])
 def test_bad_sde_options_are_user_errors(options, message):
     with pytest.raises(SitctlError, match=message):
