@@ -155,7 +155,7 @@ def _dopri5_stages(drift: Velocity, x: Tensor, t: Tensor, step: Tensor, k1: Tens
 
 
 def ode_dopri5(drift: Velocity, x: Tensor, t0: float, t1: float, *, atol: float = 1e-6, rtol: float = 1e-3,
-               stats: dict | None = None, max_iterations: int = 100_000) -> Tensor:
+               stats: dict | None = None, max_iterations: int = 10_000) -> Tensor:
     """Adaptive Dormand-Prince 5(4) with one step size per sample, so no sample depends on its batch.
 
     Every iteration evaluates the whole batch once per stage; samples that have arrived take zero
@@ -185,7 +185,8 @@ def ode_dopri5(drift: Velocity, x: Tensor, t0: float, t1: float, *, atol: float 
         factor = (0.9 * ratio.clamp_min(1e-10).pow(-0.2)).clamp(0.2, 10.0)
         step = torch.where(active, step * factor, step)
     else:
-        raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_iterations} iterations")
+        raise SitctlError(f"dopri5 did not reach t = {t1} in {max_iterations} steps; atol={atol}, rtol={rtol} "
+                          "may be too tight for the precision of the velocity")
     _count(stats, "nfe", nfe)
     return x
 
