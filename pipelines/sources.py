@@ -1,12 +1,15 @@
-"""Where raw images come from: a folder of class subfolders, or a built-in dataset.
+"""Where raw images come from: a folder (of class subfolders, or flat), or a built-in dataset.
 
 A source is a fixed, ordered list of items, each with a stable key, the path it was read from
 (relative to the source root, so keys and shards do not depend on where the data lives), a
 label, and a way to load it as a PIL image. `open_source(spec)` parses the SRC argument:
 
     DIR                  one subfolder per class (the ImageNet train layout); labels follow the
-                         sorted folder names
-    digits               scikit-learn's bundled 8x8 digits, labels 0-9
+                         sorted folder names. A DIR with no class subfolders but image files
+                         directly in it (an ImageNet val or sample dump) is one class, label 0.
+    digits               scikit-learn's bundled 8x8 digits (all 1797), labels 0-9
+    digits:train         the first 1500 digits in dataset order
+    digits:holdout       the other 297, for an FID reference the model never trained on
     fashion-mnist[:DIR]  the Fashion-MNIST train split as idx files (Debian's
                          dataset-fashion-mnist installs them in /usr/share/datasets/fashion-mnist)
 """
@@ -18,7 +21,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,8 @@ from PIL import Image
 from pipelines.images import center_crop_arr
 from sitctl.errors import SitctlError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+DIGITS_TRAIN = 1500  # digits:train is items [0, 1500), digits:holdout the other 297
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -52,6 +57,11 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def subset(self, items: slice) -> ImageSource:
+        """The items in `items` (a slice of the list), keys and paths unchanged."""
+        pixels = None if self.pixels is None else self.pixels[items]
+        return replace(self, keys=self.keys[items], paths=self.paths[items], labels=self.labels[items], pixels=pixels)
+
     def load(self, index: int) -> Image.Image:
         """The decoded image; raises (any exception) when the file is not a readable image."""
         if self.pixels is not None:
@@ -65,24 +75,26 @@ def open_source(spec: str) -> ImageSource:
     """Parse SRC (see the module docstring) and list its items."""
     if spec == "digits":
         return digits_source()
+    if spec.startswith("digits:"):
+        return digits_split(digits_source(), spec.partition(":")[2])
     if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
         return fashion_mnist_source(spec.partition(":")[2] or FASHION_MNIST_DIR)
     return folder_source(spec)
 
 
 # ---------------------------------------------------------------------------------------------
-# A folder of class subfolders
+# A folder of class subfolders, or a flat folder of images
 # ---------------------------------------------------------------------------------------------
 
 
 def folder_source(directory: str | Path) -> ImageSource:
-    """Every non-hidden file under SRC/CLASS/ (recursively); undecodable ones fail at load time."""
+    """Every non-hidden file under SRC/CLASS/ (recursively), else directly in SRC; undecodable ones fail at load time."""
     root = Path(directory).resolve()
     if not root.is_dir():
         raise SourceError(f"input folder {directory} does not exist (expected SRC/CLASS/IMAGE files, or digits / fashion-mnist)")
     class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not class_names:
-        raise SourceError(f"input folder {directory} has no class subfolders (expected SRC/CLASS/IMAGE files)")
+        return _flat_folder_source(root, directory)
     paths, labels = [], []
     for label, class_name in enumerate(class_names):
         for path in _files_below(root / class_name):
@@ -91,6 +103,15 @@ def folder_source(directory: str | Path) -> ImageSource:
     if not paths:
         raise SourceError(f"input folder {directory} has class subfolders but no files in them")
     return ImageSource(name="folder", root=str(root), class_names=class_names, keys=stable_keys(paths), paths=paths, labels=labels)
+
+
+def _flat_folder_source(root: Path, directory: str | Path) -> ImageSource:
+    """Image files directly in SRC (no class subfolders) as one class with label 0."""
+    files = sorted(entry.name for entry in os.scandir(root) if entry.is_file() and not entry.name.startswith("."))
+    # Any image suffix makes it an image folder; its other files then fail at load time and are listed.
+    if not any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in files):
+        raise SourceError(f"input folder {directory} has no class subfolders and no image files (expected SRC/CLASS/IMAGE or SRC/IMAGE files)")
+    return ImageSource(name="folder", root=str(root), class_names=[root.name], keys=stable_keys(files), paths=files, labels=[0] * len(files))
 
 
 def _files_below(directory: Path) -> list[Path]:
@@ -132,6 +153,13 @@ def digits_source() -> ImageSource:
         keys=[f"digits_{i:05d}" for i in range(count)], paths=[f"load_digits[{i}]" for i in range(count)],
         labels=[int(y) for y in digits.target], pixels=pixels,
     )
+
+
+def digits_split(source: ImageSource, split: str) -> ImageSource:
+    """`train`: the first DIGITS_TRAIN items of `source` in dataset order; `holdout`: the rest."""
+    if split not in ("train", "holdout"):
+        raise SourceError(f"unknown digits split {split!r} (expected digits, digits:train or digits:holdout)")
+    return source.subset(slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None))
 
 
 def fashion_mnist_source(directory: str | Path) -> ImageSource:

@@ -84,6 +84,30 @@ def test_digits_are_rescaled_to_full_gray_range():
     assert sorted(set(source.labels)) == list(range(10))
 
 
+def test_digits_train_and_holdout_split_all_digits_in_dataset_order():
+    full, train, holdout = (open_source(spec) for spec in ("digits", "digits:train", "digits:holdout"))
+    assert (len(train), len(holdout)) == (1500, 297)
+    assert set(train.keys).isdisjoint(holdout.keys)
+    assert train.keys + holdout.keys == full.keys and train.labels + holdout.labels == full.labels
+    np.testing.assert_array_equal(np.concatenate([train.pixels, holdout.pixels]), full.pixels)
+    with pytest.raises(SourceError, match="unknown digits split 'test'"):
+        open_source("digits:test")
+
+
+def test_flat_folder_of_images_is_one_class_and_a_folder_of_neither_is_refused(tmp_path):
+    (tmp_path / "b.JPEG").write_bytes(b"")  # file contents are judged at load time, not here
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("listed too: it fails at load time like any bad file")
+    (tmp_path / ".hidden.png").write_bytes(b"")
+    source = open_source(str(tmp_path))
+    assert source.paths == ["a.png", "b.JPEG", "notes.txt"] and source.labels == [0, 0, 0]
+    assert source.class_names == [tmp_path.name] and source.keys == ["a_png", "b_JPEG", "notes_txt"]
+    (tmp_path / "only-text").mkdir()
+    (tmp_path / "only-text" / "notes.txt").write_text("no image here")
+    with pytest.raises(SourceError, match="has no class subfolders and no image files"):
+        open_source(str(tmp_path / "only-text"))
+
+
 def test_stable_keys_have_no_dots_and_never_collide():
     paths = ["cat/a.b.png", "cat/a_b_png", "dog/x.JPEG", "dog/deep/y z.png"]
     keys = stable_keys(paths)

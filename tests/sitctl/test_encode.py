@@ -175,9 +175,10 @@ def test_folder_without_images_is_refused(tmp_path):
     with pytest.raises(SitctlError, match="no files"):
         encode(EncodeConfig(src=str(tmp_path / "data"), out=str(tmp_path / "out"), vae="none", workers=0))
     (tmp_path / "flat").mkdir()
-    (tmp_path / "flat" / "image.png").write_bytes(b"")
-    with pytest.raises(SitctlError, match="no class subfolders"):
+    (tmp_path / "flat" / "notes.txt").write_text("no subfolders and no image files")
+    with pytest.raises(SitctlError, match="no class subfolders and no image files") as caught:
         encode(EncodeConfig(src=str(tmp_path / "flat"), out=str(tmp_path / "out"), vae="none", workers=0))
+    assert "\n" not in str(caught.value)
 
 
 def test_all_files_unreadable_is_refused_and_not_published(tmp_path):
