@@ -20,12 +20,12 @@ from typing import Iterator
 
 import numpy as np
 
+from pipelines.sources import CroppedImages, ImageSource, open_source
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact
 from sitctl.errors import SitctlError
 from sitctl.evaluate.metrics import Gaussian, feature_statistics
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 FEATURES_FILE = "features.npy"
 STATISTICS_FILE = "statistics.npz"
 
@@ -39,13 +39,14 @@ class ReferenceConfig:
     """Settings of `sitctl eval ref`; written into the reference artifact's manifest."""
 
     source: str
-    """A folder of images (class sub-folders allowed, searched recursively) or the built-in `digits`."""
+    """Any SRC that `sitctl encode` reads (pipelines.sources.open_source): a folder of class
+    subfolders or of images, `digits[:train|:holdout]`, `fashion-mnist[:DIR]`."""
     out: str
     """The reference artifact directory to create."""
     image_size: int = 256
     """Side of the square center crop, as the encode stage crops (ADM center_crop_arr)."""
     max_images: int | None = None
-    """Use only the first N images in sorted path order (None: all)."""
+    """Use only the first N images in source order (None: all)."""
     batch_size: int = 64
     """Images per Inception forward."""
     device: str | None = None
@@ -62,8 +63,6 @@ class ReferenceConfig:
             raise ReferenceError(f"--batch-size must be positive, got {self.batch_size}")
         if self.max_images is not None and self.max_images < 2:
             raise ReferenceError(f"--max-images must be at least 2 (a covariance needs two), got {self.max_images}")
-        if self.source != "digits" and not Path(self.source).is_dir():
-            raise ReferenceError(f"reference source {self.source} is neither a folder of images nor 'digits'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,59 +70,20 @@ class ReferenceConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def list_images(root: Path) -> list[tuple[Path, int]]:
-    """(path, label) of every image under root, sorted; label = index of its class folder, else -1."""
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    label_of = {name: index for index, name in enumerate(classes)}
-    found = []
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            top = path.relative_to(root).parts
-            found.append((path, label_of.get(top[0], -1) if len(top) > 1 else -1))
-    if not found:
-        raise ReferenceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    return found
+def cropped_batches(source: ImageSource, image_size: int, batch_size: int, errors: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (crops (B, S, S, 3) uint8, labels (B,) int64) in source order, cropped by encode's own CroppedImages.
 
-
-def _load_cropped(path: Path, image_size: int) -> np.ndarray | None:
-    from PIL import Image
-
-    from pipelines.images import center_crop_arr
-
-    try:
-        with Image.open(path) as image:
-            return center_crop_arr(image, image_size)  # (S, S, 3) uint8
-    except (OSError, ValueError):
-        return None  # unreadable or truncated file: counted and skipped, like encode does
-
-
-def folder_batches(items: list[tuple[Path, int]], image_size: int, batch_size: int, errors: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Decode and crop on a few threads (PIL releases the GIL); yield (images NHWC uint8, labels)."""
+    Decoding runs on a few threads (PIL releases the GIL). An unreadable file is skipped and
+    listed in `errors` as "PATH: reason", as encode lists it in errors.jsonl.
+    """
+    dataset = CroppedImages(source, image_size)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            arrays = list(pool.map(lambda item: _load_cropped(item[0], image_size), chunk))
-            kept = [(array, label) for array, (path, label) in zip(arrays, chunk) if array is not None]
-            errors.extend(str(path) for array, (path, _) in zip(arrays, chunk) if array is None)
+        for start in range(0, len(dataset), batch_size):
+            items = list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset)))))
+            errors.extend(f"{source.paths[index]}: {reason}" for index, crop, reason in items if crop is None)
+            kept = [(crop, source.labels[index]) for index, crop, _ in items if crop is not None]
             if kept:
-                yield np.stack([a for a, _ in kept]), np.array([label for _, label in kept], np.int64)
-
-
-def digits_batches(image_size: int, batch_size: int, max_images: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """scikit-learn's 8x8 digits (values 0..16) as grayscale images, upscaled by center_crop_arr."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    from pipelines.images import center_crop_arr
-
-    digits = load_digits()
-    count = len(digits.images) if max_images is None else min(max_images, len(digits.images))
-    pixels = np.round(digits.images[:count] * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
-    labels = digits.target[:count].astype(np.int64)
-    for start in range(0, count, batch_size):
-        crops = [center_crop_arr(Image.fromarray(p, mode="L"), image_size) for p in pixels[start : start + batch_size]]
-        yield np.stack(crops), labels[start : start + batch_size]
+                yield np.stack([crop for crop, _ in kept]), np.array([label for _, label in kept], np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +95,7 @@ def build_reference(config: ReferenceConfig) -> Artifact:
     """Crop the real images, store them, extract their Inception features, finish the artifact."""
     from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_features, pick_device, resolve_weights
 
+    source = open_source(config.source).subset(slice(0, config.max_images))  # SourceError before any slow setup
     device = pick_device(config.device)
     weights = resolve_weights(config.inception_weights, fetch=config.fetch_weights)
     extractor = create_extractor(weights, [POOL_FEATURES], device)
@@ -143,7 +104,7 @@ def build_reference(config: ReferenceConfig) -> Artifact:
     images_file.unlink(missing_ok=True)  # a crashed earlier attempt restarts from scratch
     writer = sample_store.SampleWriter(images_file, (config.image_size, config.image_size, 3))
     errors: list[str] = []
-    batches, total = _source_batches(config, errors)
+    batches = cropped_batches(source, config.image_size, config.batch_size, errors)
 
     def stored(batch_iter):  # write each batch to the HDF5 file on its way to the network
         for images, labels in batch_iter:
@@ -152,7 +113,7 @@ def build_reference(config: ReferenceConfig) -> Artifact:
             yield images
 
     try:
-        features = extract_features(extractor, stored(batches), device=device, total=total, label="reference")
+        features = extract_features(extractor, stored(batches), device=device, total=len(source), label="reference")
     finally:
         writer.close()
     features = features[POOL_FEATURES].numpy()  # (N, 2048) float32
@@ -162,22 +123,14 @@ def build_reference(config: ReferenceConfig) -> Artifact:
     np.save(staging / FEATURES_FILE, features)
     np.savez(staging / STATISTICS_FILE, mu=statistics.mu, sigma=statistics.sigma)
     extra = {
-        "num_images": len(features), "image_size": config.image_size, "source": _describe_source(config.source),
+        "num_images": len(features), "image_size": config.image_size, "source": _describe_source(config.source, source),
         "inception": weights.describe(), "num_errors": len(errors), "errors": errors[:20],
     }
     return finish_artifact(staging, config.out, kind="reference", config=asdict(config), extra=extra)
 
 
-def _source_batches(config: ReferenceConfig, errors: list[str]):
-    if config.source == "digits":
-        total = 1797 if config.max_images is None else min(config.max_images, 1797)
-        return digits_batches(config.image_size, config.batch_size, config.max_images), total
-    items = list_images(Path(config.source))[: config.max_images]
-    return folder_batches(items, config.image_size, config.batch_size, errors), len(items)
-
-
-def _describe_source(source: str) -> str:
-    return source if source == "digits" else str(Path(source).resolve())
+def _describe_source(spec: str, source: ImageSource) -> str:
+    return source.root if source.name == "folder" else spec  # a folder by its absolute path
 
 
 # ---------------------------------------------------------------------------------------------

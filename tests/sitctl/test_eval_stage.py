@@ -20,7 +20,9 @@ from sklearn.datasets import load_digits
 
 from sitctl import sample_store
 from sitctl.artifacts import ancestor, begin_artifact, finish_artifact, open_artifact
-from sitctl.evaluate.reference import ReferenceConfig, build_reference, digits_batches, load_reference, write_adm_npz
+from pipelines.images import center_crop_arr
+from pipelines.sources import open_source
+from sitctl.evaluate.reference import ReferenceConfig, build_reference, cropped_batches, load_reference, write_adm_npz
 from sitctl.evaluate.results import read_results, results_table
 from sitctl.evaluate.stage import EvalConfig, EvalError, evaluate_stage
 
@@ -58,7 +60,8 @@ def world(tmp_path_factory):
 
     latents = make_artifact(root / "latents", "latents")
     checkpoint = make_artifact(root / "run" / "step-0000100", "checkpoint", inputs=[latents], extra={"step": 100})
-    crops = np.concatenate([images for images, _ in digits_batches(SIZE, 64, 2 * N_REAL)])
+    first_digits = open_source("digits").subset(slice(0, 2 * N_REAL))
+    crops = np.concatenate([images for images, _ in cropped_batches(first_digits, SIZE, 64, [])])
     noise = np.random.default_rng(0).integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
     sampler = {"mode": "sde", "w": 1.0}
     same = make_artifact(root / "same", "samples", inputs=[checkpoint], images=crops[:N_REAL], config=sampler)
@@ -70,6 +73,20 @@ def world(tmp_path_factory):
         "noise": evaluate(root, static, reference.path, "metrics-noise", ("fid", "kid", "prc")),
     }
     return {"root": root, "reference": reference, "samples": {"same": same, "other": other, "noise": static}, "scored": scored}
+
+
+def test_reference_reads_a_flat_folder_and_lists_unreadable_files(tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 12, 10, 3), dtype=np.uint8)
+    for index, image in enumerate(pixels):  # no class subfolders: an ImageNet-val-like dump
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    errors = []
+    batches = list(cropped_batches(open_source(str(tmp_path)), 8, 2, errors))
+    assert [len(images) for images, _ in batches] == [2, 1]  # the bad file is skipped, not a hole
+    expected = np.stack([center_crop_arr(Image.fromarray(image), 8) for image in pixels])
+    np.testing.assert_array_equal(np.concatenate([images for images, _ in batches]), expected)
+    assert np.concatenate([labels for _, labels in batches]).tolist() == [0, 0, 0]
+    assert errors == ["broken.jpg: not an image PIL can identify"]
 
 
 def test_fid_of_real_images_against_themselves_is_about_zero(world):
