@@ -11,6 +11,10 @@ one chunk per step, so no rank ever meets an epoch end its peers do not (DDP can
 
 A shard unit is a shard, or a 1/k residue class of its samples when there are fewer shards than
 lanes (k = ceil(L / shards)), so tiny data sets still feed every lane.
+
+Every random number a sample needs in a step (the latent's posterior noise, the flip, the
+label-dropout and time uniforms, the interpolant's noise x0) comes from one generator seeded by
+(seed, step, global position), drawn where the sample is loaded (in the loader workers).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +96,10 @@ def latents_from_moments(moments: torch.Tensor, noise: torch.Tensor, flip: torch
 # ---------------------------------------------------------------------------------------------
 
 
+# Tags keep the seeds of the three uses of randomness apart.
+_SHARD_ORDER, _SHUFFLE_BUFFER, _SAMPLE_DRAWS = 0, 1, 2
+
+
 def _seed(*parts: int) -> int:
     """A 64-bit seed from integers, the same in every process (unlike hash())."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
@@ -101,7 +110,7 @@ def lane_units(counts: tuple[int, ...], lanes: int, lane: int, seed: int, epoch:
     """The (shard, residue, modulus) units lane `lane` reads in `epoch`, in reading order."""
     parts = math.ceil(lanes / len(counts))
     units = [(shard, residue, parts) for shard in range(len(counts)) for residue in range(parts)]
-    order = np.random.default_rng(_seed(seed, epoch)).permutation(len(units))
+    order = np.random.default_rng(_seed(seed, _SHARD_ORDER, epoch)).permutation(len(units))
     return [units[i] for i in order[lane::lanes]]
 
 
@@ -134,7 +143,7 @@ def lane_stream(latents: Latents, lanes: int, lane: int, seed: int, buffer: int,
     while True:
         units = lane_units(latents.shard_counts, lanes, lane, seed, epoch)
         raw = (s for shard, residue, parts in units for s in _read_unit(latents.shard_paths[shard], residue, parts))
-        shuffled = wds.shuffle(buffer, initial=buffer, rng=random.Random(_seed(seed, epoch, lane)))(raw)
+        shuffled = wds.shuffle(buffer, initial=buffer, rng=random.Random(_seed(seed, _SHUFFLE_BUFFER, epoch, lane)))(raw)
         for index, sample in enumerate(shuffled):
             if index >= skip:  # replaying the buffer up to the resume point keeps resume exact
                 yield sample
@@ -156,11 +165,26 @@ def decode_sample(sample: dict, latent_shape: tuple[int, int, int]) -> tuple[np.
 # ---------------------------------------------------------------------------------------------
 
 
+def sample_draws(seed: int, step: int, positions: list[int], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The random numbers of the samples at `positions` of `step`, each from its own generator.
+
+    Returns latent_noise and x0 (n, *shape) standard normal, flip, drop and time uniforms (n,).
+    """
+    noise, x0, uniforms = [], [], []
+    for position in positions:
+        generator = torch.Generator().manual_seed(_seed(seed, _SAMPLE_DRAWS, step, position))
+        noise.append(torch.randn(shape, generator=generator))
+        x0.append(torch.randn(shape, generator=generator))
+        uniforms.append(torch.rand(3, generator=generator))
+    u = torch.stack(uniforms)  # (n, 3)
+    return {"latent_noise": torch.stack(noise), "x0": torch.stack(x0), "flip": u[:, 0], "drop": u[:, 1], "time": u[:, 2]}
+
+
 class LaneChunks(torch.utils.data.IterableDataset):
     """Yields, step after step, this rank's (or this worker's) lanes' chunks of the global batch.
 
-    Each item is {"moments": (n, 2, 2, C, H, W) float16, "labels": (n,) int64} with the lanes'
-    samples in global position order.
+    Each item holds, for n samples in global position order: x1 (n, C, H, W) float32 training
+    latents, labels (n,) int64, x0 (n, C, H, W) noise, drop and time uniforms (n,), positions (n,).
     """
 
     def __init__(self, latents: Latents, *, lanes: list[int], num_lanes: int, per_lane: int, seed: int, buffer: int, start_step: int):
@@ -176,14 +200,27 @@ class LaneChunks(torch.utils.data.IterableDataset):
         return self.lanes[info.id * share : (info.id + 1) * share]
 
     def __iter__(self):
+        lanes = self._my_lanes()
         consumed = self.start_step * self.per_lane
-        streams = [
-            lane_stream(self.latents, self.num_lanes, lane, self.seed, self.buffer, consumed) for lane in self._my_lanes()
-        ]
+        streams = [lane_stream(self.latents, self.num_lanes, lane, self.seed, self.buffer, consumed) for lane in lanes]
+        positions = [lane * self.per_lane + j for lane in lanes for j in range(self.per_lane)]
+        step = self.start_step
         while True:
             decoded = [decode_sample(next(stream), self.latents.latent_shape) for stream in streams for _ in range(self.per_lane)]
-            moments = torch.from_numpy(np.stack([m for m, _ in decoded]))
-            yield {"moments": moments, "labels": torch.tensor([label for _, label in decoded], dtype=torch.int64)}
+            moments = torch.from_numpy(np.stack([m for m, _ in decoded]))  # (n, 2, 2, C, H, W) float16
+            draws = sample_draws(self.seed, step, positions, self.latents.latent_shape)
+            x1 = latents_from_moments(moments, draws["latent_noise"], draws["flip"] < 0.5, self.latents.scale_factor)
+            labels = torch.tensor([label for _, label in decoded], dtype=torch.int64)
+            yield {"x1": x1, "labels": labels, "x0": draws["x0"], "drop": draws["drop"], "time": draws["time"],
+                   "positions": torch.tensor(positions)}
+            step += 1
+
+
+def _quiet_worker(_: int) -> None:
+    # Ctrl-C reaches the whole process group; only the training process should act on it (it
+    # saves a checkpoint at the next step boundary). SIGTERM stays fatal: it is how the loader
+    # and multiprocessing stop workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def rank_batches(
@@ -203,13 +240,22 @@ def rank_batches(
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-        persistent_workers=False, in_order=True,
+        worker_init_fn=_quiet_worker if workers else None, in_order=True,
     )
-    items = iter(loader)
-    while True:
-        # The loader returns worker items round-robin, so `workers` consecutive items are one step.
-        parts = [next(items) for _ in range(max(workers, 1))]
-        yield {key: torch.cat([part[key] for part in parts]) for key in ("moments", "labels")}
+    return _join_workers(iter(loader), max(workers, 1))
+
+
+def _join_workers(items: Iterator[dict], workers: int) -> Iterator[dict]:
+    """One rank batch per step; closing this generator stops the loader's worker processes."""
+    try:
+        while True:
+            # The loader returns worker items round-robin, so `workers` consecutive items are one step.
+            parts = [next(items) for _ in range(workers)]
+            yield {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    finally:
+        shutdown = getattr(items, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def check_lanes(num_lanes: int, global_batch: int, world_size: int, workers: int, num_samples: int) -> None:
@@ -232,20 +278,14 @@ def check_lanes(num_lanes: int, global_batch: int, world_size: int, workers: int
 
 
 def bench_loader(latents_dir: str | Path, seconds: float = 10.0, batch: int = 256, lanes: int = 8) -> float:
-    """Latents per second that one core reads, decodes and materialises (noise + flip) from the shards."""
+    """Training latents per second that one core reads, decodes and draws (with all per-sample noise)."""
     latents = open_latents(latents_dir)
     lanes = min(lanes, latents.num_samples)
     batch = max(batch // lanes, 1) * lanes
     stream = rank_batches(
         latents, global_batch=batch, num_lanes=lanes, rank=0, world_size=1, seed=0, buffer=1000, workers=0, start_step=0
     )
-    generator = torch.Generator().manual_seed(0)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        item = next(stream)
-        n = len(item["labels"])
-        noise = torch.randn((n, *latents.latent_shape), generator=generator)
-        flip = torch.rand(n, generator=generator) < 0.5
-        latents_from_moments(item["moments"], noise, flip, latents.scale_factor)
-        count += n
+        count += len(next(stream)["labels"])
     return count / (time.perf_counter() - start)

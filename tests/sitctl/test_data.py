@@ -18,7 +18,7 @@ from sitctl.errors import ArtifactError, SitctlError
 
 
 def make_latents(out, *, num_samples=24, num_shards=3, shape=(3, 8, 8), num_classes=4, seed=0, kind="latents"):
-    """A small latents artifact following the shared contract (pixels, --vae none style: std = 0)."""
+    """A small latents artifact following the shared contract (posterior std 0.1, scale 1)."""
     rng = np.random.default_rng(seed)
     staging = begin_artifact(out)
     shards, histogram = [], Counter()
@@ -29,7 +29,7 @@ def make_latents(out, *, num_samples=24, num_shards=3, shape=(3, 8, 8), num_clas
             for index in indices:
                 mean = rng.uniform(-1, 1, shape).astype(np.float16)
                 views = np.stack([mean, mean[..., ::-1]])  # [original, flipped]
-                moments = np.stack([views, np.zeros_like(views)], axis=1)  # (2 views, mean/std, C, H, W)
+                moments = np.stack([views, np.full_like(views, 0.1)], axis=1)  # (2 views, mean/std, C, H, W)
                 buffer = io.BytesIO()
                 np.save(buffer, moments)
                 label = index % num_classes
@@ -47,8 +47,9 @@ def make_latents(out, *, num_samples=24, num_shards=3, shape=(3, 8, 8), num_clas
 
 
 def take(stream, steps):
+    """`steps` consecutive items of a rank's stream, each key concatenated over steps."""
     items = [next(stream) for _ in range(steps)]
-    return torch.cat([i["moments"] for i in items]), torch.cat([i["labels"] for i in items])
+    return {key: torch.cat([item[key] for item in items]) for key in items[0]}
 
 
 def batches(latents, *, world_size=1, rank=0, workers=0, start_step=0, lanes=4, batch=8, seed=3):
@@ -63,20 +64,21 @@ def latents(tmp_path_factory):
 
 def test_global_batch_is_the_same_for_any_rank_and_worker_split(latents):
     steps = 7  # 56 samples: crosses two epochs of 24
-    single, labels = take(batches(latents), steps)
+    single = take(batches(latents), steps)
+    assert torch.equal(single["positions"], torch.arange(8).repeat(steps))
     for ranks, workers in ((2, 0), (4, 0), (1, 2)):
         per_rank = [take(batches(latents, world_size=ranks, rank=r, workers=workers), steps) for r in range(ranks)]
-        # Rank r holds positions [r B/W, (r+1) B/W) of each step's global batch.
-        joined = torch.stack([m.reshape(steps, -1, *m.shape[1:]) for m, _ in per_rank], 1)
-        assert torch.equal(joined.reshape(single.shape), single)
-        joined_labels = torch.stack([lab.reshape(steps, -1) for _, lab in per_rank], 1).reshape(-1)
-        assert torch.equal(joined_labels, labels)
+        for key, value in single.items():
+            # Rank r holds positions [r B/W, (r+1) B/W) of each step's global batch.
+            joined = torch.stack([part[key].reshape(steps, -1, *value.shape[1:]) for part in per_rank], 1)
+            assert torch.equal(joined.reshape(value.shape), value), key
 
 
 def test_starting_at_a_step_continues_the_same_stream(latents):
-    full, _ = take(batches(latents), 9)
-    resumed, _ = take(batches(latents, start_step=5), 4)
-    assert torch.equal(resumed, full[5 * 8 :])
+    full = take(batches(latents), 9)
+    resumed = take(batches(latents, start_step=5), 4)
+    for key, value in full.items():
+        assert torch.equal(resumed[key], value[5 * 8 :]), key
 
 
 def test_each_epoch_of_the_lanes_reads_every_sample_once(latents):
@@ -117,6 +119,6 @@ def test_wrong_kind_and_missing_shard_are_one_line_errors(tmp_path):
 
 def test_lanes_that_do_not_split_evenly_are_refused(latents):
     with pytest.raises(SitctlError, match="does not divide the global batch"):
-        next(batches(latents, lanes=3, batch=8))
+        batches(latents, lanes=3, batch=8)
     with pytest.raises(SitctlError, match="not a multiple of 4 ranks"):
-        next(batches(latents, lanes=2, world_size=4))
+        batches(latents, lanes=2, world_size=4)

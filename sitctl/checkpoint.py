@@ -1,0 +1,185 @@
+"""Checkpoint artifacts of a training run: save, find, prune and load them.
+
+A run directory (e.g. runs/xl2-linear) holds one artifact of kind "checkpoint" per saved step,
+`step-0000100/`, each written atomically through artifacts.begin_artifact/finish_artifact:
+
+    model.safetensors      the trained weights
+    ema.safetensors        the EMA weights (what sampling uses)
+    optimizer.safetensors  every optimizer state tensor, keyed "state.<param index>.<name>"
+    optimizer.json         the optimizer's param_groups and non-tensor state
+    rng.safetensors        torch CPU / CUDA and numpy RNG states
+    state.json             step, data position, python RNG state and anything else the loop keeps
+
+Nothing is pickled. The manifest's extra holds `model_config` (asdict of SiTConfig), `model`,
+`interp`, `pred` and `step`, so `load_network` rebuilds the network from the artifact alone.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact, staging_dir
+from sitctl.errors import ArtifactError
+
+STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"step-{step:07d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints in a run directory as (step, path), oldest first."""
+    run_dir = Path(run_dir)
+    found = []
+    for path in run_dir.iterdir() if run_dir.is_dir() else ():
+        match = STEP_DIR.match(path.name)
+        if match and (path / "manifest.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(path: str | Path) -> Artifact:
+    """The checkpoint artifact at `path`, or the newest one in the run directory `path`."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return open_artifact(path, "checkpoint")
+    found = list_checkpoints(path)
+    if not found:
+        raise ArtifactError(f"{path} holds no finished checkpoint (step-NNNNNNN/ with a manifest)")
+    return open_artifact(found[-1][1], "checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+
+
+def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into its tensors and a JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _rng_states() -> tuple[dict[str, torch.Tensor], Any]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, value in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{index}"] = value
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    numpy_rest = [int(position), int(has_gauss), float(cached)]
+    return tensors, {"numpy": numpy_rest, "python": random.getstate()}
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], config: dict[str, Any],
+    latents: Artifact, extra: dict[str, Any],
+) -> Artifact:
+    """Write step-NNNNNNN/ atomically (staging dir, then rename); returns the finished artifact."""
+    out = checkpoint_dir(run_dir, step)
+    staging = begin_artifact(out)
+    save_file(_cpu_state(model), staging / "model.safetensors")
+    save_file(_cpu_state(ema), staging / "ema.safetensors")
+    optimizer_tensors, optimizer_json = _optimizer_files(optimizer)
+    save_file(optimizer_tensors, staging / "optimizer.safetensors")
+    (staging / "optimizer.json").write_text(json.dumps(optimizer_json, indent=1))
+    rng_tensors, rng_json = _rng_states()
+    save_file(rng_tensors, staging / "rng.safetensors")
+    (staging / "state.json").write_text(json.dumps({"step": step, **state, "rng": rng_json}, indent=1))
+    return finish_artifact(staging, out, kind="checkpoint", config=config, inputs=[latents], extra={**extra, "step": step})
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int) -> list[int]:
+    """Delete finished checkpoints except the last `keep_last` and every multiple of `keep_every`."""
+    found = list_checkpoints(run_dir)
+    recent = {step for step, _ in found[-keep_last:]} if keep_last > 0 else set()
+    removed = []
+    for step, path in found:
+        if step in recent or (keep_every > 0 and step % keep_every == 0):
+            continue
+        shutil.rmtree(path)
+        removed.append(step)
+    return removed
+
+
+def discard_partial(run_dir: str | Path, step: int) -> None:
+    """Remove a half-written staging directory of `step` left by a crash."""
+    staging = staging_dir(checkpoint_dir(run_dir, step))
+    if staging.is_dir():
+        shutil.rmtree(staging)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_training_state(artifact: Artifact, *, model, ema, optimizer, device) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states in place; return state.json."""
+    model.load_state_dict(load_file(artifact.file("model.safetensors"), device=str(device)))
+    ema.load_state_dict(load_file(artifact.file("ema.safetensors"), device=str(device)))
+    optimizer_json = json.loads(artifact.file("optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(artifact.file("optimizer.safetensors")).items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in optimizer_json["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    # Optimizer.load_state_dict casts and moves each tensor to its parameter's device.
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer_json["param_groups"]})
+    saved = json.loads(artifact.file("state.json").read_text())
+    _restore_rng(load_file(artifact.file("rng.safetensors")), saved["rng"])
+    return saved
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    position, has_gauss, cached = rest["numpy"]
+    np.random.set_state(("MT19937", tensors["numpy_keys"].numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = rest["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def load_network(artifact: Artifact | str | Path, *, ema: bool = True, device: str | torch.device = "cpu"):
+    """Rebuild the network of a checkpoint (or a run dir's latest) from the artifact alone.
+
+    Returns (net in eval mode on `device`, SiTConfig).
+    """
+    from model.configs import SiTConfig
+    from model.network import SiT, load_state_dict_checked
+
+    if not isinstance(artifact, Artifact):
+        artifact = latest_checkpoint(artifact)
+    if "model_config" not in artifact.extra:
+        raise ArtifactError(f"{artifact.path}: checkpoint manifest lacks model_config")
+    config = SiTConfig(**artifact.extra["model_config"])
+    net = SiT(config)
+    weights = load_file(artifact.file("ema.safetensors" if ema else "model.safetensors"))
+    load_state_dict_checked(net, weights, artifact.extra.get("model", "checkpoint"))
+    return net.to(device).eval(), config

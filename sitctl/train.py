@@ -1,0 +1,544 @@
+"""The train stage: a latents artifact in, checkpoint artifacts of a SiT out.
+
+One code path for 1 process or N under torchrun (sitctl/distributed.py). The global batch is
+split over ranks by sitctl/data.py so that every sample, and every random number it needs, is
+the same whatever the number of processes; a rank's share may be cut into micro-batches whose
+gradients are accumulated. Defaults are the SiT paper's (arXiv 2401.08740, Sec. 4 / App. C,
+which keeps DiT's recipe): AdamW, lr 1e-4, no weight decay, betas (0.9, 0.999), constant lr,
+global batch 256, EMA 0.9999 updated every step, label dropout 0.1.
+
+The loop reads as train_step / maybe_checkpoint / maybe_preview. A SIGTERM or SIGINT sets a
+flag that all ranks agree on at the next step boundary, and the run saves and exits; a NaN or
+inf loss stops the run before the bad update, leaving the last checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from sitctl import checkpoint as checkpoints
+from sitctl import distributed
+from sitctl.artifacts import Artifact
+from sitctl.data import Latents, open_latents, rank_batches
+from sitctl.errors import SitctlError
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
+NAN_HOOK = "SITCTL_TEST_NAN_AT_STEP"  # tests plant a NaN loss at this (1-based) step
+# Settings a resumed run must share with its checkpoint, or it would not continue the same run.
+RESUME_FIXED = ("model", "interp", "pred", "loss_weight", "train_eps", "discrete_steps", "global_batch",
+                "data_lanes", "shuffle_buffer", "seed", "label_dropout", "ema_decay", "qk_norm")
+
+
+class NonFiniteLossError(SitctlError):
+    """The loss became NaN or inf; the run stops before applying the update."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything the train stage needs; written into each checkpoint's manifest."""
+
+    latents: str
+    """The latents artifact (written by `sitctl encode`) to train on."""
+    out: str
+    """Run directory; checkpoints go into OUT/step-NNNNNNN/, logs into OUT/metrics.jsonl."""
+    model: str = "SiT-XL/2"
+    """Model preset; input size, channels and classes are taken from the latents."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys (helps bf16 at scale; not in the paper)."""
+    interp: str = "linear"
+    """Interpolant path: linear, gvp or vp."""
+    pred: str = "velocity"
+    """What the network predicts: velocity, score or noise."""
+    loss_weight: str = "none"
+    """Loss weighting for score/noise prediction: none, velocity or likelihood."""
+    train_eps: float | None = None
+    """t is drawn from [eps, 1 - eps]; None takes the paper's default for interp and pred."""
+    discrete_steps: int | None = None
+    """Draw t from this many grid points instead of continuously (None: continuous time)."""
+    steps: int = 400_000
+    """Length of the run in optimizer steps."""
+    global_batch: int = 256
+    """Samples per optimizer step, summed over all ranks."""
+    micro_batch: int | None = None
+    """Samples per forward/backward on a rank (gradient accumulation); None: the rank's whole share."""
+    lr: float = 1e-4
+    """Constant AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    ema_decay: float = 0.9999
+    """EMA decay, applied after every step."""
+    label_dropout: float = 0.1
+    """Probability a label is replaced by the null class (classifier-free guidance training)."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value (None: no clipping; the norm is still logged)."""
+    precision: str = "tf32"
+    """fp32 (exact matmuls), tf32 (TF32 matmuls on GPU) or bf16 (autocast, with TF32 elsewhere)."""
+    compile: bool = False
+    """torch.compile the network."""
+    seed: int = 0
+    """Seeds the initial weights, the data order and every per-sample random number."""
+    data_lanes: int = 8
+    """Independent sample streams making up the global batch; a multiple of ranks x loader workers."""
+    shuffle_buffer: int = 1000
+    """Samples in each lane's shuffle buffer."""
+    loader_workers: int = 1
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    ckpt_every: int = 50_000
+    """Save a checkpoint every this many steps (and always at the end or when stopped)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints..."""
+    keep_every: int = 0
+    """...plus every checkpoint whose step is a multiple of this (0: none)."""
+    log_every: int = 100
+    """Log a console line and a metrics.jsonl row every this many steps."""
+    preview_every: int = 10_000
+    """Save a grid of EMA samples every this many steps (0: never)."""
+    preview_images: int = 16
+    """Images in the preview grid."""
+    preview_steps: int = 16
+    """Heun steps of the preview sampler."""
+    preview_cfg: float = 4.0
+    """Classifier-free guidance scale of the preview samples."""
+    resume: bool = False
+    """Continue from the latest checkpoint in OUT (start fresh if there is none)."""
+    device: str | None = None
+    """cuda or cpu; None picks cuda when available."""
+
+    def __post_init__(self) -> None:
+        from model.objectives import check_objective
+
+        check_objective(self.interp, self.pred, self.loss_weight)
+        positive = ("steps", "global_batch", "lr", "data_lanes", "shuffle_buffer", "ckpt_every", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SitctlError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("micro_batch", "grad_clip", "discrete_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise SitctlError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.discrete_steps is not None and self.discrete_steps < 2:
+            raise SitctlError(f"--discrete-steps must be at least 2, got {self.discrete_steps}")
+        if self.train_eps is not None and not 0.0 <= self.train_eps < 0.5:
+            raise SitctlError(f"--train-eps must be in [0, 0.5), got {self.train_eps}")
+        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.label_dropout < 1.0:
+            raise SitctlError("--ema-decay and --label-dropout must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise SitctlError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers) < 0:
+            raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every and --loader-workers must be >= 0")
+
+
+# =============================================================================================
+# Setting up a run
+# =============================================================================================
+
+
+@dataclass
+class Run:
+    """The mutable state of a training run on one rank."""
+
+    config: TrainConfig
+    dist: distributed.Dist
+    latents: Latents
+    model_config: Any  # model.configs.SiTConfig
+    net: nn.Module  # the plain network: what checkpoints hold
+    ema: nn.Module
+    forward: nn.Module  # net wrapped by DDP and/or torch.compile: what the loss calls
+    optimizer: torch.optim.Optimizer
+    train_eps: float
+    micro_batch: int
+    step: int = 0
+    saved_step: int | None = None  # step of the newest checkpoint, known on every rank
+    last_saved: Artifact | None = None  # that checkpoint, opened on rank 0
+    batches: Iterator[dict] | None = None
+    window: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_model(config: TrainConfig, latents: Latents):
+    """The SiTConfig of `config.model` sized to the latents; one clear line if it cannot fit."""
+    from model.configs import ModelConfigError, model_config
+
+    channels, height, width = latents.latent_shape
+    where = f"latents {latents.artifact.path} of shape {channels}x{height}x{width}"
+    if height != width:
+        raise SitctlError(f"{config.model} needs square inputs, but {where} are not square")
+    try:
+        return model_config(config.model, input_size=height, in_channels=channels, num_classes=latents.num_classes,
+                            class_dropout_prob=config.label_dropout, qk_norm=config.qk_norm)
+    except ModelConfigError as error:
+        raise SitctlError(f"{config.model} does not fit {where}: {error}") from None
+
+
+def plan_micro_batch(config: TrainConfig, world_size: int) -> int:
+    if config.global_batch % world_size:
+        raise SitctlError(f"global batch {config.global_batch} does not split evenly over {world_size} processes")
+    share = config.global_batch // world_size
+    micro = config.micro_batch or share
+    if share % micro:
+        raise SitctlError(f"--micro-batch {micro} does not divide the per-rank batch {share}")
+    return micro
+
+
+def find_resume_point(config: TrainConfig, latents: Latents) -> Artifact | None:
+    """The checkpoint to continue from, or None; refuses to overwrite or mix runs."""
+    found = checkpoints.list_checkpoints(config.out)
+    if found and not config.resume:
+        raise SitctlError(f"{config.out} already holds checkpoints (latest {found[-1][1].name}); pass --resume or choose a new --out")
+    if not found or not config.resume:
+        return None
+    artifact = checkpoints.latest_checkpoint(config.out)
+    saved = artifact.config
+    for name in RESUME_FIXED:
+        ours = getattr(config, name)
+        if saved.get(name) != ours:
+            raise SitctlError(f"cannot resume {artifact.path}: it was trained with {name}={saved.get(name)!r}, now {ours!r}")
+    if artifact.inputs and artifact.inputs[0]["id"] != latents.artifact.id:
+        raise SitctlError(f"cannot resume {artifact.path}: it was trained on latents {artifact.inputs[0]['path']}, not {latents.artifact.path}")
+    return artifact
+
+
+def set_precision(precision: str) -> None:
+    # tf32 and bf16 allow TF32 tensor cores for fp32 matmuls; fp32 keeps them exact.
+    torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
+    """Check everything a user can get wrong, then build the network, EMA, optimizer and data."""
+    from model.network import SiT
+    from model.objectives import default_eps
+
+    latents = open_latents(config.latents)
+    model_config = fit_model(config, latents)
+    micro = plan_micro_batch(config, d.world_size)
+    resume_from = find_resume_point(config, latents)
+    start_step = 0 if resume_from is None else int(resume_from.extra["step"])
+    batches = rank_batches(
+        latents, global_batch=config.global_batch, num_lanes=config.data_lanes, rank=d.rank, world_size=d.world_size,
+        seed=config.seed, buffer=config.shuffle_buffer, workers=config.loader_workers, start_step=start_step,
+    )
+    if d.is_main:
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        trim_metrics(Path(config.out) / "metrics.jsonl", start_step)
+    set_precision(config.precision)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and every world size
+    net = SiT(model_config).to(d.device)
+    ema = SiT(model_config).to(d.device).requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                                  fused=d.device.type == "cuda")
+    run = Run(config=config, dist=d, latents=latents, model_config=model_config, net=net, ema=ema, forward=net,
+              optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step,
+              train_eps=config.train_eps if config.train_eps is not None else default_eps(config.interp, config.pred)[0])
+    if resume_from is not None:
+        checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device)
+        run.last_saved, run.saved_step = resume_from, start_step
+    run.forward = wrap_for_training(net, config, d)
+    return run
+
+
+def wrap_for_training(net: nn.Module, config: TrainConfig, d: distributed.Dist) -> nn.Module:
+    forward = net
+    if d.active:
+        forward = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if config.compile:
+        forward = torch.compile(forward)  # after DDP, so compiled graphs break at gradient buckets
+    return forward
+
+
+# =============================================================================================
+# One step
+# =============================================================================================
+
+
+def times_from_uniform(u: torch.Tensor, train_eps: float, discrete_steps: int | None) -> torch.Tensor:
+    """Map per-sample uniforms to t exactly as model.objectives.sample_times draws t."""
+    if discrete_steps is not None:
+        u = torch.clamp((u * discrete_steps).floor(), max=discrete_steps - 1) / (discrete_steps - 1)
+    return train_eps + (1 - 2 * train_eps) * u
+
+
+def _no_sync(run: Run, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    ddp = getattr(run.forward, "_orig_mod", run.forward)
+    if last or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward and backward this rank's share in micro-batches; return per-sample losses and t."""
+    from model.objectives import training_loss
+
+    config, device = run.config, run.dist.device
+    x1, x0 = batch["x1"].to(device), batch["x0"].to(device)  # (n, C, H, W) each
+    null = torch.full_like(batch["labels"], run.model_config.num_classes)
+    y = torch.where(batch["drop"] < config.label_dropout, null, batch["labels"]).to(device)  # (n,)
+    t = times_from_uniform(batch["time"], run.train_eps, config.discrete_steps).to(device)  # (n,)
+    n, losses = len(x1), []
+    for start in range(0, n, run.micro_batch):
+        part = slice(start, start + run.micro_batch)
+        with _no_sync(run, last=start + run.micro_batch >= n):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                loss = training_loss(run.forward, x1[part], y[part], interp=config.interp, pred=config.pred,
+                                     weight=config.loss_weight, train_eps=run.train_eps, t=t[part], x0=x0[part])
+            # Sum over the rank's share / share size; DDP then averages ranks: the global-batch mean.
+            (loss.float().sum() / n).backward()
+        losses.append(loss.detach().float())
+    losses = torch.cat(losses)  # (n,)
+    if os.environ.get(NAN_HOOK) == str(run.step + 1):
+        losses = losses * float("nan")
+    return torch.stack([losses, t.float()])  # (2, n)
+
+
+def reduce_step(run: Run, losses_and_t: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
+    """All-reduce [loss sum, count, per-t-bucket sums and counts, stop votes] in one collective."""
+    losses, t = losses_and_t
+    bucket = (t * TIME_BUCKETS).long().clamp(0, TIME_BUCKETS - 1)
+    sums = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, losses)
+    counts = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, torch.ones_like(losses))
+    stats = torch.cat([sums, counts, torch.tensor([float(stop)], device=t.device)])
+    stats = distributed.all_reduce_sum(run.dist, stats).cpu()
+    return stats[: 2 * TIME_BUCKETS], bool(stats[-1] > 0)
+
+
+def apply_update(run: Run) -> torch.Tensor:
+    """Clip (optionally), step the optimizer and the EMA; return the gradient norm before clipping."""
+    parameters = [p for p in run.net.parameters() if p.grad is not None]
+    if run.config.grad_clip is not None:
+        norm = nn.utils.clip_grad_norm_(parameters, run.config.grad_clip)
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in parameters])
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        # ema <- decay * ema + (1 - decay) * param, every step (DiT/SiT's update_ema).
+        torch._foreach_lerp_(list(run.ema.parameters()), list(run.net.parameters()), 1.0 - run.config.ema_decay)
+    return norm.detach()
+
+
+# =============================================================================================
+# The loop
+# =============================================================================================
+
+
+def train(config: TrainConfig) -> Artifact | None:
+    """Run (or resume) training; returns the last checkpoint artifact on rank 0, None elsewhere."""
+    d = distributed.setup(config.device)
+    run = None
+    try:
+        run = prepare(config, d)
+        train_loop(run)
+        return run.last_saved if d.is_main else None
+    finally:
+        if run is not None:
+            run.batches.close()  # stops the loader workers now, not at interpreter exit
+        distributed.teardown(d)
+
+
+def train_loop(run: Run) -> None:
+    """Step until config.steps, or until a signal asks every rank to save and stop."""
+    config = run.config
+    decoder = load_preview_decoder(run)
+    with stop_on_signals() as stop, progress_bar(run) as progress:
+        task = progress.add_task("train", total=config.steps, completed=run.step)
+        while run.step < config.steps:
+            started = time.perf_counter()
+            losses_and_t = train_step(run, next(run.batches))
+            stats, stopping = reduce_step(run, losses_and_t, stop["signal"] is not None)
+            if not bool(torch.isfinite(stats).all()):
+                saved = checkpoints.checkpoint_dir(config.out, run.saved_step) if run.saved_step else "none yet"
+                raise NonFiniteLossError(f"loss is NaN or inf at step {run.step + 1}; stopped before that update (last checkpoint: {saved})")
+            grad_norm = apply_update(run)
+            run.step += 1
+            progress.update(task, completed=run.step)
+            maybe_log(run, stats, grad_norm, time.perf_counter() - started, progress.console)
+            maybe_checkpoint(run, force=stopping or run.step == config.steps)
+            maybe_preview(run, decoder)
+            if stopping:
+                if run.dist.is_main:
+                    progress.console.print(f"stopped by signal {stop['signal']} at step {run.step}; saved {run.last_saved.path}")
+                break
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside, SIGTERM and SIGINT only set a flag (a second SIGINT interrupts at once)."""
+    flag: dict[str, int | None] = {"signal": None}
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and flag["signal"] is not None:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def progress_bar(run: Run):
+    """A rich progress bar with rate and ETA on rank 0 in a terminal; silent elsewhere."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    class StepRate(ProgressColumn):
+        def render(self, task):
+            return f"{task.speed:.2f} steps/s" if task.speed else "- steps/s"
+
+    console = Console(quiet=not run.dist.is_main)
+    progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), StepRate(),
+                        TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=not (run.dist.is_main and console.is_terminal))
+    with progress:
+        yield progress
+
+
+# =============================================================================================
+# Logs, checkpoints, previews
+# =============================================================================================
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor, seconds: float, console) -> None:
+    """Accumulate this step; every log_every steps write a metrics.jsonl row and a console line.
+
+    images/s counts only the steps' own time (data, forward, backward, update), not checkpoints
+    or previews.
+    """
+    window = run.window
+    if not window:
+        window.update(stats=torch.zeros_like(stats), grad_norm=torch.zeros_like(grad_norm), steps=0, seconds=0.0)
+    window["stats"] += stats
+    window["grad_norm"] += grad_norm
+    window["steps"] += 1
+    window["seconds"] += seconds
+    if run.step % run.config.log_every and run.step != run.config.steps:
+        return
+    sums, counts = window["stats"][:TIME_BUCKETS], window["stats"][TIME_BUCKETS:]
+    row = {
+        "step": run.step,
+        "loss": float(sums.sum() / counts.sum()),
+        "loss_by_t": [float(s / c) if c > 0 else None for s, c in zip(sums, counts)],
+        "images_per_sec": window["steps"] * run.config.global_batch / window["seconds"],
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "grad_norm": float(window["grad_norm"]) / window["steps"],
+        "memory_gib": memory_gib(run.dist.device),
+    }
+    window.clear()
+    if run.dist.is_main:
+        with open(Path(run.config.out) / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        console.print(f"step {row['step']:>8}  loss {row['loss']:.4f}  {row['images_per_sec']:8.1f} img/s  "
+                      f"lr {row['lr']:.1e}  grad {row['grad_norm']:.3f}  mem {row['memory_gib']:.2f} GiB")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
+    if not path.is_file():
+        return
+    from sitctl.plots import read_metrics
+
+    rows = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def checkpoint_extra(run: Run) -> dict[str, Any]:
+    """What later stages read from a checkpoint's manifest, so no flag is repeated."""
+    from model.objectives import default_eps
+
+    return {
+        "model": run.config.model,
+        "model_config": asdict(run.model_config),
+        "interp": run.config.interp,
+        "pred": run.config.pred,
+        "train_eps": run.train_eps,
+        "sample_eps": default_eps(run.config.interp, run.config.pred)[1],
+        "latent_shape": list(run.latents.latent_shape),
+        "num_classes": run.latents.num_classes,
+    }
+
+
+def maybe_checkpoint(run: Run, force: bool = False) -> None:
+    """Save on rank 0 every ckpt_every steps (or when forced), prune old ones, redraw the loss curve."""
+    config = run.config
+    if (run.step % config.ckpt_every and not force) or run.saved_step == run.step:
+        return
+    if run.dist.is_main:
+        consumed = run.step * (config.global_batch // config.data_lanes)
+        state = {"samples_seen": run.step * config.global_batch, "world_size": run.dist.world_size,
+                 "data": {"lanes": config.data_lanes, "samples_per_lane": consumed}}
+        checkpoints.discard_partial(config.out, run.step)
+        run.last_saved = checkpoints.save_checkpoint(
+            config.out, run.step, model=run.net, ema=run.ema, optimizer=run.optimizer, state=state,
+            config=asdict(config), latents=run.latents.artifact, extra=checkpoint_extra(run),
+        )
+        checkpoints.prune_checkpoints(config.out, config.keep_last, config.keep_every)
+        metrics = Path(config.out) / "metrics.jsonl"
+        if metrics.is_file():
+            from sitctl.plots import save_loss_curve
+
+            save_loss_curve(metrics, Path(config.out) / "loss.png")
+    run.saved_step = run.step
+    distributed.barrier(run.dist)
+
+
+def load_preview_decoder(run: Run):
+    """The latents' VAE for preview grids (None for pixel latents), loaded before the first step."""
+    vae = run.latents.artifact.extra.get("vae", {"name": "none"})
+    if not run.config.preview_every or not run.dist.is_main or vae["name"] == "none":
+        return None
+    from sitctl.vae import load_vae
+
+    decoder, _ = load_vae(vae.get("source") or vae["name"], run.dist.device)
+    return decoder
+
+
+def maybe_preview(run: Run, decoder) -> None:
+    """Every preview_every steps rank 0 saves a grid of EMA samples (fixed noise and labels)."""
+    config = run.config
+    if not config.preview_every or run.step % config.preview_every or not run.dist.is_main:
+        return
+    from model.guidance import GuidedVelocity
+    from model.objectives import default_eps
+    from model.samplers import sample_ode
+    from sitctl.plots import save_image_grid
+    from sitctl.sample_store import quantize
+
+    device, n = run.dist.device, config.preview_images
+    x0 = torch.randn((n, *run.latents.latent_shape), generator=torch.Generator().manual_seed(config.seed)).to(device)
+    y = (torch.arange(n) % run.latents.num_classes).to(device)
+    velocity = GuidedVelocity(run.ema, y, interp=config.interp, pred=config.pred, cfg_scale=config.preview_cfg,
+                              null_class=run.latents.num_classes)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        latents = sample_ode(velocity, x0, method="heun", steps=config.preview_steps,
+                             sample_eps=default_eps(config.interp, config.pred)[1]).float()
+        pixels = latents if decoder is None else decoder.decode(latents / run.latents.scale_factor).sample  # [-1, 1]
+    images = quantize(pixels.float().permute(0, 2, 3, 1).cpu().numpy())  # (n, H, W, C) uint8
+    path = Path(config.out) / "previews" / f"step-{run.step:07d}.png"
+    save_image_grid(images, path, nrow=math.ceil(math.sqrt(n)), upscale=max(1, 64 // images.shape[1]))

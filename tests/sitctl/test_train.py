@@ -1,0 +1,114 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sitctl import distributed
+from sitctl.artifacts import open_artifact, verify_artifact
+from sitctl.checkpoint import list_checkpoints, load_network, prune_checkpoints
+from sitctl.errors import ArtifactError, SitctlError
+from sitctl.train import NAN_HOOK, NonFiniteLossError, TrainConfig, prepare, times_from_uniform, train, train_loop
+from tests.sitctl.test_data import make_latents
+
+TINY = dict(model="SiT-T/2", global_batch=8, data_lanes=2, shuffle_buffer=16, loader_workers=0, log_every=1,
+            preview_every=0, lr=1e-3)
+
+
+def tiny(latents, out, **overrides):
+    return TrainConfig(latents=str(latents), out=str(out), **{**TINY, **overrides})
+
+
+def weights(checkpoint, name):
+    return load_file(checkpoint / f"{name}.safetensors")
+
+
+def assert_same_files(a, b, names=("model", "ema", "optimizer")):
+    for name in names:
+        left, right = weights(a, name), weights(b, name)
+        assert left.keys() == right.keys()
+        for key in left:
+            assert torch.equal(left[key], right[key]), (name, key)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_latents_dir, tmp_path):
+    straight = train(tiny(digits_latents_dir, tmp_path / "straight", steps=5, ckpt_every=5))
+    train(tiny(digits_latents_dir, tmp_path / "pieces", steps=2, ckpt_every=100))
+    # Resumed with a loader worker process: where samples are read does not change them.
+    resumed = train(tiny(digits_latents_dir, tmp_path / "pieces", steps=5, ckpt_every=100, resume=True, loader_workers=1))
+    assert resumed.extra["step"] == 5
+    assert_same_files(straight.path, resumed.path)
+    assert [step for step, _ in list_checkpoints(tmp_path / "pieces")] == [2, 5]
+
+
+def test_checkpoint_links_its_latents_and_rebuilds_the_network_alone(digits_latents_dir, tmp_path):
+    config = tiny(digits_latents_dir, tmp_path / "run", steps=3, ckpt_every=3, preview_every=3, preview_images=4, preview_steps=2)
+    d = distributed.setup("cpu")
+    run = prepare(config, d)
+    train_loop(run)
+    run.batches.close()
+    checkpoint = open_artifact(tmp_path / "run" / "step-0000003", "checkpoint")
+    latents = open_artifact(digits_latents_dir)
+    assert checkpoint.inputs == [latents.ref()]
+    assert checkpoint.extra["model_config"]["input_size"] == 8 and checkpoint.extra["interp"] == "linear"
+    x, t, y = torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 10])
+    for ema, trained in ((True, run.ema), (False, run.net)):
+        net, model_config = load_network(tmp_path / "run", ema=ema)  # a run dir: its latest checkpoint
+        assert model_config == run.model_config
+        with torch.no_grad():
+            assert torch.equal(net(x, t, y), trained.eval()(x, t, y))
+    assert (tmp_path / "run" / "previews" / "step-0000003.png").is_file()
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(digits_latents_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(NAN_HOOK, "3")
+    with pytest.raises(NonFiniteLossError, match=r"at step 3; .*step-0000002"):
+        train(tiny(digits_latents_dir, tmp_path / "run", steps=5, ckpt_every=2))
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2]
+    verify_artifact(tmp_path / "run" / "step-0000002")
+    assert not list(tmp_path.glob("run/.*partial"))
+
+
+def test_mismatched_inputs_fail_before_any_compute(digits_latents_dir, tmp_path):
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
+        train(tiny(tmp_path / "nothing-here", tmp_path / "a", steps=1))
+    odd = make_latents(tmp_path / "odd", shape=(3, 6, 6))
+    with pytest.raises(SitctlError, match="SiT-T/4 does not fit latents .* 3x6x6: input_size 6 is not divisible by patch_size 4"):
+        train(tiny(odd.path, tmp_path / "b", steps=1, model="SiT-T/4"))
+    with pytest.raises(SitctlError, match="--micro-batch 3 does not divide the per-rank batch 8"):
+        train(tiny(digits_latents_dir, tmp_path / "c", steps=1, micro_batch=3))
+    train(tiny(digits_latents_dir, tmp_path / "d", steps=1))
+    with pytest.raises(SitctlError, match="already holds checkpoints .* pass --resume"):
+        train(tiny(digits_latents_dir, tmp_path / "d", steps=2))
+    with pytest.raises(SitctlError, match="trained with seed=0, now 1"):
+        train(tiny(digits_latents_dir, tmp_path / "d", steps=2, resume=True, seed=1))
+
+
+def test_cli_reports_a_wrong_artifact_kind_in_one_line(digits_latents_dir, tmp_path):
+    train(tiny(digits_latents_dir, tmp_path / "run", steps=1))
+    result = subprocess.run(
+        [sys.executable, "-m", "sitctl.cli", "train", str(tmp_path / "run" / "step-0000001"), "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/run/step-0000001 is a 'checkpoint' artifact, expected 'latents'"]
+
+
+def test_pruning_keeps_the_last_k_and_every_mth(tmp_path):
+    for step in range(100, 1100, 100):
+        (tmp_path / f"step-{step:07d}").mkdir()
+        (tmp_path / f"step-{step:07d}" / "manifest.json").write_text("{}")
+    prune_checkpoints(tmp_path, keep_last=2, keep_every=300)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [300, 600, 900, 1000]
+
+
+def test_times_are_drawn_as_the_objective_draws_them():
+    from model.objectives import sample_times
+
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    drawn = sample_times(1000, train_eps=0.01, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(times_from_uniform(u, 0.01, None), drawn)
+    grid = sample_times(1000, train_eps=0.01, discrete_steps=5, generator=torch.Generator().manual_seed(0))
+    assert set(times_from_uniform(u, 0.01, 5).tolist()) == set(grid.tolist())
