@@ -106,6 +106,64 @@ def verify(
 # ---------------------------------------------------------------------------------------------
 
 
+@app.command()
+def train(
+    latents: str = typer.Argument(..., help="Latents artifact written by `sitctl encode`."),
+    out: str = typer.Option(..., "--out", help="Run directory: checkpoints step-NNNNNNN/, metrics.jsonl, loss.png, previews/."),
+    model: str = typer.Option("SiT-XL/2", "--model", help="SiT-{S,B,L,XL}/{2,4,8} or SiT-T/{2,4}; size and classes come from the latents."),
+    qk_norm: bool = typer.Option(False, "--qk-norm", help="RMS-normalise queries and keys (not in the paper)."),
+    interp: str = typer.Option("linear", "--interp", help="Interpolant: linear, gvp or vp."),
+    pred: str = typer.Option("velocity", "--pred", help="Network target: velocity, score or noise."),
+    loss_weight: str = typer.Option("none", "--loss-weight", help="Weight of score/noise losses: none, velocity or likelihood."),
+    train_eps: float = typer.Option(None, "--train-eps", help="Draw t from [eps, 1-eps]; default: the paper's for --interp/--pred."),
+    discrete_steps: int = typer.Option(None, "--discrete-steps", help="Discrete time: t on this many grid points (default: continuous)."),
+    steps: int = typer.Option(400_000, "--steps", help="Optimizer steps in total."),
+    global_batch: int = typer.Option(256, "--global-batch", help="Samples per step over all processes."),
+    micro_batch: int = typer.Option(None, "--micro-batch", help="Samples per forward on a process; gradients accumulate (default: its whole share)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Constant AdamW learning rate."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    beta1: float = typer.Option(0.9, "--beta1", help="AdamW beta1."),
+    beta2: float = typer.Option(0.999, "--beta2", help="AdamW beta2."),
+    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA decay, updated every step."),
+    label_dropout: float = typer.Option(0.1, "--label-dropout", help="Probability of training on the null label (for guidance)."),
+    grad_clip: float = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this (default: no clipping)."),
+    precision: str = typer.Option("tf32", "--precision", help="fp32, tf32 or bf16 (autocast)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+    seed: int = typer.Option(0, "--seed", help="Seeds weights, data order and all per-sample noise."),
+    data_lanes: int = typer.Option(8, "--data-lanes", help="Sample streams making up a batch; a multiple of processes x loader workers."),
+    shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", help="Shuffle buffer per lane, in samples."),
+    loader_workers: int = typer.Option(1, "--loader-workers", help="Data loader processes per training process."),
+    ckpt_every: int = typer.Option(50_000, "--ckpt-every", help="Checkpoint every N steps (and at the end, or on SIGTERM/SIGINT)."),
+    keep_last: int = typer.Option(2, "--keep-last", help="Keep the last K checkpoints..."),
+    keep_every: int = typer.Option(0, "--keep-every", help="...plus those at multiples of M steps (0: none)."),
+    log_every: int = typer.Option(100, "--log-every", help="Log every N steps."),
+    preview_every: int = typer.Option(10_000, "--preview-every", help="Save a grid of EMA samples every N steps (0: never)."),
+    preview_images: int = typer.Option(16, "--preview-images", help="Images in a preview grid."),
+    preview_steps: int = typer.Option(16, "--preview-steps", help="Heun steps for preview samples."),
+    preview_cfg: float = typer.Option(4.0, "--preview-cfg", help="Guidance scale of preview samples."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (or start if none)."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+) -> None:
+    """Train a SiT on a latents artifact, as one process or under torchrun; checkpoints are artifacts.
+
+    SIGTERM or Ctrl-C saves a checkpoint and exits; rerun with --resume to continue exactly.
+    """
+    from sitctl.train import TrainConfig, train as run_train
+
+    config = TrainConfig(
+        latents=latents, out=out, model=model, qk_norm=qk_norm, interp=interp, pred=pred, loss_weight=loss_weight,
+        train_eps=train_eps, discrete_steps=discrete_steps, steps=steps, global_batch=global_batch,
+        micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), ema_decay=ema_decay,
+        label_dropout=label_dropout, grad_clip=grad_clip, precision=precision, compile=compile, seed=seed,
+        data_lanes=data_lanes, shuffle_buffer=shuffle_buffer, loader_workers=loader_workers, ckpt_every=ckpt_every,
+        keep_last=keep_last, keep_every=keep_every, log_every=log_every, preview_every=preview_every,
+        preview_images=preview_images, preview_steps=preview_steps, preview_cfg=preview_cfg, resume=resume, device=device,
+    )
+    artifact = run_train(config)
+    if artifact is not None:
+        typer.echo(f"checkpoint {artifact.path} (step {artifact.extra['step']})")
+
+
 # ---------------------------------------------------------------------------------------------
 # sample
 # ---------------------------------------------------------------------------------------------
