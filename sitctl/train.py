@@ -455,7 +455,7 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor, seconds: f
         with open(Path(run.config.out) / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
         console.print(f"step {row['step']:>8}  loss {row['loss']:.4f}  {row['images_per_sec']:8.1f} img/s  "
-                      f"lr {row['lr']:.1e}  grad {row['grad_norm']:.3f}  mem {row['memory_gib']:.2f} GiB")
+                      f"lr {row['lr']:.1e}  grad {row['grad_norm']:.3f}  mem {row['memory_gib']:.2f} GiB", soft_wrap=True)
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -25,7 +25,7 @@ def make_latents(out, *, num_samples=24, num_shards=3, shape=(3, 8, 8), num_clas
     for shard in range(num_shards):
         name = f"shard-{shard:06d}.tar"
         indices = range(shard, num_samples, num_shards)
-        with wds.TarWriter(str(staging / name), encoder=False) as writer:
+        with wds.TarWriter(str(staging / name), encoder=False, mtime=0) as writer:  # plain headers, as encode writes
             for index in indices:
                 mean = rng.uniform(-1, 1, shape).astype(np.float16)
                 views = np.stack([mean, mean[..., ::-1]])  # [original, flipped]

@@ -112,3 +112,16 @@ def test_times_are_drawn_as_the_objective_draws_them():
     assert torch.allclose(times_from_uniform(u, 0.01, None), drawn)
     grid = sample_times(1000, train_eps=0.01, discrete_steps=5, generator=torch.Generator().manual_seed(0))
     assert set(times_from_uniform(u, 0.01, 5).tolist()) == set(grid.tolist())
+
+
+def test_preview_decodes_samples_through_the_latents_vae(tiny_vae_dir, tmp_path):
+    from PIL import Image
+
+    from sitctl.encode import EncodeConfig, encode
+
+    latents = encode(EncodeConfig(src="digits", out=str(tmp_path / "latents"), image_size=16, vae=str(tiny_vae_dir),
+                                  limit=16, shard_size=16, workers=0))
+    assert latents.extra["latent_shape"] == [4, 8, 8]
+    train(tiny(latents.path, tmp_path / "run", steps=1, preview_every=1, preview_images=4, preview_steps=1))
+    # 2x2 grid of decoded 16x16 images, 2-pixel gaps, upscaled 4x: (2 * (16 + 2) + 2) * 4 pixels a side.
+    assert Image.open(tmp_path / "run" / "previews" / "step-0000001.png").size == (152, 152)
