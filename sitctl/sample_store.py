@@ -93,24 +93,38 @@ def image_shape(directory: Path) -> tuple[int, int, int]:
 
 
 def iter_batches(directory: Path, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (images uint8 NHWC, labels int64) in global sample-index order, `batch_size` at a time."""
+    """Yield (images uint8 NHWC, labels int64) in global sample-index order, `batch_size` at a time.
+
+    Rows that are next to each other in one rank file and in index order are read as one slice,
+    so a rank file written in index order costs one HDF5 read per batch, not one per image.
+    """
     handles = [h5py.File(path, "r") for path in _rank_files(directory)]
     try:
-        # (global index, file number, row) for every stored sample, sorted by global index.
-        locations = [
-            (index, number, row)
-            for number, handle in enumerate(handles)
-            for row, index in enumerate(handle["indices"][:])
-        ]
-        locations.sort()
-        for start in range(0, len(locations), batch_size):
-            chunk = locations[start : start + batch_size]
-            images = np.stack([handles[number]["images"][row] for _, number, row in chunk])
-            labels = np.array([handles[number]["labels"][row] for _, number, row in chunk], dtype=np.int64)
+        per_file = [handle["indices"][:] for handle in handles]
+        if not per_file:
+            return
+        # (file number, row) of every stored sample, sorted by (global index, file, row).
+        files = np.concatenate([np.full(len(indices), number) for number, indices in enumerate(per_file)])
+        rows = np.concatenate([np.arange(len(indices)) for indices in per_file])
+        order = np.lexsort((rows, files, np.concatenate(per_file)))
+        files, rows = files[order], rows[order]
+        for start in range(0, len(order), batch_size):
+            images, labels = _read_rows(handles, files[start : start + batch_size], rows[start : start + batch_size])
             yield images, labels
     finally:
         for handle in handles:
             handle.close()
+
+
+def _read_rows(handles: list, files: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of (files[k], rows[k]) for each k, one slice per run of consecutive rows."""
+    breaks = np.flatnonzero((np.diff(files) != 0) | (np.diff(rows) != 1)) + 1
+    images, labels = [], []
+    for first, end in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+        handle, rows_slice = handles[files[first]], slice(int(rows[first]), int(rows[first]) + int(end - first))
+        images.append(handle["images"][rows_slice])
+        labels.append(handle["labels"][rows_slice])
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
 def write_images(directory: Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
