@@ -176,6 +176,7 @@ def test_cli_inception_score_without_the_class_head_is_an_error(world, tmp_path)
 
 def test_inception_score_runs_on_weights_with_the_class_head(tmp_path):
     # A torch-fidelity-format weights file (its real class, random weights: the real ones cannot be downloaded here).
+    torch.manual_seed(0)  # the random weights: a run must not depend on what ran before it
     with mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}), \
             mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
         state = tf_inception.FeatureExtractorInceptionV3("random", ["2048"]).state_dict()
@@ -184,5 +185,6 @@ def test_inception_score_runs_on_weights_with_the_class_head(tmp_path):
     samples = make_artifact(tmp_path / "samples", "samples", images=images)
     scored = evaluate_stage(EvalConfig(samples=str(samples.path), metrics=("is",), is_splits=2, allow_fewer=True,
                                        inception_weights=str(tmp_path / "inception.pth"), fetch_weights=False))
-    assert 1.0 <= scored.extra["values"]["is_mean"] <= 1008.0
+    # IS = exp(mean KL) is at least 1; random weights can put it at 1 up to float rounding.
+    assert 1.0 - 1e-9 <= scored.extra["values"]["is_mean"] <= 1008.0
     assert scored.extra["inception"]["kind"] == "torch-fidelity"
