@@ -187,10 +187,12 @@ class LaneChunks(torch.utils.data.IterableDataset):
     latents, labels (n,) int64, x0 (n, C, H, W) noise, drop and time uniforms (n,), positions (n,).
     """
 
-    def __init__(self, latents: Latents, *, lanes: list[int], num_lanes: int, per_lane: int, seed: int, buffer: int, start_step: int):
+    def __init__(self, latents: Latents, *, lanes: list[int], num_lanes: int, per_lane: int, seed: int, buffer: int,
+                 start_step: int, flip: bool = True):
         super().__init__()
         self.latents, self.lanes, self.num_lanes = latents, lanes, num_lanes
         self.per_lane, self.seed, self.buffer, self.start_step = per_lane, seed, buffer, start_step
+        self.flip = flip
 
     def _my_lanes(self) -> list[int]:
         info = torch.utils.data.get_worker_info()
@@ -209,7 +211,7 @@ class LaneChunks(torch.utils.data.IterableDataset):
             decoded = [decode_sample(next(stream), self.latents.latent_shape) for stream in streams for _ in range(self.per_lane)]
             moments = torch.from_numpy(np.stack([m for m, _ in decoded]))  # (n, 2, 2, C, H, W) float16
             draws = sample_draws(self.seed, step, positions, self.latents.latent_shape)
-            x1 = latents_from_moments(moments, draws["latent_noise"], draws["flip"] < 0.5, self.latents.scale_factor)
+            x1 = latents_from_moments(moments, draws["latent_noise"], (draws["flip"] < 0.5) & self.flip, self.latents.scale_factor)
             labels = torch.tensor([label for _, label in decoded], dtype=torch.int64)
             yield {"x1": x1, "labels": labels, "x0": draws["x0"], "drop": draws["drop"], "time": draws["time"],
                    "positions": torch.tensor(positions)}
@@ -225,7 +227,7 @@ def _quiet_worker(_: int) -> None:
 
 def rank_batches(
     latents: Latents, *, global_batch: int, num_lanes: int, rank: int, world_size: int,
-    seed: int, buffer: int, workers: int, start_step: int,
+    seed: int, buffer: int, workers: int, start_step: int, flip: bool = True,
 ) -> Iterator[dict]:
     """This rank's slice of every global batch from `start_step` on: positions [r B/W, (r+1) B/W).
 
@@ -236,7 +238,7 @@ def rank_batches(
     lanes = list(range(rank * per_rank, (rank + 1) * per_rank))
     dataset = LaneChunks(
         latents, lanes=lanes, num_lanes=num_lanes, per_lane=global_batch // num_lanes,
-        seed=seed, buffer=buffer, start_step=start_step,
+        seed=seed, buffer=buffer, start_step=start_step, flip=flip,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,

@@ -39,7 +39,7 @@ TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
 NAN_HOOK = "SITCTL_TEST_NAN_AT_STEP"  # tests plant a NaN loss at this (1-based) step
 # Settings a resumed run must share with its checkpoint, or it would not continue the same run.
 RESUME_FIXED = ("model", "interp", "pred", "loss_weight", "train_eps", "discrete_steps", "global_batch",
-                "data_lanes", "shuffle_buffer", "seed", "label_dropout", "ema_decay", "qk_norm")
+                "data_lanes", "shuffle_buffer", "seed", "label_dropout", "flip", "ema_decay", "qk_norm")
 
 
 class NonFiniteLossError(SitctlError):
@@ -84,6 +84,8 @@ class TrainConfig:
     """EMA decay, applied after every step."""
     label_dropout: float = 0.1
     """Probability a label is replaced by the null class (classifier-free guidance training)."""
+    flip: bool = True
+    """Train on the stored horizontal flip half of the time; off for data that is not mirror-symmetric (digits)."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value (None: no clipping; the norm is still logged)."""
     precision: str = "tf32"
@@ -230,6 +232,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     batches = rank_batches(
         latents, global_batch=config.global_batch, num_lanes=config.data_lanes, rank=d.rank, world_size=d.world_size,
         seed=config.seed, buffer=config.shuffle_buffer, workers=config.loader_workers, start_step=start_step,
+        flip=config.flip,
     )
     if d.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)
