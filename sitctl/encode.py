@@ -9,7 +9,6 @@ matches), the rest are redone. Rank 0 writes the manifest once every rank has fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,9 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 from torch.utils.data import DataLoader
 
 from pipelines.moments import PRECISIONS, latent_moments, pixels_to_tensor
@@ -28,6 +24,7 @@ from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_i
 from sitctl import distributed
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, write_json_atomic
 from sitctl.errors import ArtifactError, SitctlError
+from sitctl.progress import progress_bar
 from sitctl.vae import load_vae
 
 CRASH_AFTER_SHARDS_ENV = "SITCTL_TEST_CRASH_AFTER_SHARDS"  # test hook: exit hard after N shards
@@ -134,7 +131,8 @@ def encode_shards(
     )
     crash_after = int(os.environ.get(CRASH_AFTER_SHARDS_ENV, "0"))
     written, samples, errors = 0, [], []
-    with _progress(show_progress, sum(len(items) for items in pending.values())) as advance:
+    total = sum(len(items) for items in pending.values())
+    with progress_bar("encode", total, unit="images", main=show_progress) as advance:
         for (index, last), batch in zip(owners, loader):
             batch_samples, batch_errors = _encode_batch(batch, source, vae, config, device)
             samples += batch_samples
@@ -169,22 +167,6 @@ def _write_shard(staging: Path, index: int, samples: list[Sample], errors: list[
     histogram = np.bincount([s.label for s in samples], minlength=num_classes).tolist()
     record = {"name": shard_name(index), "count": len(samples), "sha256": sha256, "histogram": histogram, "errors": errors}
     mark_done(staging, index, record)
-
-
-class RateColumn(ProgressColumn):
-    """Images per second, from rich's moving estimate of the task's speed."""
-
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} images/s" if task.speed else "- images/s", style="progress.data.speed")
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int):
-    """Yield `advance(n)`, driving a rich bar with images/s and ETA (rank 0 only)."""
-    columns = (TextColumn("encode"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as progress:
-        task = progress.add_task("encode", total=total)
-        yield lambda n: progress.advance(task, n)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 from sitctl.errors import ArtifactError, SitctlError
 
@@ -428,6 +426,7 @@ def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging:
     """Draw this rank's blocks not yet on disk and append each to the rank's HDF5 file."""
     import torch
 
+    from sitctl.progress import progress_bar
     from sitctl.sample_store import SampleWriter, rank_file
 
     # A block drawn before the kill is skipped whole; one cut short (batch size changed) is redrawn
@@ -435,8 +434,7 @@ def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging:
     todo = [[i for i in block if i not in done] for block in blocks]
     todo = [indices for indices in todo if indices]
     writer = None
-    with _progress(d.is_main) as progress:
-        task = progress.add_task("sampling", total=sum(map(len, todo)) * d.world_size)
+    with progress_bar("sampling", sum(map(len, todo)) * d.world_size, unit="img", main=d.is_main) as advance:
         try:
             for batches, indices in enumerate(todo, start=1):
                 with torch.no_grad():
@@ -444,7 +442,7 @@ def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging:
                 if writer is None:
                     writer = SampleWriter(rank_file(staging, d.rank), tuple(images.shape[1:]))
                 _append(writer, images, labels[indices], np.asarray(indices, dtype=np.int64), staging)
-                progress.advance(task, len(indices) * d.world_size)  # rank 0 speaks for all ranks
+                advance(len(indices) * d.world_size)  # rank 0 speaks for all ranks
                 _maybe_crash(batches)
         finally:
             if writer is not None:
@@ -456,19 +454,6 @@ def _append(writer, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
         writer.append(images, labels, indices)
     except OSError as error:  # a full disk: the committed rows stay valid, the run can resume
         raise SampleError(f"cannot write samples into {staging}: {error}; free space and rerun to resume") from None
-
-
-class ImagesPerSecond(ProgressColumn):
-    """The bar's throughput column."""
-
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
-
-
-def _progress(enabled: bool) -> Progress:
-    """A rich progress bar with images/s and ETA (silent on ranks other than 0)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(), TimeRemainingColumn())
-    return Progress(*columns, disable=not enabled)
 
 
 # =============================================================================================

@@ -396,22 +396,13 @@ def stop_on_signals():
             signal.signal(number, old)
 
 
-@contextlib.contextmanager
 def progress_bar(run: Run):
-    """A rich progress bar with rate and ETA on rank 0 in a terminal; silent elsewhere."""
+    """The steps bar; its console (stdout, silent off rank 0) also carries the log lines."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    class StepRate(ProgressColumn):
-        def render(self, task):
-            return f"{task.speed:.2f} steps/s" if task.speed else "- steps/s"
+    from sitctl.progress import progress
 
-    console = Console(quiet=not run.dist.is_main)
-    progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), StepRate(),
-                        TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, disable=not (run.dist.is_main and console.is_terminal))
-    with progress:
-        yield progress
+    return progress("steps", main=run.dist.is_main, console=Console(quiet=not run.dist.is_main))
 
 
 # =============================================================================================

@@ -183,7 +183,7 @@ def extract_features(
     extractor, batches: Iterable[np.ndarray], *, device: torch.device, total: int | None = None, label: str = "features"
 ) -> dict[str, torch.Tensor]:
     """Run uint8 NHWC batches through the extractor; return {feature name: (N, D) float32 CPU tensor}."""
-    from sitctl.evaluate.progress import progress_bar
+    from sitctl.progress import progress_bar
 
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.get_requested_features_list()}
     with progress_bar(label, total) as advance, torch.inference_mode():
