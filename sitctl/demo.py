@@ -40,6 +40,8 @@ class DemoConfig:
     """Classifier-free guidance scale for the samples."""
     seed: int = 0
     """Seed of training and sampling."""
+    reference_images: int | None = None
+    """Held-out digits in the FID reference (None: all 297)."""
 
     def __post_init__(self) -> None:
         for name in ("image_size", "steps", "num_samples", "sample_steps"):
@@ -69,7 +71,8 @@ def reference_digits(config: DemoConfig, out: Path) -> Artifact:
 
     path = out / "reference"
     return _reuse(path, "reference") or build_reference(
-        ReferenceConfig(source="digits:holdout", out=str(path), image_size=config.image_size, device="cpu")
+        ReferenceConfig(source="digits:holdout", out=str(path), image_size=config.image_size,
+                        max_images=config.reference_images, device="cpu")
     )
 
 
