@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts say [eps, 1 - eps]: brackets are text, not markup
 )
 
 
@@ -236,6 +237,7 @@ def sample(
 eval_app = typer.Typer(
     help="Score samples against real images: FID, IS, KID, precision/recall; references, tables, sweeps.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(eval_app, name="eval")
 
