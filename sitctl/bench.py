@@ -1,17 +1,25 @@
 """Benchmarks, one subcommand each: `python -m sitctl.bench model --model SiT-S/2 --batch 8`.
 
 Each subcommand is a thin typer function around a plain `bench_*(...) -> dict` function, so
-tests and notebooks can call the function and other benchmarks (loader, encode, sampling,
-inception) can be added as further subcommands. Timings use wall clock after warm-up steps,
-with CUDA synchronised, so they include kernel launch overhead as a real run would.
+tests and notebooks can call the function. `all` runs every stage's benchmark (model step,
+loader, encode, sampling, Inception features) at sizes that fit the device, writes a `bench`
+artifact with results.json, and rewrites this device's section of BENCHMARKS.md. Timings use
+wall clock after warm-up steps, with CUDA synchronised, so they include kernel launch overhead
+as a real run would.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
+import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import typer
 
@@ -204,6 +212,112 @@ def encode_command(
     print_result(result, as_json)
 
 
+# ---------------------------------------------------------------------------------------------
+# loader: training latents per second that one core reads from a latents artifact
+# ---------------------------------------------------------------------------------------------
+
+
+def digits_latents(out: Path, images: int) -> Path:
+    """Encode the first `images` 8x8 digits, upscaled to 32x32 pixels (vae none), as a latents artifact."""
+    from sitctl.encode import EncodeConfig, encode
+
+    # Four shards at least, so the loader's lanes draw from several files as on real data.
+    encode(EncodeConfig(src="digits", out=str(out), image_size=32, vae="none", shard_size=max(images // 4, 1),
+                        workers=0, limit=images, device="cpu"))
+    return out
+
+
+def bench_loader_rate(latents: str | None = None, *, images: int = 512, batch: int = 256,
+                      seconds: float = 5.0) -> dict[str, object]:
+    """Latents/s of the training loader on one core, on `latents` or on `images` digits encoded now."""
+    if images < 1 or batch < 1 or seconds <= 0:
+        raise BenchError(f"images and batch must be at least 1 and seconds above 0, got {images}, {batch}, {seconds}")
+    from sitctl.data import bench_loader, open_latents
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(latents) if latents else digits_latents(Path(scratch) / "latents", images)
+        opened = open_latents(path)
+        rate = bench_loader(path, seconds=seconds, batch=batch)
+    return {
+        "latents": str(latents) if latents else f"digits x{images}, encoded now",
+        "num_samples": opened.num_samples, "latent_shape": list(opened.latent_shape),
+        "batch": batch, "seconds": seconds, "latents_per_s": rate,
+    }
+
+
+@app.command("loader")
+def loader_command(
+    latents: str = typer.Option(None, help="A latents artifact; default: encode digits (32x32 pixels) to a temp dir."),
+    images: int = typer.Option(512, help="Digits to encode when no --latents is given."),
+    batch: int = typer.Option(256, help="Latents per batch."),
+    seconds: float = typer.Option(5.0, help="How long to draw batches."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Training latents per second that one core reads, decodes and noises (DataLoader in-process)."""
+    print_result(bench_loader_rate(latents, images=images, batch=batch, seconds=seconds), as_json)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling: images/s, NFE and FLOP/s per sampler, step count and guidance scale
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_samplers(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """'ode:heun' -> ('ode', 'heun'), for each spec."""
+    parsed = tuple(tuple(spec.split(":")) for spec in specs)
+    for spec, pair in zip(specs, parsed):
+        if len(pair) != 2:
+            raise BenchError(f"--sampler takes MODE:METHOD such as ode:heun or sde:euler, got {spec!r}")
+    return parsed
+
+
+@app.command("sampling")
+def sampling_command(
+    model: str = typer.Option("SiT-XS/4", help="Model name (random weights), e.g. SiT-XL/2."),
+    batch: int = typer.Option(8, help="Images per batch."),
+    steps: list[int] = typer.Option([20], "--steps", help="Step counts (repeat the option for several)."),
+    cfg_scale: list[float] = typer.Option([1.0, 1.5], "--cfg-scale", help="Guidance scales; 1 is unguided (repeatable)."),
+    sampler: list[str] = typer.Option(["ode:heun", "sde:euler"], "--sampler", help="MODE:METHOD (repeatable)."),
+    input_size: int = typer.Option(32, help="Input side in latent cells."),
+    vae: str = typer.Option("none", help="Decoder: none, ema, mse or a local AutoencoderKL directory."),
+    device: str = typer.Option(None, help="Device; default cuda if present, else cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Images/s, network evaluations and FLOP/s of each sampler on a randomly initialised SiT."""
+    if batch < 1 or min(steps) < 1:
+        raise BenchError(f"--batch and --steps must be at least 1, got {batch} and {min(steps)}")
+    from sitctl.sample import bench_sampling
+
+    result = bench_sampling(model, batch_size=batch, steps=tuple(steps), cfg_scales=tuple(cfg_scale),
+                            samplers=parse_samplers(sampler), vae=vae, device=device, input_size=input_size)
+    rows = result.pop("rows")
+    print_result(result | {"rows": rows} if as_json else result, as_json)
+    if not as_json:
+        print_rows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# inception: FID feature extraction images/s
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command("inception")
+def inception_command(
+    batch: int = typer.Option(32, help="Images per forward."),
+    images: int = typer.Option(32, help="Timed images (after one warm-up batch)."),
+    image_size: int = typer.Option(256, help="Side of the random uint8 images (resized to 299 inside)."),
+    weights: str = typer.Option(None, help="Inception weights file; default: the cached or bundled ones."),
+    device: str = typer.Option(None, help="Device; default cuda if present, else cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Images/s of the FID Inception's 2048-d pool features, as `sitctl eval` extracts them."""
+    if batch < 1 or images < 1:
+        raise BenchError(f"--batch and --images must be at least 1, got {batch} and {images}")
+    from sitctl.evaluate.inception import bench_inception
+
+    print_result(bench_inception(batch, images, device=device, weights=weights, image_size=image_size), as_json)
+
+
 def print_result(result: dict[str, object], as_json: bool = False) -> None:
     """One JSON line, or a two-column rich table."""
     if as_json:
@@ -215,6 +329,17 @@ def print_result(result: dict[str, object], as_json: bool = False) -> None:
     table = Table(show_header=False)
     for key, value in result.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def print_rows(rows: list[dict[str, object]]) -> None:
+    """A list of same-keyed dicts as one rich table, one row each."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*rows[0].keys())
+    for row in rows:
+        table.add_row(*(f"{value:.4g}" if isinstance(value, float) else str(value) for value in row.values()))
     Console().print(table)
 
 
