@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,16 @@ def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_image_grid(images: np.ndarray, path: str | Path, nrow: int = 8, upscale: int = 1) -> Path:
-    """Write uint8 NHWC images as one grid PNG (nearest-neighbour `upscale` for tiny images)."""
+def save_image_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, upscale: int | None = None) -> Path:
+    """Write uint8 NHWC images as one grid PNG.
+
+    nrow None: a square-ish grid; upscale None: tiny images are enlarged (nearest neighbour) to
+    about 64 pixels, so small pixel-space samples (digits) stay visible.
+    """
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 NHWC, got {images.dtype} {images.shape}")
+    nrow = math.ceil(math.sqrt(len(images))) if nrow is None else nrow
+    upscale = max(1, 64 // images.shape[1]) if upscale is None else upscale
     grid = image_grid(images, nrow)
     if upscale > 1:
         grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)

@@ -467,6 +467,7 @@ def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder:
     import h5py
 
     from sitctl.artifacts import finish_artifact
+    from sitctl.plots import save_image_grid
     from sitctl.sample_store import VIRTUAL_FILE, export_npz, image_shape, stored_indices, write_virtual_dataset
 
     indices = np.sort(stored_indices(staging))
@@ -475,7 +476,7 @@ def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder:
     write_virtual_dataset(staging, config.num)
     if config.preview:
         with h5py.File(staging / VIRTUAL_FILE, "r") as handle:
-            save_preview(handle["images"][: config.preview], staging / PREVIEW_FILE)
+            save_image_grid(handle["images"][: config.preview], staging / PREVIEW_FILE)
     if config.npz:
         export_npz(staging, staging / NPZ_FILE)
     (staging / SETTINGS_FILE).unlink(missing_ok=True)
@@ -498,13 +499,6 @@ def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder:
     }
     inputs = [source.artifact] if source.artifact is not None else []
     return finish_artifact(staging, config.out, kind="samples", config=asdict(config), inputs=inputs, extra=extra)
-
-
-def save_preview(images: np.ndarray, path: Path) -> None:
-    """A square-ish grid PNG of uint8 NHWC images, tiny images enlarged to about 64 pixels."""
-    from sitctl.plots import save_image_grid
-
-    save_image_grid(images, path, nrow=int(np.ceil(np.sqrt(len(images)))), upscale=max(1, 64 // images.shape[1]))
 
 
 def export_samples_npz(samples: str | Path, path: str | Path) -> Path:

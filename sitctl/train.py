@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -535,4 +534,4 @@ def maybe_preview(run: Run, decoder) -> None:
         pixels = latents if decoder is None else decoder.decode(latents / run.latents.scale_factor).sample  # [-1, 1]
     images = quantize(pixels.float().permute(0, 2, 3, 1).cpu().numpy())  # (n, H, W, C) uint8
     path = Path(config.out) / "previews" / f"step-{run.step:07d}.png"
-    save_image_grid(images, path, nrow=math.ceil(math.sqrt(n)), upscale=max(1, 64 // images.shape[1]))
+    save_image_grid(images, path)
