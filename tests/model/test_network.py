@@ -201,3 +201,31 @@ def test_configs_cover_the_papers_sizes_and_reject_nonsense():
         model_config("SiT-XXL/2")
     with pytest.raises(ModelConfigError, match="not divisible by patch_size"):
         model_config("SiT-S/8", input_size=12)
+
+
+def test_ddpm_schedule_of_dit_is_the_vp_interpolant_at_the_mapped_time():
+    from model.interpolants import interpolant
+    from model.network import ddpm_alphas_cumprod
+
+    alphas_cumprod = ddpm_alphas_cumprod()  # (1000,)
+    steps = torch.arange(1000, dtype=torch.float64)
+    t = 1 - (steps + 1) / 1000  # the time DiscreteTimeInput maps back to step k
+    vp = interpolant("vp")
+    # Equal up to the discretisation: within 1e-3 absolute, and sigma^2 within 10% at every step.
+    assert (vp.alpha(t) ** 2 - alphas_cumprod).abs().max() < 1e-3
+    assert ((vp.sigma(t) ** 2 / (1 - alphas_cumprod)) - 1).abs().max() < 0.1
+
+
+def test_discrete_time_input_feeds_step_indices():
+    from model.network import DiscreteTimeInput
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, y):
+            seen.append(t)
+            return x
+
+    wrapped = DiscreteTimeInput(Recorder())
+    wrapped(torch.zeros(3, 1), torch.tensor([1.0, 0.5, 0.001]), torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(seen[0], torch.tensor([0.0, 499.0, 998.0]))
