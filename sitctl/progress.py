@@ -1,4 +1,4 @@
-"""What the stages share for showing progress: a rich bar with rate and ETA, and peak memory.
+"""What the stages share for reporting progress: a rich bar with rate and ETA, and peak memory.
 
 The bar is drawn only on the main rank and only on an interactive terminal, so logs, CI and
 the other ranks of a torchrun stay quiet.
@@ -46,3 +46,14 @@ def progress_bar(label: str, total: int | None, *, unit: str = "img", main: bool
     with progress(unit, main=main) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def peak_memory_gib(device) -> float:
+    """Peak allocated GPU memory on a CUDA `device`, else the process's peak resident set size (GiB)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

@@ -32,6 +32,7 @@ from sitctl import distributed
 from sitctl.artifacts import Artifact
 from sitctl.data import Latents, open_latents, rank_batches
 from sitctl.errors import SitctlError
+from sitctl.progress import peak_memory_gib, progress
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
@@ -399,23 +400,12 @@ def progress_bar(run: Run):
     """The steps bar; its console (stdout, silent off rank 0) also carries the log lines."""
     from rich.console import Console
 
-    from sitctl.progress import progress
-
     return progress("steps", main=run.dist.is_main, console=Console(quiet=not run.dist.is_main))
 
 
 # =============================================================================================
 # Logs, checkpoints, previews
 # =============================================================================================
-
-
-def memory_gib(device: torch.device) -> float:
-    """Peak allocated GPU memory, or on CPU the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor, seconds: float, console) -> None:
@@ -441,7 +431,7 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor, seconds: f
         "images_per_sec": window["steps"] * run.config.global_batch / window["seconds"],
         "lr": run.optimizer.param_groups[0]["lr"],
         "grad_norm": float(window["grad_norm"]) / window["steps"],
-        "memory_gib": memory_gib(run.dist.device),
+        "memory_gib": peak_memory_gib(run.dist.device),
     }
     window.clear()
     if run.dist.is_main:
