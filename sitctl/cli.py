@@ -203,6 +203,7 @@ def sample(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Sample the EMA weights (default) or the raw ones."),
     model: str = typer.Option(None, "--model", help="Model of a bare .pt file, e.g. SiT-XL/2."),
     vae: str = typer.Option(None, "--vae", help="VAE of a bare .pt file (ema, mse, none or DIR); default for artifacts: their lineage's."),
+    published: str = typer.Option("sit", "--published", help="A bare .pt file is a SiT release (linear, velocity) or a DiT one (DDPM noise model, sampled as vp)."),
     npz: bool = typer.Option(False, "--npz", help="Also write samples.npz for the ADM evaluator (arr_0 uint8 NHWC)."),
     preview: int = typer.Option(64, "--preview", help="Images in the preview grid PNG (0: none)."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
@@ -222,7 +223,7 @@ def sample(
         checkpoint=checkpoint, out=out, mode=mode, method=method, steps=steps, atol=atol, rtol=rtol, w=w,
         diffusion=diffusion, last_step=last_step, last_step_size=last_step_size, sample_eps=sample_eps,
         cfg_scale=cfg_scale, guidance_interval=_interval(guidance_interval), num=num, batch_size=batch_size,
-        seed=seed, labels=labels, ema=ema, model=model, vae=vae, npz=npz, preview=preview, device=device, tf32=tf32,
+        seed=seed, labels=labels, ema=ema, model=model, vae=vae, published=published, npz=npz, preview=preview, device=device, tf32=tf32,
     )
     artifact = sample_stage(config)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -34,6 +34,7 @@ DEFAULT_STEPS = {"ode": 50, "sde": 250}
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion VAE latents are scaled by this to unit variance
 SETTINGS_FILE = "sampling-settings.json"  # in the staging dir only: guards resume against changed settings
 PREVIEW_FILE = "preview.png"
+PUBLISHED_KINDS = ("sit", "dit")
 NPZ_FILE = "samples.npz"
 CRASH_HOOK = "SITCTL_TEST_SAMPLE_CRASH_AFTER_BATCHES"  # tests: exit abruptly after k batches
 
@@ -94,6 +95,9 @@ class SampleConfig:
     """Model preset (e.g. SiT-XL/2) of a bare .pt file; checkpoint artifacts record their own."""
     vae: str | None = None
     """VAE of a bare .pt file: ema, mse, none or a local diffusers directory."""
+    published: str = "sit"
+    """What a bare .pt file is: "sit" (SiT-XL/2 release: linear interpolant, velocity, t in [0, 1]) or
+    "dit" (DiT-XL/2 release: DDPM noise model on step indices, sampled as the VP interpolant)."""
     npz: bool = False
     """Also write samples.npz in the ADM evaluator layout (arr_0 uint8 NHWC, arr_1 labels)."""
     preview: int = 64
@@ -106,6 +110,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         from model.samplers import DIFFUSIONS, LAST_STEPS, ODE_METHODS, SDE_METHODS
 
+        if self.published not in PUBLISHED_KINDS:
+            raise SampleError(f"--published must be one of {', '.join(PUBLISHED_KINDS)}, got {self.published!r}")
         if self.mode not in MODES:
             raise SampleError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         # Fill the mode's defaults so the manifest records what actually ran.
@@ -199,11 +205,11 @@ def _lineage_vae(checkpoint, override: str | None) -> tuple[str, float | None]:
 
 
 def _open_published(config: SampleConfig, path: Path, device) -> Source:
-    """A published SiT .pt state dict: linear interpolant, velocity prediction, shape inferred."""
+    """A published SiT or DiT .pt state dict (see SampleConfig.published); shape inferred."""
     import torch
 
     from model.configs import model_config as preset
-    from model.network import SiT, load_state_dict_checked
+    from model.network import DiscreteTimeInput, SiT, load_state_dict_checked
     from sitctl.artifacts import sha256_file
 
     if config.model is None or config.vae is None:
@@ -219,11 +225,14 @@ def _open_published(config: SampleConfig, path: Path, device) -> Source:
     model_config = preset(config.model, **_shape_from_state_dict(weights))
     net = SiT(model_config)
     load_state_dict_checked(net, weights, config.model)
+    interp, pred = "linear", "velocity"
+    if config.published == "dit":  # DDPM's schedule is the discretised VP path (model.network)
+        net, interp, pred = DiscreteTimeInput(net), "vp", "noise"
     digest = sha256_file(path)
     return Source(
-        net=net.to(device).eval(), model_config=model_config, interp="linear", pred="velocity",
+        net=net.to(device).eval(), model_config=model_config, interp=interp, pred=pred,
         vae=config.vae, scale_factor=None, artifact=None, identity=f"file:{digest}",
-        description={"file": str(path.resolve()), "sha256": digest, "model": config.model},
+        description={"file": str(path.resolve()), "sha256": digest, "model": config.model, "published": config.published},
     )
 
 

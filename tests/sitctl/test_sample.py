@@ -230,3 +230,26 @@ def test_bad_sources_fail_with_one_clear_error_before_sampling(pixel_run, tmp_pa
         with pytest.raises(SitctlError, match=message):
             sample_stage(SampleConfig(out=out, **{**SETTINGS, **fields}))
     assert not Path(out).exists() and not staging_dir(out).exists()
+
+
+def test_published_dit_file_samples_as_a_vp_noise_model_on_step_indices(tmp_path):
+    from model.network import DiscreteTimeInput
+    from sitctl.sample import open_source
+
+    net, _ = randomised_sit(input_size=8, in_channels=3)
+    published = tmp_path / "DiT-T-2-published.pt"
+    torch.save(published_layout(net), published)
+    config = SampleConfig(checkpoint=str(published), model="SiT-T/2", vae="none", published="dit",
+                          out=str(tmp_path / "dit"), mode="sde", steps=4, num=3, batch_size=3, device="cpu")
+    source = open_source(config, torch.device("cpu"))
+    assert (source.interp, source.pred) == ("vp", "noise")
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():  # t = 0.5 reaches the DiT weights as DDPM step 499
+        assert torch.equal(source.net(x, torch.full((2,), 0.5), y), net(x, torch.full((2,), 499.0), y))
+    assert isinstance(source.net, DiscreteTimeInput)
+
+    result = run_cli("sample", str(published), "--model", "SiT-T/2", "--vae", "none", "--published", "dit",
+                     "--out", str(tmp_path / "dit"), "--mode", "sde", "--steps", "4", "--num", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert open_artifact(tmp_path / "dit").manifest["extra"]["interp"] == "vp"
+    assert read_samples(tmp_path / "dit")[0].shape == (3, 8, 8, 3)
