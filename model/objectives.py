@@ -84,18 +84,27 @@ def prediction_to_velocity(output: Tensor, x: Tensor, t: Tensor, *, interp: str 
     raise SitctlError(f"unknown prediction {pred!r}; choose one of {', '.join(PREDICTIONS)}")
 
 
+def times_from_uniform(u: Tensor, *, train_eps: float, discrete_steps: int | None = None) -> Tensor:
+    """Map uniforms u in [0, 1) to t in [eps, 1 - eps], or to a grid of `discrete_steps` points on it.
+
+    The train loop draws its uniforms per sample (sitctl/data.py) and maps them here, so its t
+    match what sample_times draws from the same generator.
+    """
+    if discrete_steps is not None:
+        if discrete_steps < 2:
+            raise SitctlError(f"discrete_steps must be at least 2, got {discrete_steps}")
+        # floor(u K) is uniform on {0, ..., K-1}; the clamp only guards u == 1.
+        index = torch.clamp((u * discrete_steps).floor(), max=discrete_steps - 1)
+        u = index / (discrete_steps - 1)
+    return train_eps + (1 - 2 * train_eps) * u
+
+
 def sample_times(n: int, *, train_eps: float, discrete_steps: int | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
     """t ~ U[eps, 1 - eps], or uniform over a grid of `discrete_steps` points on it; shape (n,)."""
     draw_on = generator.device if generator is not None else device
-    if discrete_steps is None:
-        u = torch.rand(n, generator=generator, device=draw_on)
-    else:
-        if discrete_steps < 2:
-            raise SitctlError(f"discrete_steps must be at least 2, got {discrete_steps}")
-        index = torch.randint(0, discrete_steps, (n,), generator=generator, device=draw_on)
-        u = index.float() / (discrete_steps - 1)
-    return (train_eps + (1 - 2 * train_eps) * u).to(device)
+    u = torch.rand(n, generator=generator, device=draw_on)  # (n,)
+    return times_from_uniform(u, train_eps=train_eps, discrete_steps=discrete_steps).to(device)
 
 
 def training_loss(net: Callable[[Tensor, Tensor, Tensor], Tensor], x1: Tensor, y: Tensor, *,

@@ -268,13 +268,6 @@ def wrap_for_training(net: nn.Module, config: TrainConfig, d: distributed.Dist) 
 # =============================================================================================
 
 
-def times_from_uniform(u: torch.Tensor, train_eps: float, discrete_steps: int | None) -> torch.Tensor:
-    """Map per-sample uniforms to t exactly as model.objectives.sample_times draws t."""
-    if discrete_steps is not None:
-        u = torch.clamp((u * discrete_steps).floor(), max=discrete_steps - 1) / (discrete_steps - 1)
-    return train_eps + (1 - 2 * train_eps) * u
-
-
 def _no_sync(run: Run, last: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of a step."""
     ddp = getattr(run.forward, "_orig_mod", run.forward)
@@ -285,13 +278,13 @@ def _no_sync(run: Run, last: bool):
 
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward and backward this rank's share in micro-batches; return per-sample losses and t."""
-    from model.objectives import training_loss
+    from model.objectives import times_from_uniform, training_loss
 
     config, device = run.config, run.dist.device
     x1, x0 = batch["x1"].to(device), batch["x0"].to(device)  # (n, C, H, W) each
     null = torch.full_like(batch["labels"], run.model_config.num_classes)
     y = torch.where(batch["drop"] < config.label_dropout, null, batch["labels"]).to(device)  # (n,)
-    t = times_from_uniform(batch["time"], run.train_eps, config.discrete_steps).to(device)  # (n,)
+    t = times_from_uniform(batch["time"], train_eps=run.train_eps, discrete_steps=config.discrete_steps).to(device)  # (n,)
     n, losses = len(x1), []
     for start in range(0, n, run.micro_batch):
         part = slice(start, start + run.micro_batch)

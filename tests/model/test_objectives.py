@@ -12,6 +12,7 @@ from model.objectives import (
     prediction_to_velocity,
     sample_times,
     score_coefficient,
+    times_from_uniform,
     training_loss,
 )
 from sitctl.errors import SitctlError
@@ -64,6 +65,24 @@ def test_continuous_times_fill_the_interval_and_discrete_times_sit_on_the_grid()
     assert distance.min(1).values.max() < 1e-6 and (distance < 1e-6).any(0).all()
     with pytest.raises(SitctlError, match="discrete_steps"):
         sample_times(4, train_eps=0.0, discrete_steps=1)
+
+
+def test_uniforms_map_affinely_onto_the_interval_or_onto_its_grid():
+    u = torch.tensor([0.0, 0.19, 0.2, 0.5, 0.999, 1.0])
+    t = times_from_uniform(u, train_eps=0.1)
+    torch.testing.assert_close(t, 0.1 + 0.8 * u)
+    # 5 grid points: u in [k/5, (k+1)/5) -> point k of linspace(0.1, 0.9, 5); u = 1 stays on the last.
+    t = times_from_uniform(u, train_eps=0.1, discrete_steps=5)
+    torch.testing.assert_close(t, torch.tensor([0.1, 0.1, 0.3, 0.5, 0.9, 0.9]))
+    with pytest.raises(SitctlError, match="discrete_steps"):
+        times_from_uniform(u, train_eps=0.0, discrete_steps=1)
+
+
+def test_sample_times_draws_one_uniform_per_sample_and_maps_it_with_times_from_uniform():
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    for steps in (None, 5):
+        drawn = sample_times(1000, train_eps=0.01, discrete_steps=steps, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(times_from_uniform(u, train_eps=0.01, discrete_steps=steps), drawn)
 
 
 def test_velocity_loss_is_per_sample_mean_squared_error():

@@ -9,7 +9,7 @@ from sitctl import distributed
 from sitctl.artifacts import open_artifact, verify_artifact
 from sitctl.checkpoint import list_checkpoints, load_network, prune_checkpoints
 from sitctl.errors import ArtifactError, SitctlError
-from sitctl.train import NAN_HOOK, NonFiniteLossError, TrainConfig, prepare, times_from_uniform, train, train_loop
+from sitctl.train import NAN_HOOK, NonFiniteLossError, TrainConfig, prepare, train, train_loop
 from tests.sitctl.test_data import make_latents
 
 TINY = dict(model="SiT-T/2", global_batch=8, data_lanes=2, shuffle_buffer=16, loader_workers=0, log_every=1,
@@ -102,16 +102,6 @@ def test_pruning_keeps_the_last_k_and_every_mth(tmp_path):
         (tmp_path / f"step-{step:07d}" / "manifest.json").write_text("{}")
     prune_checkpoints(tmp_path, keep_last=2, keep_every=300)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [300, 600, 900, 1000]
-
-
-def test_times_are_drawn_as_the_objective_draws_them():
-    from model.objectives import sample_times
-
-    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))
-    drawn = sample_times(1000, train_eps=0.01, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(times_from_uniform(u, 0.01, None), drawn)
-    grid = sample_times(1000, train_eps=0.01, discrete_steps=5, generator=torch.Generator().manual_seed(0))
-    assert set(times_from_uniform(u, 0.01, 5).tolist()) == set(grid.tolist())
 
 
 def test_preview_decodes_samples_through_the_latents_vae(tiny_vae_dir, tmp_path):
