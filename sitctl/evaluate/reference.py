@@ -204,18 +204,13 @@ def _npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
 
 
 def write_adm_npz(reference: Artifact, path: str | Path, batch_size: int = 1024) -> Path:
-    """Export a reference artifact in ADM's format: arr_0 (N, S, S, 3) uint8, mu, sigma.
+    """Export a reference artifact in ADM's format: arr_0 (N, S, S, 3) uint8, arr_1 labels, mu, sigma.
 
-    arr_0 is streamed into an uncompressed zip64 member, so the images never sit in memory at once.
+    The images stream through sample_store.export_npz (never all in memory); the statistics are
+    appended, as in ADM's own VIRTUAL_*_labeled.npz reference batches.
     """
-    path = Path(path)
-    count, shape = sample_store.num_samples(reference.path), sample_store.image_shape(reference.path)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-            header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (count, *shape)}
-            np.lib.format.write_array_header_2_0(member, header)
-            for images, _ in sample_store.iter_batches(reference.path, batch_size):
-                member.write(np.ascontiguousarray(images).tobytes())
+    path = sample_store.export_npz(reference.path, Path(path), batch_size)
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with np.load(reference.file(STATISTICS_FILE)) as stats:
             for name in ("mu", "sigma"):
                 with archive.open(f"{name}.npy", "w", force_zip64=True) as member:

@@ -115,6 +115,9 @@ def test_adm_npz_reference_round_trip_gives_the_same_fid(world):
     npz = write_adm_npz(world["reference"], world["root"] / "ref.npz")
     with np.load(npz) as data:
         assert data["arr_0"].shape == (N_REAL, SIZE, SIZE, 3) and data["arr_0"].dtype == np.uint8
+        stored = list(sample_store.iter_batches(world["reference"].path, N_REAL))
+        assert np.array_equal(data["arr_0"], np.concatenate([images for images, _ in stored]))
+        assert np.array_equal(data["arr_1"], np.concatenate([labels for _, labels in stored]))
     from_npz, from_artifact = load_reference(npz), load_reference(world["reference"].path)
     assert (from_npz.image_size, from_npz.num_images) == (SIZE, N_REAL)
     np.testing.assert_array_equal(from_npz.statistics.sigma, from_artifact.statistics.sigma)
