@@ -485,14 +485,15 @@ def maybe_checkpoint(run: Run, force: bool = False) -> None:
 
 
 def load_preview_decoder(run: Run):
-    """The latents' VAE for preview grids (None for pixel latents), loaded before the first step."""
-    vae = run.latents.artifact.extra.get("vae", {"name": "none"})
-    if not run.config.preview_every or not run.dist.is_main or vae["name"] == "none":
+    """The sample stage's Decoder through the latents' VAE, loaded before the first step (rank 0, previews on)."""
+    if not run.config.preview_every or not run.dist.is_main:
         return None
+    from sitctl.sample import Decoder
     from sitctl.vae import load_vae
 
-    decoder, _ = load_vae(vae.get("source") or vae["name"], run.dist.device)
-    return decoder
+    vae = run.latents.artifact.extra.get("vae", {"name": "none"})
+    network, _ = load_vae(vae.get("source") or vae["name"], run.dist.device)  # None for pixel latents
+    return Decoder(vae=network, scale_factor=run.latents.scale_factor, record=vae)
 
 
 def maybe_preview(run: Run, decoder) -> None:
@@ -504,7 +505,6 @@ def maybe_preview(run: Run, decoder) -> None:
     from model.objectives import default_eps
     from model.samplers import sample_ode
     from sitctl.plots import save_image_grid
-    from sitctl.sample_store import quantize
 
     device, n = run.dist.device, config.preview_images
     x0 = torch.randn((n, *run.latents.latent_shape), generator=torch.Generator().manual_seed(config.seed)).to(device)
@@ -514,7 +514,6 @@ def maybe_preview(run: Run, decoder) -> None:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
         latents = sample_ode(velocity, x0, method="heun", steps=config.preview_steps,
                              sample_eps=default_eps(config.interp, config.pred)[1]).float()
-        pixels = latents if decoder is None else decoder.decode(latents / run.latents.scale_factor).sample  # [-1, 1]
-    images = quantize(pixels.float().permute(0, 2, 3, 1).cpu().numpy())  # (n, H, W, C) uint8
+        images = decoder(latents)  # (n, H, W, C) uint8
     path = Path(config.out) / "previews" / f"step-{run.step:07d}.png"
     save_image_grid(images, path)
