@@ -10,6 +10,26 @@ test *ARGS:
 demo:
     {{venv}}sitctl demo
 
+# All benchmarks at sizes that fit this machine: a bench-out/ artifact and its BENCHMARKS.md section.
+bench *ARGS:
+    {{venv}}python -m sitctl.bench all {{ARGS}}
+
 # Benchmark the network: forward and train-step time, images/s, FLOP/s, peak memory.
 bench-model MODEL="SiT-S/2" BATCH="8" PRECISION="fp32":
     {{venv}}python -m sitctl.bench model --model {{MODEL}} --batch {{BATCH}} --precision {{PRECISION}}
+
+# Benchmark the training loader on one core (LATENTS: a latents artifact; empty encodes digits to a temp dir).
+bench-loader LATENTS="" SECONDS="5":
+    {{venv}}python -m sitctl.bench loader {{ if LATENTS == "" { "" } else { "--latents " + LATENTS } }} --seconds {{SECONDS}}
+
+# Benchmark the samplers (ODE and SDE, with and without guidance) on a randomly initialised SiT.
+bench-sampling MODEL="SiT-XS/4" BATCH="8" STEPS="20":
+    {{venv}}python -m sitctl.bench sampling --model {{MODEL}} --batch {{BATCH}} --steps {{STEPS}}
+
+# Benchmark FID Inception feature extraction.
+bench-inception BATCH="32" IMAGES="32":
+    {{venv}}python -m sitctl.bench inception --batch {{BATCH}} --images {{IMAGES}}
+
+# Benchmark encode: decode-and-crop per core, and the VAE (VAE: none, sd-random, ema, mse).
+bench-encode VAE="none" SIZE="256":
+    {{venv}}python -m sitctl.bench encode --vae {{VAE}} --image-size {{SIZE}}

@@ -331,9 +331,9 @@ class BenchConfig:
     """Device; None picks CUDA when present."""
     models: tuple[tuple[str, int, str], ...] = (("SiT-S/2", 8, "fp32"), ("SiT-XS/4", 8, "fp32"))
     """(model, batch, precision) of each model-step benchmark, on 4x32x32 latents (256x256 images)."""
-    model_steps: int = 2
+    model_steps: int = 4
     """Timed forward passes and train steps per model."""
-    model_warmup: int = 1
+    model_warmup: int = 2
     """Untimed warm-up calls per model."""
     loader_latents: str | None = None
     """A latents artifact for the loader; None encodes `loader_images` digits (32x32 pixels) to a temp dir."""
@@ -441,31 +441,37 @@ def device_label(device: str | None) -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+def _rate(value: float) -> str:
+    """Three significant figures, without an exponent for rates of 1000 and up."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def figure_rows(results: dict) -> list[tuple[str, str, str]]:
     """(benchmark, setting, figures) per measured row, for the BENCHMARKS.md table."""
     rows = []
     for run in results["model"]:
         mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
+        # On a CPU the figure is the process's peak resident set so far, not this model's: left out.
+        memory = f", peak memory {run['peak_memory_gib']:.2f} GiB" if run["device"] != "cpu" else ""
         rows.append(("model step", f"{run['model']}, batch {run['batch']}, {run['precision']}",
-                     f"train step {run['train_step_ms']:.0f} ms ({run['train_images_per_s']:.3g} img/s), "
-                     f"forward {run['forward_ms']:.0f} ms, {run['train_tflops']:.3g} TFLOP/s{mfu}, "
-                     f"peak memory {run['peak_memory_gib']:.2f} GiB"))
+                     f"train step {run['train_step_ms']:.0f} ms ({_rate(run['train_images_per_s'])} img/s), "
+                     f"forward {run['forward_ms']:.0f} ms, {run['train_tflops']:.3g} TFLOP/s{mfu}{memory}"))
     loader = results["loader"]
     shape = "x".join(map(str, loader["latent_shape"]))
-    rows.append(("loader", f"{shape} latents, batch {loader['batch']}, 1 core", f"{loader['latents_per_s']:.0f} latents/s"))
+    rows.append(("loader", f"{shape} latents, batch {loader['batch']}, 1 core", f"{_rate(loader['latents_per_s'])} latents/s"))
     encode = results["encode"]
     rows.append(("encode", f"decode + crop 500x375 JPEG to {encode['image_size']}px, 1 core",
-                 f"{encode['decode_crop_images_per_s_per_core']:.0f} img/s"))
-    rows.append(("encode", f"VAE {encode['vae']}, batch {encode['batch']} (+ flips)", f"{encode['vae_images_per_s']:.3g} img/s"))
+                 f"{_rate(encode['decode_crop_images_per_s_per_core'])} img/s"))
+    rows.append(("encode", f"VAE {encode['vae']}, batch {encode['batch']} (+ flips)", f"{_rate(encode['vae_images_per_s'])} img/s"))
     sampling = results["sampling"]
     for row in sampling["rows"]:
         steps = "adaptive" if row["steps"] is None else f"{row['steps']} steps"
         rows.append(("sampling", f"{sampling['model']} {row['mode']} {row['method']}, {steps}, cfg {row['cfg_scale']:g}, "
-                     f"batch {sampling['batch_size']}", f"{row['images_per_s']:.3g} img/s, NFE {row['nfe']}, "
+                     f"batch {sampling['batch_size']}", f"{_rate(row['images_per_s'])} img/s, NFE {row['nfe']}, "
                      f"{row['tflops']:.3g} TFLOP/s"))
     inception = results["inception"]
     rows.append(("Inception features", f"batch {inception['batch']}, {inception['image_size']}px, {inception['weights']}",
-                 f"{inception['images_per_s']:.3g} img/s"))
+                 f"{_rate(inception['images_per_s'])} img/s"))
     return rows
 
 
