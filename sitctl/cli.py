@@ -371,8 +371,8 @@ def eval_sweep(
 @app.command()
 def demo(
     out: str = typer.Option("demo", "--out", help="Folder for every stage's artifact; a rerun reuses finished stages."),
-    steps: int = typer.Option(1000, "--steps", help="Training steps (batch 64)."),
-    num_samples: int = typer.Option(250, "--num-samples", help="Images to draw and score with FID."),
+    steps: int = typer.Option(800, "--steps", help="Training steps (batch 64)."),
+    num_samples: int = typer.Option(200, "--num-samples", help="Images to draw and score with FID."),
     sample_steps: int = typer.Option(50, "--sample-steps", help="SDE sampling steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of training and sampling."),
 ) -> None:
