@@ -568,20 +568,9 @@ def print_rows(rows: list[dict[str, object]]) -> None:
 
 def main() -> None:
     """Run the benchmark app; user errors print one line and exit with status 2."""
-    try:
-        app(standalone_mode=False)
-    except SitctlError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
-        sys.exit(2)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except Exception as error:  # click usage errors carry their own exit code and message
-        import click
+    from sitctl.cli import run_app
 
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+    run_app(app)
 
 
 if __name__ == "__main__":

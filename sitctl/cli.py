@@ -386,25 +386,23 @@ def demo(
     run_demo(DemoConfig(out=out, steps=steps, num_samples=num_samples, sample_steps=sample_steps, seed=seed))
 
 
-def main() -> None:
-    """Console entry point: run the app, turning user errors into one line and exit status 2."""
+def run_app(typer_app: typer.Typer) -> None:
+    """Run a typer app: usage errors as click reports them, SitctlError as one line; both exit 2.
+
+    Standalone mode lets click print --help, usage errors and Ctrl-C itself (it vendors its own
+    exception classes inside typer, so they are not caught here); a user error raised by a
+    stage is one red line; anything else is a bug and keeps its traceback.
+    """
     try:
-        app(standalone_mode=False)
+        typer_app()
     except SitctlError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         sys.exit(2)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as error:  # click usage errors carry their own exit code and message
-        import click
 
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+
+def main() -> None:
+    """Console entry point of `sitctl`."""
+    run_app(app)
 
 
 if __name__ == "__main__":
