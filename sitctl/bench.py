@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import json
 import os
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from pathlib import Path
 import typer
 
 from sitctl.errors import SitctlError
+from sitctl.progress import peak_memory_gib
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -99,17 +99,6 @@ def _seconds_per_call(function, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _peak_memory_gib(device) -> float:
-    """Peak allocated GPU memory, or on CPU the process's peak resident set size."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def bench_model(model: str = "SiT-S/2", *, batch: int = 8, precision: str = "fp32", compile: bool = False,
                 steps: int = 10, warmup: int = 3, device: str | None = None, **overrides) -> dict[str, object]:
     """Time the forward pass and an AdamW train step of `model` on random inputs; derive FLOP/s and MFU.
@@ -163,7 +152,7 @@ def bench_model(model: str = "SiT-S/2", *, batch: int = 8, precision: str = "fp3
         "forward_gmacs_per_image": forward_flops(config) / 1e9,
         "forward_ms": forward_s * 1e3, "train_step_ms": train_s * 1e3,
         "forward_images_per_s": batch / forward_s, "train_images_per_s": batch / train_s,
-        "train_tflops": achieved / 1e12, "peak_memory_gib": _peak_memory_gib(torch_device),
+        "train_tflops": achieved / 1e12, "peak_memory_gib": peak_memory_gib(torch_device),
         "mfu": achieved / (peak * 1e12) if peak else None,
     }
 
