@@ -182,7 +182,7 @@ def _interval(text: str) -> tuple[float, float]:
 
 @app.command()
 def sample(
-    checkpoint: str = typer.Argument(..., help="Checkpoint artifact, run dir (its latest checkpoint), or a published SiT .pt file."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint artifact, run dir (its latest checkpoint), or a published SiT/DiT .pt file (see --published)."),
     out: str = typer.Option(..., "--out", help="Samples artifact directory to create (rerun the same command to resume)."),
     mode: str = typer.Option("sde", "--mode", help="ode or sde."),
     method: str = typer.Option(None, "--method", help="Solver. Default: dopri5 for ode; euler for sde. Also ode: euler, heun; sde: heun."),
@@ -287,10 +287,10 @@ for _name, _metrics, _help in (
 
 @eval_app.command("ref")
 def eval_ref(
-    source: str = typer.Argument(..., help="A folder of images (class sub-folders allowed) or `digits`."),
+    source: str = typer.Argument(..., help="What encode reads: a folder of images (class sub-folders or flat), digits, digits:train|holdout, or fashion-mnist[:DIR]."),
     out: str = typer.Option(..., "--out", help="Reference artifact directory to create."),
     image_size: int = typer.Option(256, "--image-size", help="Center-crop side, as encode crops."),
-    max_images: int | None = typer.Option(None, "--max-images", help="Use only the first N images (sorted paths)."),
+    max_images: int | None = typer.Option(None, "--max-images", help="Use only the first N images in source order."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per Inception forward."),
     device: str | None = typer.Option(None, "--device", help="cuda, cpu (default: cuda when present)."),
     inception_weights: str | None = typer.Option(None, "--inception-weights", help=_INCEPTION_HELP),

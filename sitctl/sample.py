@@ -53,7 +53,7 @@ class SampleConfig:
     """Everything `sitctl sample` needs; written into the samples artifact's manifest."""
 
     checkpoint: str
-    """A checkpoint artifact, a run dir (its latest checkpoint) or a published SiT .pt state dict."""
+    """A checkpoint artifact, a run dir (its latest checkpoint) or a published SiT/DiT .pt state dict."""
     out: str
     """Directory of the samples artifact to create (never overwritten)."""
     mode: str = "sde"
