@@ -18,37 +18,9 @@ from rich.console import Console
 
 from sitctl.artifacts import Artifact, open_artifact
 from sitctl.errors import SitctlError
+from sitctl.configs import DemoConfig
 
 
-@dataclass(frozen=True, kw_only=True)
-class DemoConfig:
-    """Settings of `sitctl demo`; the defaults finish in about 4 minutes on 2 CPU cores."""
-
-    out: str = "demo"
-    """Folder that receives every stage's artifact."""
-    image_size: int = 16
-    """Side the 8x8 digits are upscaled to (ADM center_crop_arr resize)."""
-    model: str = "SiT-XS/4"
-    """Model preset to train."""
-    steps: int = 800
-    """Training steps (batch 64)."""
-    num_samples: int = 200
-    """Images to draw and score."""
-    sample_steps: int = 50
-    """SDE steps (Euler-Maruyama, w = 1: the paper's best sampler family)."""
-    cfg_scale: float = 2.0
-    """Classifier-free guidance scale for the samples."""
-    seed: int = 0
-    """Seed of training and sampling."""
-    reference_images: int | None = 200
-    """Held-out digits in the FID reference (None: all 297)."""
-
-    def __post_init__(self) -> None:
-        for name in ("image_size", "steps", "num_samples", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.num_samples < 2:
-            raise SitctlError("--num-samples must be at least 2 (FID needs a covariance)")
 
 
 def _reuse(path: Path, kind: str) -> Artifact | None:

@@ -24,6 +24,7 @@ from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_i
 from sitctl import distributed
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, write_json_atomic
 from sitctl.errors import ArtifactError, SitctlError
+from sitctl.configs import EncodeConfig
 from sitctl.progress import progress_bar
 from sitctl.vae import load_vae
 
@@ -31,43 +32,6 @@ CRASH_AFTER_SHARDS_ENV = "SITCTL_TEST_CRASH_AFTER_SHARDS"  # test hook: exit har
 ERRORS_FILE = "errors.jsonl"
 
 
-@dataclass(frozen=True, kw_only=True)
-class EncodeConfig:
-    """Settings of one encode run; written into the latents manifest."""
-
-    src: str
-    """A folder of class subfolders, `digits`, or `fashion-mnist[:DIR]`."""
-    out: str
-    """The artifact directory to create (must not exist)."""
-    image_size: int = 256
-    """Side of the center crop (ADM's center_crop_arr), in pixels."""
-    vae: str = "ema"
-    """`ema`, `mse` (Stable Diffusion VAEs), `none` (pixel space), or a local AutoencoderKL directory."""
-    shard_size: int = 1000
-    """Samples per WebDataset shard (the last shard may hold fewer)."""
-    batch_size: int = 32
-    """Images per VAE forward (each goes through with its flip, so 2x this)."""
-    workers: int = 4
-    """DataLoader worker processes decoding and cropping images (0: in the main process)."""
-    limit: int | None = None
-    """Keep only the first N images of the fixed order (demos and tests)."""
-    order_seed: int | None = 0
-    """Seed of the permutation that orders images before sharding; None keeps the source order."""
-    precision: str = "auto"
-    """VAE autocast: auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."""
-    device: str | None = None
-    """Compute device; None picks CUDA when present."""
-
-    def __post_init__(self):
-        for name in ("image_size", "shard_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise SitctlError(f"--workers must be 0 or more, got {self.workers}")
-        if self.limit is not None and self.limit < 1:
-            raise SitctlError(f"--limit must be at least 1, got {self.limit}")
-        if self.precision not in PRECISIONS:
-            raise SitctlError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def encode(config: EncodeConfig) -> Artifact | None:

@@ -14,3 +14,19 @@ class ArtifactError(SitctlError):
 
 class CheckpointMismatchError(SitctlError):
     """A state dict does not fit the model it is loaded into."""
+
+
+class SampleError(SitctlError):
+    """Sampling settings or sources that cannot work."""
+
+
+class EvalError(SitctlError):
+    """Samples or settings that cannot give the requested metric."""
+
+
+class ReferenceError(SitctlError):  # noqa: A001 (a reference artifact, not Python's weakref error)
+    """A reference that cannot be read or does not fit the samples."""
+
+
+class SweepError(SitctlError):
+    """A sweep that cannot run as asked."""

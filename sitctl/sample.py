@@ -24,23 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from sitctl.errors import ArtifactError, SitctlError
+from sitctl.configs import DEFAULT_METHOD, DEFAULT_STEPS, LABEL_SCHEMES, MODES, PUBLISHED_KINDS, SampleConfig
+from sitctl.errors import ArtifactError, SampleError, SitctlError
 
-MODES = ("ode", "sde")
-LABEL_SCHEMES = ("balanced", "uniform")
-# The paper's sampler settings (SiT Tables 4-5 and the reference sample scripts).
-DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
-DEFAULT_STEPS = {"ode": 50, "sde": 250}
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion VAE latents are scaled by this to unit variance
 SETTINGS_FILE = "sampling-settings.json"  # in the staging dir only: guards resume against changed settings
 PREVIEW_FILE = "preview.png"
-PUBLISHED_KINDS = ("sit", "dit")
 NPZ_FILE = "samples.npz"
 CRASH_HOOK = "SITCTL_TEST_SAMPLE_CRASH_AFTER_BATCHES"  # tests: exit abruptly after k batches
 
 
-class SampleError(SitctlError):
-    """Sampling settings or sources that cannot work."""
+
+
 
 
 # =============================================================================================
@@ -48,99 +43,6 @@ class SampleError(SitctlError):
 # =============================================================================================
 
 
-@dataclass(frozen=True, kw_only=True)
-class SampleConfig:
-    """Everything `sitctl sample` needs; written into the samples artifact's manifest."""
-
-    checkpoint: str
-    """A checkpoint artifact, a run dir (its latest checkpoint) or a published SiT/DiT .pt state dict."""
-    out: str
-    """Directory of the samples artifact to create (never overwritten)."""
-    mode: str = "sde"
-    """Sampler family: "ode" (probability-flow ODE) or "sde" (the paper's best FID)."""
-    method: str | None = None
-    """Solver; None = the paper's default for the mode (ode: dopri5, sde: euler)."""
-    steps: int | None = None
-    """Time steps (output grid for dopri5); None = the default for the mode (ode 50, sde 250)."""
-    atol: float = 1e-6
-    """Absolute tolerance of an adaptive ODE solver."""
-    rtol: float = 1e-3
-    """Relative tolerance of an adaptive ODE solver."""
-    w: float = 1.0
-    """SDE diffusion scale: drift = v + w_t score, noise sqrt(2 w_t); 0 gives the ODE."""
-    diffusion: str = "sigma"
-    """SDE diffusion form w_t (before scaling by w); "sigma" as the paper's tables."""
-    last_step: str = "mean"
-    """SDE last step: none, mean, tweedie or euler."""
-    last_step_size: float = 0.04
-    """Size in t of the SDE's last step."""
-    sample_eps: float | None = None
-    """Integrate t over [eps, 1 - eps]; None = the reference's default for the interpolant and prediction."""
-    cfg_scale: float = 1.0
-    """Classifier-free guidance scale; 1.0 switches guidance off."""
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    """Guide only for t in this interval (plain conditional velocity outside)."""
-    num: int = 50_000
-    """Number of images to draw."""
-    batch_size: int = 32
-    """Images per forward batch on each process (results agree across sizes up to rounding)."""
-    seed: int = 0
-    """Image i's noise and label depend on (seed, i) alone."""
-    labels: str = "balanced"
-    """"balanced": num/num_classes of each class in an order shuffled by the seed;
-    "uniform": i.i.d. uniform labels as the reference scripts draw them."""
-    ema: bool = True
-    """Use the EMA weights (the model the paper evaluates)."""
-    model: str | None = None
-    """Model preset (e.g. SiT-XL/2) of a bare .pt file; checkpoint artifacts record their own."""
-    vae: str | None = None
-    """VAE of a bare .pt file: ema, mse, none or a local diffusers directory."""
-    published: str = "sit"
-    """What a bare .pt file is: "sit" (SiT-XL/2 release: linear interpolant, velocity, t in [0, 1]) or
-    "dit" (DiT-XL/2 release: DDPM noise model on step indices, sampled as the VP interpolant)."""
-    npz: bool = False
-    """Also write samples.npz in the ADM evaluator layout (arr_0 uint8 NHWC, arr_1 labels)."""
-    preview: int = 64
-    """Images in the preview grid PNG (0 for none)."""
-    device: str | None = None
-    """"cpu" or "cuda"; None picks CUDA when present."""
-    tf32: bool = True
-    """Allow TF32 matmuls on CUDA, as the reference sampler does (no effect on CPU)."""
-
-    def __post_init__(self) -> None:
-        from model.samplers import DIFFUSIONS, LAST_STEPS, ODE_METHODS, SDE_METHODS
-
-        if self.published not in PUBLISHED_KINDS:
-            raise SampleError(f"--published must be one of {', '.join(PUBLISHED_KINDS)}, got {self.published!r}")
-        if self.mode not in MODES:
-            raise SampleError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        # Fill the mode's defaults so the manifest records what actually ran.
-        if self.method is None:
-            object.__setattr__(self, "method", DEFAULT_METHOD[self.mode])
-        if self.steps is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS[self.mode])
-        object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
-        for name in ("num", "batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise SampleError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        methods = ODE_METHODS if self.mode == "ode" else SDE_METHODS
-        choices = {"method": methods, "diffusion": DIFFUSIONS, "last_step": LAST_STEPS, "labels": LABEL_SCHEMES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                where = f" with --mode {self.mode}" if name == "method" else ""
-                raise SampleError(f"--{name.replace('_', '-')}{where} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for option, value, positive in (("w", self.w, False), ("cfg", self.cfg_scale, False), ("preview", self.preview, False),
-                                        ("atol", self.atol, True), ("rtol", self.rtol, True)):
-            if value < 0 or (positive and value == 0):
-                raise SampleError(f"--{option} must be {'> 0' if positive else '>= 0'}, got {value}")
-        if len(self.guidance_interval) != 2 or not 0.0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1.0:
-            raise SampleError(f"--guidance-interval must be LO,HI with 0 <= LO <= HI <= 1, got {self.guidance_interval}")
-        if not 0.0 < self.last_step_size < 1.0:
-            raise SampleError(f"--last-step-size must be in (0, 1), got {self.last_step_size}")
-        if self.sample_eps is not None and not 0.0 <= self.sample_eps < 0.5:
-            raise SampleError(f"--sample-eps must be in [0, 0.5), got {self.sample_eps}")
-        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise SampleError(f"--device must be cpu or cuda, got {self.device!r}")
 
 
 # Settings that change the images: a resumed run must match them (batch size only rounds).

@@ -31,9 +31,9 @@ from sitctl import distributed
 from sitctl.artifacts import Artifact
 from sitctl.data import Latents, open_latents, rank_batches
 from sitctl.errors import SitctlError
+from sitctl.configs import TrainConfig
 from sitctl.progress import peak_memory_gib, progress
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
 NAN_HOOK = "SITCTL_TEST_NAN_AT_STEP"  # tests plant a NaN loss at this (1-based) step
 # Settings a resumed run must share with its checkpoint, or it would not continue the same run.
@@ -45,102 +45,6 @@ class NonFiniteLossError(SitctlError):
     """The loss became NaN or inf; the run stops before applying the update."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything the train stage needs; written into each checkpoint's manifest."""
-
-    latents: str
-    """The latents artifact (written by `sitctl encode`) to train on."""
-    out: str
-    """Run directory; checkpoints go into OUT/step-NNNNNNN/, logs into OUT/metrics.jsonl."""
-    model: str = "SiT-XL/2"
-    """Model preset; input size, channels and classes are taken from the latents."""
-    qk_norm: bool = False
-    """RMS-normalise queries and keys (helps bf16 at scale; not in the paper)."""
-    interp: str = "linear"
-    """Interpolant path: linear, gvp or vp."""
-    pred: str = "velocity"
-    """What the network predicts: velocity, score or noise."""
-    loss_weight: str = "none"
-    """Loss weighting for score/noise prediction: none, velocity or likelihood."""
-    train_eps: float | None = None
-    """t is drawn from [eps, 1 - eps]; None takes the paper's default for interp and pred."""
-    discrete_steps: int | None = None
-    """Draw t from this many grid points instead of continuously (None: continuous time)."""
-    steps: int = 400_000
-    """Length of the run in optimizer steps."""
-    global_batch: int = 256
-    """Samples per optimizer step, summed over all ranks."""
-    micro_batch: int | None = None
-    """Samples per forward/backward on a rank (gradient accumulation); None: the rank's whole share."""
-    lr: float = 1e-4
-    """Constant AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    ema_decay: float = 0.9999
-    """EMA decay, applied after every step."""
-    label_dropout: float = 0.1
-    """Probability a label is replaced by the null class (classifier-free guidance training)."""
-    flip: bool = True
-    """Train on the stored horizontal flip half of the time; off for data that is not mirror-symmetric (digits)."""
-    grad_clip: float | None = None
-    """Clip the global gradient norm to this value (None: no clipping; the norm is still logged)."""
-    precision: str = "tf32"
-    """fp32 (exact matmuls), tf32 (TF32 matmuls on GPU) or bf16 (autocast, with TF32 elsewhere)."""
-    compile: bool = False
-    """torch.compile the network."""
-    seed: int = 0
-    """Seeds the initial weights, the data order and every per-sample random number."""
-    data_lanes: int = 8
-    """Independent sample streams making up the global batch; a multiple of ranks x loader workers."""
-    shuffle_buffer: int = 1000
-    """Samples in each lane's shuffle buffer."""
-    loader_workers: int = 1
-    """DataLoader worker processes per rank (0 reads in the training process)."""
-    ckpt_every: int = 50_000
-    """Save a checkpoint every this many steps (and always at the end or when stopped)."""
-    keep_last: int = 2
-    """Keep this many most recent checkpoints..."""
-    keep_every: int = 0
-    """...plus every checkpoint whose step is a multiple of this (0: none)."""
-    log_every: int = 100
-    """Log a console line and a metrics.jsonl row every this many steps."""
-    preview_every: int = 10_000
-    """Save a grid of EMA samples every this many steps (0: never)."""
-    preview_images: int = 16
-    """Images in the preview grid."""
-    preview_steps: int = 16
-    """Heun steps of the preview sampler."""
-    preview_cfg: float = 4.0
-    """Classifier-free guidance scale of the preview samples."""
-    resume: bool = False
-    """Continue from the latest checkpoint in OUT (start fresh if there is none)."""
-    device: str | None = None
-    """cuda or cpu; None picks cuda when available."""
-
-    def __post_init__(self) -> None:
-        from model.objectives import check_objective
-
-        check_objective(self.interp, self.pred, self.loss_weight)
-        positive = ("steps", "global_batch", "lr", "data_lanes", "shuffle_buffer", "ckpt_every", "log_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise SitctlError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("micro_batch", "grad_clip", "discrete_steps"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise SitctlError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.discrete_steps is not None and self.discrete_steps < 2:
-            raise SitctlError(f"--discrete-steps must be at least 2, got {self.discrete_steps}")
-        if self.train_eps is not None and not 0.0 <= self.train_eps < 0.5:
-            raise SitctlError(f"--train-eps must be in [0, 0.5), got {self.train_eps}")
-        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.label_dropout < 1.0:
-            raise SitctlError("--ema-decay and --label-dropout must be in [0, 1)")
-        if self.precision not in PRECISIONS:
-            raise SitctlError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers) < 0:
-            raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every and --loader-workers must be >= 0")
 
 
 # =============================================================================================

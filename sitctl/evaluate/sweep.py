@@ -14,54 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from sitctl.artifacts import open_artifact
-from sitctl.errors import SitctlError
+from sitctl.errors import SitctlError, SweepError
+from sitctl.evaluate.registry import PLOTTED_VALUE
+from sitctl.configs import SweepConfig
 from sitctl.evaluate.stage import EvalConfig, evaluate_stage
 
-PLOTTED_VALUE = {"fid": "fid", "kid": "kid_mean", "is": "is_mean"}
 
 
-class SweepError(SitctlError):
-    """A sweep that cannot run as asked."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class SweepConfig:
-    """Settings of `sitctl eval sweep`."""
-
-    run: str
-    """A train run directory or one checkpoint artifact (the sample stage picks its latest checkpoint)."""
-    ref: str | None = None
-    """Reference artifact or ADM .npz (needed for fid and kid)."""
-    w_values: tuple[float, ...] = ()
-    """SDE diffusion coefficients w to try (the paper's w_t = w * sigma_t family)."""
-    cfg_values: tuple[float, ...] = ()
-    """Classifier-free guidance scales to try (1 = no guidance)."""
-    mode: str | None = None
-    """Sampler mode passed to the sample stage; None: "sde" when sweeping w, else the sample stage's default."""
-    num: int = 50_000
-    """Samples per grid point (FID-50K by default); also the eval's --num-expected."""
-    metric: str = "fid"
-    """Metric to compute and plot: fid, kid or is."""
-    out: str | None = None
-    """Folder for the sweep's artifacts, results.jsonl and plot; None: <run>/sweep."""
-    batch_size: int = 64
-    """Images per Inception forward."""
-    device: str | None = None
-    """Torch device for the Inception network."""
-    inception_weights: str | None = None
-    """FID Inception weights file (see `sitctl eval fid --help`)."""
-    fetch_weights: bool = True
-    """Try to download torch-fidelity's weights when none are found."""
-
-    def __post_init__(self) -> None:
-        if not self.w_values and not self.cfg_values:
-            raise SweepError("give the values to sweep: --w 0,0.5,1 and/or --cfg 1,1.5,4")
-        if self.w_values and self.mode not in (None, "sde"):
-            raise SweepError(f"--w sweeps the SDE diffusion coefficient; it needs --mode sde, not {self.mode}")
-        if self.metric not in PLOTTED_VALUE:
-            raise SweepError(f"--metric must be one of {', '.join(PLOTTED_VALUE)}, got {self.metric}")
-        if self.num < 2:
-            raise SweepError(f"--num must be at least 2, got {self.num}")
 
 
 def _label(value: float | None) -> str:

