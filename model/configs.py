@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sitctl.errors import SitctlError
+from model.errors import SitctlError
 
 
 class ModelConfigError(SitctlError):

@@ -14,15 +14,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-NAMES = ("linear", "gvp", "vp")
+
+
+class _EndsAtZeroSignal:
+    """Defaults shared by paths with alpha(0) = 0 (linear, gvp), the reference's create_transport values.
+
+    A velocity target is finite on all of [0, 1], so t is drawn from [0, 1]; noise and score need
+    alpha > 0 to convert to a velocity, so 1e-3 is cut from each end. The SBDM diffusion
+    (the score-SDE reverse process) is infinite where alpha = 0, so SDEs using it start at 1e-3.
+    """
+
+    sbdm_start: ClassVar[float] = 1e-3
+
+    def default_eps(self, pred: str) -> tuple[float, float]:
+        """(train_eps, sample_eps) for a network predicting `pred`."""
+        return (0.0, 0.0) if pred == "velocity" else (1e-3, 1e-3)
 
 
 @dataclass(frozen=True)
-class Linear:
+class Linear(_EndsAtZeroSignal):
     """alpha = t, sigma = 1 - t: the straight path of rectified flow / flow matching."""
 
     name: str = "linear"
@@ -41,7 +56,7 @@ class Linear:
 
 
 @dataclass(frozen=True)
-class GVP:
+class GVP(_EndsAtZeroSignal):
     """Generalised variance-preserving path: alpha = sin(pi t/2), sigma = cos(pi t/2)."""
 
     name: str = "gvp"
@@ -66,6 +81,12 @@ class VP:
     name: str = "vp"
     beta_min: float = 0.1
     beta_max: float = 20.0
+    # alpha(0) > 0, so SBDM is finite from t = 0 on.
+    sbdm_start: ClassVar[float] = 0.0
+
+    def default_eps(self, pred: str) -> tuple[float, float]:
+        """(train_eps, sample_eps): sigma' -> -inf at t = 1, so training stays 1e-5 away whatever `pred`."""
+        return 1e-5, 1e-3
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         s = 1 - t  # diffusion time of the score-SDE convention (0 at data)
@@ -89,16 +110,18 @@ class VP:
 
 
 Interpolant = Linear | GVP | VP
+# Adding an interpolant is one class above and one entry here.
+INTERPOLANTS: dict[str, type] = {"linear": Linear, "gvp": GVP, "vp": VP}
+NAMES = tuple(INTERPOLANTS)
 
 
 def interpolant(name: str | Interpolant) -> Interpolant:
     """Return the interpolant called `name` ("linear", "gvp" or "vp"); objects pass through."""
     if not isinstance(name, str):
         return name
-    table = {"linear": Linear, "gvp": GVP, "vp": VP}
-    if name not in table:
+    if name not in INTERPOLANTS:
         raise ValueError(f"unknown interpolant {name!r}; choose one of {', '.join(NAMES)}")
-    return table[name]()
+    return INTERPOLANTS[name]()
 
 
 def expand_like(t: Tensor, x: Tensor) -> Tensor:

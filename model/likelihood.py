@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from model.samplers import Generators, Velocity, integrate_ode, noise_like
-from sitctl.errors import SitctlError
+from model.errors import SitctlError
 
 DIVERGENCES = ("hutchinson", "exact")
 

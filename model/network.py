@@ -10,29 +10,21 @@ Shapes: N batch, C channels, H = W = input_size, p patch size, T = (H/p)^2 token
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed
+from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from model.configs import SiTConfig
-from sitctl.errors import CheckpointMismatchError
+from model.errors import CheckpointMismatchError
 
 # =============================================================================================
 # Embeddings: patches, time, labels, positions
 # =============================================================================================
-
-
-class PatchEmbed(nn.Module):
-    """Cut (N, C, H, W) into p x p patches and project each to a D-dim token."""
-
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, H/p, W/p) -> (N, T, D)
 
 
 def timestep_frequencies(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
@@ -113,40 +105,6 @@ class HeadRMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through scaled_dot_product_attention (flash kernels on GPU)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        head_dim = hidden_size // num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        # QK-norm bounds attention logits, which otherwise grow and overflow in bf16 at scale.
-        self.q_norm = HeadRMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = HeadRMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, tokens, width = x.shape
-        qkv = self.qkv(x).reshape(n, tokens, 3, self.num_heads, width // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D/heads)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (N, heads, T, D/heads)
-        return self.proj(out.transpose(1, 2).reshape(n, tokens, width))  # (N, T, D)
-
-
-class Mlp(nn.Module):
-    """Token-wise fc1 -> GELU (tanh approximation, as DiT) -> fc2."""
-
-    def __init__(self, hidden_size: int, mlp_hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SiTBlock(nn.Module):
     """Transformer block whose LayerNorms are shifted, scaled and gated by the condition c."""
 
@@ -154,9 +112,14 @@ class SiTBlock(nn.Module):
         super().__init__()
         width = config.hidden_size
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, config.num_heads, config.qk_norm)
+        # timm's blocks, as DiT uses them (same parameter names as the published weights). Attention
+        # runs through scaled_dot_product_attention; QK-norm (optional, not in the paper) bounds the
+        # logits, which otherwise grow and overflow in bf16 at scale.
+        head_norm = functools.partial(HeadRMSNorm, eps=1e-6)
+        self.attn = Attention(width, config.num_heads, qkv_bias=True, qk_norm=config.qk_norm, norm_layer=head_norm)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, int(width * config.mlp_ratio))
+        tanh_gelu = functools.partial(nn.GELU, approximate="tanh")  # DiT's approximate GELU
+        self.mlp = Mlp(width, int(width * config.mlp_ratio), act_layer=tanh_gelu)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -193,7 +156,7 @@ class SiT(nn.Module):
         super().__init__()
         self.config = config
         width = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, width)
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, width)  # (N, T, D)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = LabelEmbedder(config.num_classes, width)
         # Fixed, so not saved: rebuilt from the config. Published files that carry it still load.

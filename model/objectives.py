@@ -34,24 +34,22 @@ from model.interpolants import (
     noise_to_velocity,
     score_to_velocity,
 )
-from sitctl.errors import SitctlError
+from model.errors import SitctlError
 
-PREDICTIONS = ("velocity", "score", "noise")
+def _velocity_itself(interp: Interpolant, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    return output
+
+
+# What the network predicts -> the conversion of its output to a velocity (model.interpolants).
+PREDICTIONS = {"velocity": _velocity_itself, "score": score_to_velocity, "noise": noise_to_velocity}
 WEIGHTS = ("none", "velocity", "likelihood")
 
 
-def default_eps(interp_name: str, pred: str) -> tuple[float, float]:
-    """(train_eps, sample_eps) as the reference's create_transport.
-
-    Velocity on linear/gvp is finite on all of [0, 1], so (0, 0). Noise and score need
-    alpha > 0 to convert to a velocity, so (1e-3, 1e-3). vp has sigma' -> -inf at t = 1: (1e-5, 1e-3).
-    """
-    check_objective(interp_name, pred, "none")
-    if interp_name == "vp":
-        return 1e-5, 1e-3
-    if pred == "velocity":
-        return 0.0, 0.0
-    return 1e-3, 1e-3
+def default_eps(interp_name: str | Interpolant, pred: str) -> tuple[float, float]:
+    """(train_eps, sample_eps) as the reference's create_transport: a property of the interpolant."""
+    interp = interpolant(interp_name)
+    check_objective(interp.name, pred, "none")
+    return interp.default_eps(pred)
 
 
 def check_objective(interp_name: str, pred: str, weight: str) -> None:
@@ -74,14 +72,9 @@ def score_coefficient(interp: Interpolant, t: Tensor) -> Tensor:
 
 def prediction_to_velocity(output: Tensor, x: Tensor, t: Tensor, *, interp: str | Interpolant, pred: str) -> Tensor:
     """Turn a network output at (x, t), t of shape (N,), into the velocity it implies."""
-    interp = interpolant(interp)
-    if pred == "velocity":
-        return output
-    if pred == "noise":
-        return noise_to_velocity(interp, output, x, t)
-    if pred == "score":
-        return score_to_velocity(interp, output, x, t)
-    raise SitctlError(f"unknown prediction {pred!r}; choose one of {', '.join(PREDICTIONS)}")
+    if pred not in PREDICTIONS:
+        raise SitctlError(f"unknown prediction {pred!r}; choose one of {', '.join(PREDICTIONS)}")
+    return PREDICTIONS[pred](interpolant(interp), output, x, t)
 
 
 def times_from_uniform(u: Tensor, *, train_eps: float, discrete_steps: int | None = None) -> Tensor:

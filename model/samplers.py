@@ -25,15 +25,11 @@ from torch import Tensor
 
 from model.interpolants import Interpolant, expand_like, interpolant, velocity_to_score
 from model.objectives import score_coefficient
-from sitctl.errors import SitctlError
+from model.errors import SitctlError
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
-ODE_METHODS = ("euler", "heun", "dopri5")
-SDE_METHODS = ("euler", "heun")
-DIFFUSIONS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
-LAST_STEPS = ("none", "mean", "tweedie", "euler")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +187,11 @@ def ode_dopri5(drift: Velocity, x: Tensor, t0: float, t1: float, *, atol: float 
     return x
 
 
+# Fixed-grid ODE solvers by name; adding one is a function above and an entry here.
+FIXED_STEP_ODE_SOLVERS = {"euler": ode_euler, "heun": ode_heun}
+ODE_METHODS = (*FIXED_STEP_ODE_SOLVERS, "dopri5")  # dopri5 adapts its own steps
+
+
 def integrate_ode(drift: Velocity, x: Tensor, t0: float, t1: float, *, method: str = "heun", steps: int = 50,
                   atol: float = 1e-6, rtol: float = 1e-3, stats: dict | None = None) -> Tensor:
     """Solve dx/dt = drift(x, t) from t0 to t1 (either direction) with a named method."""
@@ -199,8 +200,7 @@ def integrate_ode(drift: Velocity, x: Tensor, t0: float, t1: float, *, method: s
         return ode_dopri5(drift, x, t0, t1, atol=atol, rtol=rtol, stats=stats)
     if steps < 1:
         raise SitctlError(f"steps must be at least 1, got {steps}")
-    solver = ode_euler if method == "euler" else ode_heun
-    return solver(drift, x, uniform_grid(t0, t1, steps), stats)
+    return FIXED_STEP_ODE_SOLVERS[method](drift, x, uniform_grid(t0, t1, steps), stats)
 
 
 def sample_ode(velocity: Velocity, x0: Tensor, *, method: str = "heun", steps: int = 50, atol: float = 1e-6,
@@ -223,28 +223,32 @@ def sample_ode(velocity: Velocity, x0: Tensor, *, method: str = "heun", steps: i
 # ---------------------------------------------------------------------------------------------
 
 
-def diffusion_coefficient(form: str, interp: Interpolant, t: Tensor, w: float) -> Tensor:
-    """w_t of the SDE for each schedule, all scaled by w (w = 0 is the ODE); shape of t.
+# Diffusion forms w_t / w by name, each (interpolant, t) -> tensor of t's shape. As the reference
+# `compute_diffusion`, except that "decreasing" is (1 + cos(pi t))^2 / 4 times w (the reference
+# puts w inside the square, so w = 0 would not give the ODE) and "increasing-decreasing" can be
+# selected (the reference's key is misspelt). Adding a form is one entry.
+DiffusionForm = Callable[[Interpolant, Tensor], Tensor]
+DIFFUSIONS: dict[str, DiffusionForm] = {
+    "constant": lambda interp, t: torch.ones_like(t),
+    "SBDM": score_coefficient,  # the VP-SDE's beta/2 for vp: the score-SDE reverse process
+    "sigma": lambda interp, t: interp.sigma(t),
+    "linear": lambda interp, t: 1 - t,
+    "decreasing": lambda interp, t: 0.25 * (torch.cos(math.pi * t) + 1) ** 2,
+    "increasing-decreasing": lambda interp, t: torch.sin(math.pi * (1 - t)) ** 2,  # = sin(pi t)^2, exactly 0 at t = 1
+}
 
-    As the reference `compute_diffusion`, except that "decreasing" is w * (1 + cos(pi t))^2 / 4
-    (the reference puts w inside the square, so w = 0 would not give the ODE) and
-    "increasing-decreasing" can be selected (the reference's key is misspelt).
-    """
-    if form == "constant":
-        shape = torch.ones_like(t)
-    elif form == "SBDM":
-        shape = score_coefficient(interp, t)  # the VP-SDE's beta/2 for vp: the score-SDE reverse process
-    elif form == "sigma":
-        shape = interp.sigma(t)
-    elif form == "linear":
-        shape = 1 - t
-    elif form == "decreasing":
-        shape = 0.25 * (torch.cos(math.pi * t) + 1) ** 2
-    elif form == "increasing-decreasing":
-        shape = torch.sin(math.pi * (1 - t)) ** 2  # = sin(pi t)^2, but exactly 0 at t = 1 in floats
-    else:
-        raise SitctlError(f"unknown diffusion form {form!r}; choose one of {', '.join(DIFFUSIONS)}")
-    return w * shape
+
+def diffusion_form(form: str | DiffusionForm) -> DiffusionForm:
+    """The diffusion form called `form` (functions pass through)."""
+    if callable(form):
+        return form
+    _check_choice(form, DIFFUSIONS, "diffusion form")
+    return DIFFUSIONS[form]
+
+
+def diffusion_coefficient(form: str | DiffusionForm, interp: Interpolant, t: Tensor, w: float) -> Tensor:
+    """w_t of the SDE: the form scaled by w (w = 0 is the ODE); shape of t."""
+    return w * diffusion_form(form)(interp, t)
 
 
 def sde_drift(velocity: Velocity, interp: Interpolant, x: Tensor, t: Tensor, w_t: Tensor) -> Tensor:
@@ -257,9 +261,10 @@ def sde_drift(velocity: Velocity, interp: Interpolant, x: Tensor, t: Tensor, w_t
     return torch.where(w_t == 0, v, v + w_t * velocity_to_score(interp, v, x, t))
 
 
-def sde_euler(velocity: Velocity, x: Tensor, grid: Sequence[float], *, interp: Interpolant, diffusion: str,
-              w: float, generator: Generators = None, stats: dict | None = None) -> Tensor:
+def sde_euler(velocity: Velocity, x: Tensor, grid: Sequence[float], *, interp: Interpolant,
+              diffusion: str | DiffusionForm, w: float, generator: Generators = None, stats: dict | None = None) -> Tensor:
     """Euler-Maruyama: x += (v + w_t s) dt + sqrt(2 w_t dt) z."""
+    diffusion = diffusion_form(diffusion)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         dt, t = t_next - t_cur, _time(x, t_cur)
         w_t = diffusion_coefficient(diffusion, interp, t, w)
@@ -269,9 +274,10 @@ def sde_euler(velocity: Velocity, x: Tensor, grid: Sequence[float], *, interp: I
     return x
 
 
-def sde_heun(velocity: Velocity, x: Tensor, grid: Sequence[float], *, interp: Interpolant, diffusion: str,
-             w: float, generator: Generators = None, stats: dict | None = None) -> Tensor:
+def sde_heun(velocity: Velocity, x: Tensor, grid: Sequence[float], *, interp: Interpolant,
+             diffusion: str | DiffusionForm, w: float, generator: Generators = None, stats: dict | None = None) -> Tensor:
     """Stochastic Heun as the reference's Heun_step: add the noise first, then a Heun step of the drift."""
+    diffusion = diffusion_form(diffusion)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         dt, t, t_end = t_next - t_cur, _time(x, t_cur), _time(x, t_next)
         w_t = diffusion_coefficient(diffusion, interp, t, w)
@@ -286,8 +292,14 @@ def sde_heun(velocity: Velocity, x: Tensor, grid: Sequence[float], *, interp: In
     return x
 
 
-def sde_last_step(velocity: Velocity, x: Tensor, t: float, *, interp: Interpolant, kind: str, diffusion: str,
-                  w: float, stats: dict | None = None) -> Tensor:
+# SDE solvers by name; adding one is a function above and an entry here.
+SDE_SOLVERS = {"euler": sde_euler, "heun": sde_heun}
+SDE_METHODS = tuple(SDE_SOLVERS)
+LAST_STEPS = ("none", "mean", "tweedie", "euler")
+
+
+def sde_last_step(velocity: Velocity, x: Tensor, t: float, *, interp: Interpolant, kind: str,
+                  diffusion: str | DiffusionForm, w: float, stats: dict | None = None) -> Tensor:
     """The final jump from t to 1 without noise: "mean" (SDE drift), "euler" (velocity) or "tweedie".
 
     tweedie: E[x1 | x_t] = (x + sigma^2 score) / alpha (Tweedie's formula for x_t = alpha x1 + sigma x0).
@@ -329,11 +341,12 @@ def sample_sde(velocity: Velocity, x0: Tensor, *, interp: str | Interpolant, met
     if last_step == "none" and sample_eps == 0 and method == "heun" and diffusion in ("constant", "SBDM"):
         # Heun's correction would evaluate w_t * score at t = 1, where sigma = 0 and w_t does not vanish.
         raise SitctlError(f"SDE heun with the {diffusion} diffusion needs a last step or sample_eps > 0")
-    t0 = max(sample_eps, 1e-3) if diffusion == "SBDM" and interp.name != "vp" else sample_eps
+    # SBDM is infinite where alpha = 0; the interpolant says where it may start.
+    t0 = max(sample_eps, interp.sbdm_start) if diffusion == "SBDM" else sample_eps
     if last_step == "none":
         grid = uniform_grid(t0, 1.0 - sample_eps, steps)
     else:
         grid = uniform_grid(t0, 1.0 - last_step_size, steps - 1)
-    solver = sde_euler if method == "euler" else sde_heun
-    x = solver(velocity, x0, grid, interp=interp, diffusion=diffusion, w=w, generator=generator, stats=stats)
-    return sde_last_step(velocity, x, grid[-1], interp=interp, kind=last_step, diffusion=diffusion, w=w, stats=stats)
+    form = diffusion_form(diffusion)  # resolved once, not on every step
+    x = SDE_SOLVERS[method](velocity, x0, grid, interp=interp, diffusion=form, w=w, generator=generator, stats=stats)
+    return sde_last_step(velocity, x, grid[-1], interp=interp, kind=last_step, diffusion=form, w=w, stats=stats)

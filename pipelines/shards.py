@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sitctl.artifacts import sha256_file, write_json_atomic
+from pipelines.files import sha256_file, write_json_atomic
 
 SHARD_NAME = "shard-{index:06d}.tar"
 PROGRESS_DIR = "_progress"  # done markers, inside the staging directory only

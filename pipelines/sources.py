@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.images import center_crop_arr
-from sitctl.errors import SitctlError
+from model.errors import SitctlError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DIGITS_TRAIN = 1500  # digits:train is items [0, 1500), digits:holdout the other 297

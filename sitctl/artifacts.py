@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sitctl import __version__
+from pipelines.files import sha256_file, write_json_atomic
 from sitctl.errors import ArtifactError
 
 SCHEMA_VERSION = 1
@@ -108,14 +109,6 @@ def open_artifact(path: str | Path, kind: str | Iterable[str] | None = None) -> 
     return Artifact(path=path, manifest=manifest)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_artifact(path: str | Path) -> Artifact:
     """Open an artifact and recheck the sha256 of every file; raise ArtifactError on any mismatch."""
     artifact = open_artifact(path)
@@ -197,17 +190,6 @@ def finish_artifact(
         raise ArtifactError(f"{out} already exists; artifacts are never overwritten, choose a new --out")
     os.replace(staging, out)
     return Artifact(path=out, manifest=manifest)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` through a temporary file, fsync'd, then renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

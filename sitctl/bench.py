@@ -177,7 +177,7 @@ def model_command(
 
 
 # ---------------------------------------------------------------------------------------------
-# encode: decode-and-crop images/s per core, and VAE images/s (pipelines/bench_encode.py)
+# encode: decode-and-crop images/s per core, and VAE images/s (sitctl/bench_encode.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -194,7 +194,7 @@ def encode_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Decode-and-crop images/s on one CPU core, and VAE encode images/s on the device."""
-    from pipelines.bench_encode import bench_encode
+    from sitctl.bench_encode import bench_encode
 
     result = bench_encode(src, image_size=image_size, vae=vae, images=images, batch=batch, steps=steps,
                           precision=precision, device=device)
@@ -390,7 +390,7 @@ def sizes_for(device: str | None, **overrides) -> BenchConfig:
 
 def run_benchmarks(config: BenchConfig) -> dict[str, object]:
     """Every benchmark at `config`'s sizes; one entry per stage (model and sampling hold lists)."""
-    from pipelines.bench_encode import bench_encode
+    from sitctl.bench_encode import bench_encode
     from sitctl.evaluate.inception import bench_inception
     from sitctl.sample import bench_sampling
 

@@ -16,6 +16,7 @@ import typer
 
 from sitctl import __version__
 from sitctl.errors import SitctlError
+from sitctl.evaluate.registry import ALL_WITH_REFERENCE, REGISTRY
 from sitctl.options import config_command
 
 app = typer.Typer(
@@ -166,14 +167,11 @@ def _evaluate(config) -> None:
     typer.echo(f"metrics artifact: {artifact.path} ({artifact.extra['num_samples']} samples)")
 
 
-for _name, _metrics, _help in (
-    ("fid", ("fid",), "Frechet Inception Distance of SAMPLES to --ref (TF Inception pool_3, torch-fidelity math)."),
-    ("is", ("is",), "Inception Score of SAMPLES (needs torch-fidelity's Inception weights with the class head)."),
-    ("kid", ("kid",), "Kernel Inception Distance of SAMPLES to --ref (mean and std over subsets)."),
-    ("prc", ("prc",), "Precision and recall (k-NN manifolds, k=3) of SAMPLES against --ref."),
-    ("all", ("fid", "kid", "prc"), "FID, KID and precision/recall in one pass (add IS with `eval is`)."),
-):
-    _command(eval_app, _name, "sitctl.configs", "EvalConfig", _evaluate, doc=_help, fixed={"metrics": _metrics})
+for _metric in REGISTRY.values():  # one `sitctl eval NAME` per registered metric
+    _command(eval_app, _metric.name, "sitctl.configs", "EvalConfig", _evaluate, doc=_metric.help,
+             fixed={"metrics": (_metric.name,)})
+_command(eval_app, "all", "sitctl.configs", "EvalConfig", _evaluate, fixed={"metrics": ALL_WITH_REFERENCE},
+         doc="FID, KID and precision/recall in one pass (add IS with `eval is`).")
 
 
 def _reference(config) -> None:

@@ -220,6 +220,10 @@ class SampleConfig:
     """Classifier-free guidance scale; 1.0 = off (the paper's FID-50K uses 1.5)."""
     guidance_interval: tuple[float, float] = setting((0.0, 1.0), parse=parse_interval, shown="0,1")
     """LO,HI: guide only for t in [LO, HI]."""
+    guided_channels: int | None = None
+    """Guide only the first K latent channels; 3 reproduces the reference sampler (DiT's forward_with_cfg) for published FIDs. Default: all."""
+    reference_steps: bool = False
+    """Count --steps as the reference's --num-sampling-steps: an ODE given N takes N-1 steps (the SDE already counts alike)."""
     num: int = setting(50_000, flags=("--num", "--num-samples"))
     """Number of images (under torchrun spell it --num-samples: torchrun reads --num as its --numa-binding)."""
     batch_size: int = 32
@@ -274,6 +278,10 @@ class SampleConfig:
                 raise SampleError(f"--{option} must be {'> 0' if positive else '>= 0'}, got {value}")
         if len(self.guidance_interval) != 2 or not 0.0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1.0:
             raise SampleError(f"--guidance-interval must be LO,HI with 0 <= LO <= HI <= 1, got {self.guidance_interval}")
+        if self.guided_channels is not None and self.guided_channels < 1:
+            raise SampleError(f"--guided-channels must be at least 1, got {self.guided_channels}")
+        if self.reference_steps and self.mode == "ode" and self.method != "dopri5" and self.steps < 2:
+            raise SampleError("--reference-steps counts grid points: an ODE needs --steps of at least 2")
         if not 0.0 < self.last_step_size < 1.0:
             raise SampleError(f"--last-step-size must be in (0, 1), got {self.last_step_size}")
         if self.sample_eps is not None and not 0.0 <= self.sample_eps < 0.5:

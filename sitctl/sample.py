@@ -47,7 +47,8 @@ CRASH_HOOK = "SITCTL_TEST_SAMPLE_CRASH_AFTER_BATCHES"  # tests: exit abruptly af
 
 # Settings that change the images: a resumed run must match them (batch size only rounds).
 _RESUME_KEYS = ("mode", "method", "steps", "atol", "rtol", "w", "diffusion", "last_step", "last_step_size",
-                "sample_eps", "cfg_scale", "guidance_interval", "num", "seed", "labels", "ema", "model", "vae")
+                "sample_eps", "cfg_scale", "guidance_interval", "guided_channels", "reference_steps", "num", "seed",
+                "labels", "ema", "model", "vae")
 
 
 # =============================================================================================
@@ -211,6 +212,11 @@ def rank_blocks(num: int, batch_size: int, rank: int, world_size: int) -> list[r
     return [range(start, min(start + batch_size, num)) for start in starts]
 
 
+def ode_steps(config: SampleConfig) -> int:
+    """Fixed ODE steps to take: --steps, or N - 1 for the reference's N grid points (--reference-steps)."""
+    return config.steps - 1 if config.reference_steps else config.steps
+
+
 def draw_latents(source: Source, config: SampleConfig, indices: list[int], labels: np.ndarray, device,
                  stats: dict | None = None):
     """Integrate from noise (t=0) to data (t=1) for the given sample indices -> (n, C, H, W) latents."""
@@ -226,11 +232,11 @@ def draw_latents(source: Source, config: SampleConfig, indices: list[int], label
     velocity = GuidedVelocity(
         source.net, torch.as_tensor(labels, dtype=torch.long, device=device), interp=source.interp,
         pred=source.pred, cfg_scale=config.cfg_scale, null_class=source.model_config.num_classes,
-        interval=config.guidance_interval,
+        interval=config.guidance_interval, guided_channels=config.guided_channels,
     )
     eps = config.sample_eps if config.sample_eps is not None else default_eps(source.interp, source.pred)[1]
     if config.mode == "ode":
-        return sample_ode(velocity, x0, method=config.method, steps=config.steps, atol=config.atol,
+        return sample_ode(velocity, x0, method=config.method, steps=ode_steps(config), atol=config.atol,
                           rtol=config.rtol, sample_eps=eps, stats=stats)
     # The SDE's noise continues each sample's own generator after its initial draw.
     return sample_sde(velocity, x0, interp=source.interp, method=config.method, steps=config.steps,

@@ -21,9 +21,8 @@ import torch
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact, parents
 from sitctl.errors import EvalError, SitctlError
-from sitctl.evaluate.registry import METRICS, NEEDS_REFERENCE
+from sitctl.evaluate.registry import REGISTRY, MetricInputs
 from sitctl.configs import EvalConfig
-from sitctl.evaluate import metrics as formulas
 from sitctl.evaluate.reference import Reference, load_reference
 
 METRICS_FILE = "metrics.json"
@@ -96,9 +95,8 @@ def score(config: EvalConfig, samples: Artifact, count: int, reference: Referenc
 
     device = pick_device(config.device)
     weights = resolve_weights(config.inception_weights, need_logits="is" in config.metrics, fetch=config.fetch_weights)
-    layers = ([POOL_FEATURES] if any(m in NEEDS_REFERENCE for m in config.metrics) else []) + (
-        [LOGITS] if "is" in config.metrics else []
-    )
+    wanted = {REGISTRY[name].layer for name in config.metrics}
+    layers = [layer for kind, layer in (("pool", POOL_FEATURES), ("logits", LOGITS)) if kind in wanted]
     extractor = create_extractor(weights, layers, device)
     batches = (images for images, _ in sample_store.iter_batches(samples.path, config.batch_size))
     features = extract_features(extractor, batches, device=device, total=count, label="samples")
@@ -109,20 +107,18 @@ def compute_metrics(
     config: EvalConfig, features: dict[str, torch.Tensor], reference: Reference | None, *, extractor=None, device=None
 ) -> dict[str, float]:
     """The metric values from the samples' features ({"2048": (N, 2048), "logits_unbiased": (N, 1008)})."""
+    real: list[torch.Tensor] = []  # the reference's features, extracted once whichever metric asks first
+
+    def real_pool() -> torch.Tensor:
+        if not real:
+            real.append(_reference_features(reference, extractor, device, config.batch_size))
+        return real[0]
+
+    inputs = MetricInputs(config=config, pool=features.get("2048"), logits=features.get("logits_unbiased"),
+                          reference=reference, real_pool=real_pool)
     values: dict[str, float] = {}
-    pool = features.get("2048")
-    if "fid" in config.metrics:
-        values["fid"] = formulas.frechet_distance(formulas.feature_statistics(pool), reference.statistics)
-    if "is" in config.metrics:
-        values["is_mean"], values["is_std"] = formulas.inception_score(features["logits_unbiased"], config.is_splits, config.seed)
-    if "kid" in config.metrics or "prc" in config.metrics:
-        real = _reference_features(reference, extractor, device, config.batch_size)
-        if "kid" in config.metrics:
-            values["kid_mean"], values["kid_std"] = formulas.kernel_inception_distance(
-                pool, real, subsets=config.kid_subsets, subset_size=config.kid_subset_size, seed=config.seed
-            )
-        if "prc" in config.metrics:
-            values.update(formulas.precision_recall(pool, real, neighborhood=config.prc_neighborhood))
+    for name in config.metrics:
+        values.update(REGISTRY[name].compute(inputs))
     return values
 
 
