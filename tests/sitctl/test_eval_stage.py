@@ -191,3 +191,36 @@ def test_inception_score_runs_on_weights_with_the_class_head(tmp_path):
     # IS = exp(mean KL) is at least 1; random weights can put it at 1 up to float rounding.
     assert 1.0 - 1e-9 <= scored.extra["values"]["is_mean"] <= 1008.0
     assert scored.extra["inception"]["kind"] == "torch-fidelity"
+
+
+def frechet_distance_low_rank(generated: np.ndarray, real: np.ndarray) -> float:
+    """FID of two feature sets in float64, with tr (S1 S2)^(1/2) from an N x N symmetric eigenproblem.
+
+    S1 = A^T A / (n - 1) for the centred generated features A (n x D), so S1 S2 has the nonzero
+    eigenvalues of A S2 A^T / (n - 1), which is symmetric positive semi-definite: its square roots
+    summed are the trace of the matrix square root, without the D x D non-symmetric eigenproblem.
+    """
+    generated, real = generated.astype(np.float64), real.astype(np.float64)
+    centred = generated - generated.mean(0)
+    real_sigma = np.cov(real, rowvar=False)
+    small = centred @ real_sigma @ centred.T / (len(generated) - 1)  # (n, n)
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum()
+    mean_term = np.sum((generated.mean(0) - real.mean(0)) ** 2)
+    return float(mean_term + np.trace(np.cov(generated, rowvar=False)) + np.trace(real_sigma) - 2 * trace_sqrt)
+
+
+def test_fid_on_real_digits_equals_an_independent_numpy_computation_on_the_same_features(world):
+    from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_features, resolve_weights
+
+    reference = world["reference"]
+    real = np.load(reference.file("features.npy"))  # (N_REAL, 2048), as `eval ref` extracted them
+    with np.load(reference.file("statistics.npz")) as stored:  # what FID reads: numpy's mean and covariance
+        np.testing.assert_allclose(stored["mu"], real.astype(np.float64).mean(0), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(stored["sigma"], np.cov(real.astype(np.float64), rowvar=False), rtol=0, atol=1e-9)
+    extractor = create_extractor(resolve_weights(None, fetch=False), [POOL_FEATURES], torch.device("cpu"))
+    # The 12 noise images (not the 32 digits): the Inception forward is the slow part on a CPU.
+    images = np.concatenate([images for images, _ in sample_store.iter_batches(world["samples"]["noise"].path, N_REAL)])
+    generated = extract_features(extractor, [images], device=torch.device("cpu"))[POOL_FEATURES].numpy()
+    expected = frechet_distance_low_rank(generated, real)
+    assert expected > 1.0  # noise against digits: a distance well away from zero
+    assert world["scored"]["noise"].extra["values"]["fid"] == pytest.approx(expected, rel=1e-6)

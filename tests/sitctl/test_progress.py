@@ -27,8 +27,13 @@ def test_bar_is_quiet_off_a_terminal_but_log_lines_still_print():
     assert shown == "log line\n"
 
 
-def test_other_ranks_draw_nothing():
-    assert run_bar(Console(file=io.StringIO(), force_terminal=True, quiet=True), main=False) == ""
+def test_other_ranks_draw_no_bar_even_on_a_terminal():
+    # A terminal console that is not quiet: only the rank gating can keep the bar off it.
+    assert run_bar(Console(file=io.StringIO(), force_terminal=True, width=120), main=False) == "log line\n"
+
+
+def test_other_ranks_default_console_is_silent():
+    assert progress("steps", main=False).console.quiet and not progress("steps", main=True).console.quiet
 
 
 def test_peak_memory_on_cpu_is_the_peak_resident_set_in_gib():
