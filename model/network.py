@@ -62,14 +62,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-def drop_labels(y: Tensor, prob: float, null_class: int, generator: torch.Generator | None = None) -> Tensor:
-    """Replace each label by `null_class` with probability `prob` (classifier-free training)."""
-    if prob <= 0:
-        return y
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < prob
-    return torch.where(drop, torch.full_like(y, null_class), y)
-
-
 def sincos_1d(dim: int, positions: Tensor) -> Tensor:
     """[sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k/(dim/2)): positions (M,) -> (M, dim)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
@@ -105,6 +97,17 @@ class HeadRMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
+def attention_layer(hidden_size: int, num_heads: int, qk_norm: bool) -> nn.Module:
+    """timm's multi-head self-attention, as DiT uses it (qkv, proj: the published parameter names).
+
+    It runs through scaled_dot_product_attention (flash kernels on GPU). QK-norm (optional, not in
+    the paper) RMS-normalises each head's queries and keys, bounding the logits, which otherwise
+    grow and overflow in bf16 at scale.
+    """
+    head_norm = functools.partial(HeadRMSNorm, eps=1e-6)
+    return Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, norm_layer=head_norm)
+
+
 class SiTBlock(nn.Module):
     """Transformer block whose LayerNorms are shifted, scaled and gated by the condition c."""
 
@@ -112,11 +115,7 @@ class SiTBlock(nn.Module):
         super().__init__()
         width = config.hidden_size
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        # timm's blocks, as DiT uses them (same parameter names as the published weights). Attention
-        # runs through scaled_dot_product_attention; QK-norm (optional, not in the paper) bounds the
-        # logits, which otherwise grow and overflow in bf16 at scale.
-        head_norm = functools.partial(HeadRMSNorm, eps=1e-6)
-        self.attn = Attention(width, config.num_heads, qkv_bias=True, qk_norm=config.qk_norm, norm_layer=head_norm)
+        self.attn = attention_layer(width, config.num_heads, config.qk_norm)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         tanh_gelu = functools.partial(nn.GELU, approximate="tanh")  # DiT's approximate GELU
         self.mlp = Mlp(width, int(width * config.mlp_ratio), act_layer=tanh_gelu)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model.network import Attention, SiT
+from model.network import SiT, attention_layer
 from tests.model.test_network import inputs, randomised, tiny
 
 # bf16 keeps 8 significant bits (relative rounding 2^-9); through the tiny 2-block network the
@@ -37,7 +37,7 @@ def relative_bf16_error(net: SiT, config) -> float:
 
 def test_qk_norm_attention_is_softmax_of_rms_normalised_queries_and_keys():
     torch.manual_seed(0)
-    attention = Attention(hidden_size=8, num_heads=2, qk_norm=True)
+    attention = attention_layer(hidden_size=8, num_heads=2, qk_norm=True)
     with torch.no_grad():
         attention.q_norm.weight.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
         attention.k_norm.weight.copy_(torch.tensor([2.0, 1.0, 0.5, 0.25]))

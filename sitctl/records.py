@@ -1,0 +1,126 @@
+"""Typed records between stages: what each artifact kind promises the next stage, written once, read once.
+
+A stage writes its record into the manifest's `extra` with `to_extra()`; the next stage reads it
+with `Info.from_artifact(artifact)`, which checks that every field is there (an artifact from an
+older sitctl, or a hand-edited one, is one ArtifactError line) instead of indexing a dict
+wherever a value is needed. The keys are the field names, so manifests read as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sitctl.errors import ArtifactError
+
+
+class _Record:
+    """to/from the manifest's `extra` for a frozen dataclass whose fields are JSON values."""
+
+    KIND = ""
+
+    def to_extra(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_artifact(cls, artifact) -> Any:
+        if artifact.kind != cls.KIND:
+            raise ArtifactError(f"{artifact.path} is a '{artifact.kind}' artifact, expected '{cls.KIND}'")
+        extra = artifact.extra
+        names = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        required = [field.name for field in dataclasses.fields(cls)  # type: ignore[arg-type]
+                    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in extra]
+        if missing:
+            raise ArtifactError(f"{artifact.path}: manifest lacks {', '.join(missing)}; remake it with this sitctl")
+        return cls(**{name: extra[name] for name in names if name in extra})
+
+
+@dataclass(frozen=True)
+class LatentsInfo(_Record):
+    """A `latents` artifact (sitctl encode): shards of VAE moments and what made them."""
+
+    KIND = "latents"
+    shards: list[dict[str, Any]]
+    """[{name, count}] in shard order."""
+    num_samples: int
+    num_classes: int
+    latent_shape: list[int]
+    """[C, H, W] of one latent."""
+    scale_factor: float
+    """Latents are multiplied by this for training and divided by it before decoding."""
+    image_size: int
+    vae: dict[str, Any]
+    """{name, source}: the VAE that encoded the images (and decodes samples)."""
+    source: dict[str, Any]
+    """{name, root}: the images encoded (the lineage a reference must match)."""
+    class_names: list[str] = dataclasses.field(default_factory=list)
+    class_histogram: list[int] = dataclasses.field(default_factory=list)
+    num_errors: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointInfo(_Record):
+    """A `checkpoint` artifact (sitctl train): the network and how to sample it."""
+
+    KIND = "checkpoint"
+    step: int
+    model: str
+    model_config: dict[str, Any]
+    """asdict of model.configs.SiTConfig."""
+    interp: str
+    pred: str
+    train_eps: float
+    sample_eps: float
+    """The default t range of sampling for this interpolant and prediction."""
+    latent_shape: list[int]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class SamplesInfo(_Record):
+    """A `samples` artifact (sitctl sample): uint8 images and where they came from."""
+
+    KIND = "samples"
+    num_samples: int
+    image_size: int
+    image_shape: list[int]
+    """[H, W, C]."""
+    num_classes: int
+    class_counts: list[int]
+    model_config: dict[str, Any]
+    interp: str
+    pred: str
+    vae: dict[str, Any]
+    scale_factor: float | None
+    source: dict[str, Any]
+    world_size: int
+    virtual_file: str
+    npz: str | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceInfo(_Record):
+    """A `reference` artifact (sitctl eval ref): real images and their Inception statistics."""
+
+    KIND = "reference"
+    num_images: int
+    image_size: int
+    source: dict[str, Any]
+    inception: dict[str, Any]
+    num_errors: int = 0
+    errors: list[Any] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MetricsInfo(_Record):
+    """A `metrics` artifact (sitctl eval): the values and what they were measured against."""
+
+    KIND = "metrics"
+    values: dict[str, float]
+    num_samples: int
+    num_expected: int
+    reference: dict[str, Any] | None
+    inception: dict[str, Any]
+    lineage: list[dict[str, Any]]
