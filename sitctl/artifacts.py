@@ -199,6 +199,22 @@ def finish_artifact(
     return Artifact(path=out, manifest=manifest)
 
 
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the file system holding `path` (or its nearest existing parent)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def write_failure(action: str, path: str | Path, error: OSError) -> str:
+    """One line for a failed write, naming the disk: "cannot write X (disk /scratch): No space left on device"."""
+    reason = error.strerror or str(error).splitlines()[0]
+    return f"cannot {action} {path} (disk mounted at {mount_point(path)}): {reason}"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` through a temporary file, fsync'd, then renamed into place."""
     tmp = path.with_name(path.name + ".tmp")

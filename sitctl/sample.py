@@ -404,7 +404,7 @@ def sample_stage(config: SampleConfig):
     import torch
 
     from sitctl import distributed
-    from sitctl.artifacts import begin_artifact, open_artifact
+    from sitctl.artifacts import begin_artifact, open_artifact, write_failure
 
     d = distributed.setup(config.device)
     if d.device.type == "cuda":
@@ -423,7 +423,7 @@ def sample_stage(config: SampleConfig):
             try:
                 finish_samples(staging, config, source, decoder, labels, d.world_size)
             except OSError as error:  # e.g. a full disk: nothing is renamed into place, a rerun finishes
-                raise SampleError(f"cannot finish {config.out}: {error}; free space and rerun to resume") from None
+                raise SampleError(f"{write_failure('finish', staging, error)}; free space and rerun to resume") from None
         distributed.barrier(d)
         return open_artifact(config.out, "samples")
     finally:
@@ -459,10 +459,12 @@ def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging:
 
 
 def _append(writer, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, staging: Path) -> None:
+    from sitctl.artifacts import write_failure
+
     try:
         writer.append(images, labels, indices)
     except OSError as error:  # a full disk: the committed rows stay valid, the run can resume
-        raise SampleError(f"cannot write samples into {staging}: {error}; free space and rerun to resume") from None
+        raise SampleError(f"{write_failure('write samples into', staging, error)}; free space and rerun to resume") from None
 
 
 # =============================================================================================
