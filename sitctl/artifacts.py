@@ -90,22 +90,73 @@ def open_artifact(path: str | Path, kind: str | Iterable[str] | None = None) -> 
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ArtifactError(f"{manifest_path} is unreadable: {error}") from None
-    if not isinstance(manifest, dict) or "schema" not in manifest or "kind" not in manifest:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("schema"), int) or "kind" not in manifest:
         raise ArtifactError(f"{manifest_path} is not an artifact manifest")
     if manifest["schema"] > SCHEMA_VERSION:
         raise ArtifactError(
             f"{path} has schema {manifest['schema']}, newer than this sitctl's {SCHEMA_VERSION}; upgrade sitctl"
         )
+    check_manifest(manifest, manifest_path)
     wanted = (kind,) if isinstance(kind, str) else tuple(kind or ())
     if wanted and manifest["kind"] not in wanted:
         raise ArtifactError(f"{path} is a '{manifest['kind']}' artifact, expected {' or '.join(repr(k) for k in wanted)}")
     for name, entry in manifest["files"].items():
         file = path / name
+        if file.is_symlink() or not file.resolve().is_relative_to(path.resolve()):
+            raise ArtifactError(f"{path}: file {name} listed in the manifest leads outside the artifact; refused")
         if not file.is_file():
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
         if file.stat().st_size != entry["size"]:
             raise ArtifactError(f"{path}: file {name} has {file.stat().st_size} bytes, manifest says {entry['size']}")
     return Artifact(path=path, manifest=manifest)
+
+
+# Fields every manifest has, with their JSON types; a manifest lacking one is not readable.
+_MANIFEST_FIELDS = {"kind": str, "id": str, "config": dict, "inputs": list, "files": dict}
+
+# Lists in `extra` whose items name files ({"name": ...}) that a stage opens: each must be one of
+# the hashed files, hence a plain path inside the artifact (latents shards are streamed by name).
+_FILE_LISTS = {"latents": ("shards",)}
+
+
+def check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """Refuse a manifest that is malformed or was edited after it was written.
+
+    The content id is recomputed from the file table, and the manifest digest (over every other
+    field) from the manifest itself, so a hand edit of a size, a hash, the config or the extra
+    (a scale factor, a shard count) is caught when the artifact is opened, not only by `verify`.
+    """
+    for key, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(f"{where} is not a valid manifest: '{key}' is missing or not a {kind.__name__}")
+    for name, entry in manifest["files"].items():
+        check_member_name(name, where)
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+            raise ArtifactError(f"{where} is not a valid manifest: file {name} needs an integer size and a sha256")
+    for field in _FILE_LISTS.get(manifest["kind"], ()):
+        for item in (manifest.get("extra") or {}).get(field, []):
+            name = item.get("name") if isinstance(item, dict) else None
+            if not isinstance(name, str) or name not in manifest["files"]:
+                raise ArtifactError(f"{where}: {field} entry {name!r} is not one of the artifact's own files; refused")
+    if content_id(manifest["files"]) != manifest["id"]:
+        raise ArtifactError(f"{where}: content id {manifest['id']} does not match its file table (edited by hand?)")
+    recorded = manifest.get("digest")  # absent only in manifests written before it was introduced
+    if recorded is not None and recorded != manifest_digest(manifest):
+        raise ArtifactError(f"{where} was edited after it was written (its digest does not match); refused")
+
+
+def check_member_name(name: str, where: Path | str) -> None:
+    """A file named by a manifest (or a shard list) must be a plain relative path inside the artifact."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in parts):
+        raise ArtifactError(f"{where}: file name {name!r} is not a plain relative path inside the artifact; refused")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest field."""
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    canonical = json.dumps(json.loads(json.dumps(body)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -192,6 +243,7 @@ def finish_artifact(
         "extra": extra or {},
         "files": files,
     }
+    manifest["digest"] = manifest_digest(manifest)
     write_json_atomic(staging / MANIFEST, manifest)
     if out.exists():
         raise ArtifactError(f"{out} already exists; artifacts are never overwritten, choose a new --out")

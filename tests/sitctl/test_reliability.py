@@ -98,3 +98,68 @@ def test_full_disk_while_sampling_stops_in_one_line_and_the_rerun_redraws_what_w
             images = resumed["images"][:]
             assert np.array_equal(images, straight["images"][:])
         assert images.reshape(400, -1).max(axis=1).min() > 0  # no image left as zeros
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted files: nothing a user or a cache supplies is unpickled
+# ---------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """A pickle that makes a directory when unpickled: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_pickle_as_inception_weights_is_refused_without_running(tmp_path, capsys, monkeypatch):
+    import torch
+
+    marker = tmp_path / "code-ran"
+    weights = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(1), "trap": _Payload(marker)}, weights)
+    status, stderr = cli("eval", "ref", "digits", "--out", tmp_path / "ref", "--image-size", "16", "--max-images", "4",
+                         "--device", "cpu", "--no-fetch", "--inception-weights", weights, capsys=capsys)
+    assert_one_error_line(status, stderr, "not a state dict of plain tensors")
+    # The same file planted where torch-fidelity caches its download.
+    from sitctl.evaluate.inception import torch_fidelity_cache_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    torch_fidelity_cache_path().parent.mkdir(parents=True)
+    torch_fidelity_cache_path().write_bytes(weights.read_bytes())
+    status, stderr = cli("eval", "ref", "digits", "--out", tmp_path / "ref", "--image-size", "16", "--max-images", "4",
+                         "--device", "cpu", "--no-fetch", capsys=capsys)
+    assert_one_error_line(status, stderr, "not a state dict of plain tensors")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"these are not weights\n", b"PK\x03\x04 truncated zip"])
+def test_an_unreadable_inception_weights_file_is_one_line(tmp_path, capsys, content):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(content)
+    status, stderr = cli("eval", "ref", "digits", "--out", tmp_path / "ref", "--image-size", "16", "--max-images", "4",
+                         "--device", "cpu", "--no-fetch", "--inception-weights", weights, capsys=capsys)
+    assert_one_error_line(status, stderr, str(weights))
+
+
+def test_plain_tensor_inception_weights_still_load(tmp_path):
+    """The safe route (weights_only read, in-memory copy) gives torch-fidelity's network its tensors."""
+    from unittest import mock
+
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from sitctl.evaluate.inception import InceptionWeights, create_extractor
+
+    torch.save({}, tmp_path / "empty.pth")
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):  # only to get the tensor names and shapes
+        blank = FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path=tmp_path / "empty.pth")
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {key: torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+                  for key, value in blank.state_dict().items()}
+    torch.save(state_dict, tmp_path / "weights.pth")
+    extractor = create_extractor(InceptionWeights("torch-fidelity", tmp_path / "weights.pth"), ["2048"], torch.device("cpu"))
+    assert torch.equal(extractor.fc.weight, state_dict["fc.weight"])
