@@ -13,10 +13,16 @@ never read as finished, and an existing artifact is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +202,55 @@ def begin_artifact(out: str | Path) -> Path:
     return staging
 
 
+def lock_path(out: str | Path) -> Path:
+    """The lock file of `out`: beside it, so it is neither in the staging dir nor in the artifact."""
+    out = Path(os.path.abspath(out))  # out/x and /home/me/out/x are the same output
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path):
+    """Hold the lock of `out` while inside; a second writer fails at once, naming the holder.
+
+    Only rank 0 of a job takes it (RANK unset means a single process), so the ranks of one
+    torchrun job do not exclude each other. The kernel drops an flock when its holder dies, so
+    a killed run never leaves a stale lock behind.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = _locked_file(path, out)
+    except OSError as error:
+        raise ArtifactError(write_failure("write to", path.parent, error)) from None
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+def _locked_file(path: Path, out: str | Path):
+    """Open and flock `path`; retry if it was unlinked by a finishing holder between open and lock."""
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            handle.close()
+            raise ArtifactError(f"{out} is being written by {holder}; wait for it to end or stop it, then rerun") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            handle.truncate(0)
+            handle.write(f"sitctl process {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            return handle
+        handle.close()
+
+
 def content_id(files: dict[str, dict[str, Any]]) -> str:
     digest = hashlib.sha256()
     for name in sorted(files):
@@ -221,15 +276,22 @@ def finish_artifact(
     config: dict[str, Any],
     inputs: Iterable[Artifact] = (),
     extra: dict[str, Any] | None = None,
+    private: Iterable[str] = (),
 ) -> Artifact:
-    """Hash every file in `staging`, write the manifest, and rename the directory to `out`."""
+    """Hash every file in `staging`, write the manifest, and rename the directory to `out`.
+
+    `private` names top-level entries of the staging dir (a stage's resume records) that are left
+    out of the manifest and deleted only after the rename. Deleting them before would open a
+    window where a kill leaves finished-looking data without the settings it was made with, and
+    a rerun with other settings would then publish it under those.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
-    out = Path(out)
+    out, private = Path(out), set(private)
     files = {}
     for file in sorted(p for p in staging.rglob("*") if p.is_file()):
         name = file.relative_to(staging).as_posix()
-        if name != MANIFEST and not name.endswith(".tmp"):
+        if name != MANIFEST and not name.endswith(".tmp") and name.split("/")[0] not in private:
             files[name] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
     manifest = {
         "schema": SCHEMA_VERSION,
@@ -248,7 +310,16 @@ def finish_artifact(
     if out.exists():
         raise ArtifactError(f"{out} already exists; artifacts are never overwritten, choose a new --out")
     os.replace(staging, out)
+    for name in private:
+        _remove(out / name)
     return Artifact(path=out, manifest=manifest)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def mount_point(path: str | Path) -> Path:
@@ -265,6 +336,35 @@ def write_failure(action: str, path: str | Path, error: OSError) -> str:
     """One line for a failed write, naming the disk: "cannot write X (disk /scratch): No space left on device"."""
     reason = error.strerror or str(error).splitlines()[0]
     return f"cannot {action} {path} (disk mounted at {mount_point(path)}): {reason}"
+
+
+# Errors of the disk rather than of the program: full, over quota, read-only, not writable, failing.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG})
+
+
+@contextlib.contextmanager
+def disk_errors(action: str, where: str | Path, hint: str = "free space (or make it writable) and rerun to resume"):
+    """Turn a failed write of the disk's making into one ArtifactError line naming the disk.
+
+    safetensors reports I/O failures as its own exception with "(os error N)" in the text, so
+    those are mapped back to the OSError they stand for.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        raise ArtifactError(f"{write_failure(action, where, error)}; {hint}") from None
+    except Exception as error:
+        code = _safetensors_errno(error)
+        if code not in DISK_ERRNOS:
+            raise
+        raise ArtifactError(f"{write_failure(action, where, OSError(code, os.strerror(code)))}; {hint}") from None
+
+
+def _safetensors_errno(error: Exception) -> int | None:
+    match = re.search(r"\(os error (\d+)\)", str(error)) if type(error).__name__ == "SafetensorError" else None
+    return int(match.group(1)) if match else None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -8,6 +8,7 @@ run only as root (CI containers) and are skipped elsewhere.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -163,3 +164,265 @@ def test_plain_tensor_inception_weights_still_load(tmp_path):
     torch.save(state_dict, tmp_path / "weights.pth")
     extractor = create_extractor(InceptionWeights("torch-fidelity", tmp_path / "weights.pth"), ["2048"], torch.device("cpu"))
     assert torch.equal(extractor.fc.weight, state_dict["fc.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: each is exit 2, one `error:` line, no traceback, and nothing a later stage accepts
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_ARGS = ["--model", "SiT-T/2", "--steps", "2", "--global-batch", "8", "--data-lanes", "2", "--shuffle-buffer", "16",
+              "--loader-workers", "0", "--log-every", "1", "--preview-every", "0", "--ckpt-every", "2", "--device", "cpu"]
+SMALL_SAMPLE = ["--num-samples", "4", "--batch-size", "4", "--steps", "2", "--mode", "ode", "--method", "euler",
+                "--device", "cpu", "--preview", "0"]
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def flip_one_bit(path: Path, offset_from_end: int = 9) -> None:
+    """Flip a bit near the end of the file (in the tensor data): the size stays the same."""
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def forge(path: Path, edit) -> None:
+    """Edit a manifest and re-sign it (content id and digest), as only a deliberate forger would."""
+    from sitctl.artifacts import content_id, manifest_digest
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    manifest["id"] = content_id(manifest["files"])
+    manifest["digest"] = manifest_digest(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def hand_edit(path: Path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def trained_run(digits_latents_dir, tmp_path_factory) -> Path:
+    """A real two-step training run (one checkpoint) on the 8x8 digits."""
+    from sitctl.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(TrainConfig(latents=str(digits_latents_dir), out=str(out), model="SiT-T/2", steps=2, global_batch=8,
+                      data_lanes=2, shuffle_buffer=16, loader_workers=0, log_every=1, preview_every=0, ckpt_every=2,
+                      device="cpu"))
+    return out
+
+
+def _bad_inputs(root: Path, latents: Path, run: Path, samples_run: Path) -> dict[str, list]:
+    """name -> CLI arguments of one bad input, with the files it needs made under `root`."""
+    checkpoint = run / "step-0000002"
+    cases: dict[str, list] = {}
+
+    def variant(name: str, source: Path, change) -> Path:
+        copied = copy_tree(source, root / name)
+        change(copied)
+        return copied
+
+    (root / "empty.pt").write_bytes(b"")
+    (root / "text.pt").write_text("not a state dict\n")
+    cases["sample: empty file"] = ["sample", root / "empty.pt", "--model", "SiT-T/2", "--vae", "none", *SMALL_SAMPLE]
+    cases["sample: text file"] = ["sample", root / "text.pt", "--model", "SiT-T/2", "--vae", "none", *SMALL_SAMPLE]
+    cases["sample: a checkpoint's ema.safetensors (no image size)"] = [
+        "sample", checkpoint / "ema.safetensors", "--model", "SiT-T/2", "--vae", "none", *SMALL_SAMPLE]
+    cases["sample: missing checkpoint"] = ["sample", root / "nowhere", *SMALL_SAMPLE]
+    cases["sample: latents instead of a checkpoint"] = ["sample", latents, *SMALL_SAMPLE]
+    cases["sample: truncated ema.safetensors"] = ["sample", variant(
+        "truncated", checkpoint, lambda p: (p / "ema.safetensors").write_bytes((p / "ema.safetensors").read_bytes()[:-100])),
+        *SMALL_SAMPLE]
+    cases["sample: same-size bit flip in ema.safetensors"] = ["sample", variant(
+        "flipped-ema", checkpoint, lambda p: flip_one_bit(p / "ema.safetensors")), *SMALL_SAMPLE]
+    cases["sample: same-size bit flip in model.safetensors (--no-ema)"] = ["sample", variant(
+        "flipped-model", checkpoint, lambda p: flip_one_bit(p / "model.safetensors")), "--no-ema", *SMALL_SAMPLE]
+    cases["sample: manifest without files"] = ["sample", variant(
+        "no-files", checkpoint, lambda p: hand_edit(p, lambda m: m.pop("files"))), *SMALL_SAMPLE]
+    cases["sample: forged unknown interpolant"] = ["sample", variant(
+        "bad-interp", checkpoint, lambda p: forge(p, lambda m: m["extra"].update(interp="cosine"))), *SMALL_SAMPLE]
+    cases["sample: forged class count"] = ["sample", variant(
+        "bad-classes", checkpoint, lambda p: forge(p, lambda m: m["extra"]["model_config"].update(num_classes=3))),
+        *SMALL_SAMPLE]
+    cases["sample: forged unknown model field"] = ["sample", variant(
+        "bad-field", checkpoint, lambda p: forge(p, lambda m: m["extra"]["model_config"].update(depth_x=3))),
+        *SMALL_SAMPLE]
+    cases["sample: hand-edited extra"] = ["sample", variant(
+        "edited", checkpoint, lambda p: hand_edit(p, lambda m: m["extra"].update(pred="score"))), *SMALL_SAMPLE]
+    cases["sample: schema 99"] = ["sample", variant(
+        "schema", checkpoint, lambda p: hand_edit(p, lambda m: m.update(schema=99))), *SMALL_SAMPLE]
+    cases["sample: manifest not JSON"] = ["sample", variant(
+        "not-json", checkpoint, lambda p: (p / "manifest.json").write_text("{not json")), *SMALL_SAMPLE]
+    cases["sample: --out an existing artifact"] = ["sample", run, *SMALL_SAMPLE, "--out", latents]
+    cases["train --resume: bit flip in model.safetensors"] = ["train", latents, *TRAIN_ARGS, "--steps", "4", "--resume",
+                                                              "--out", variant("flipped-run", run, lambda p: flip_one_bit(
+                                                                  p / "step-0000002" / "model.safetensors"))]
+    cases["train --resume: bit flip in optimizer.safetensors"] = [
+        "train", latents, *TRAIN_ARGS, "--steps", "4", "--resume",
+        "--out", variant("flipped-optimizer", run, lambda p: flip_one_bit(p / "step-0000002" / "optimizer.safetensors"))]
+    cases["train: --out a latents artifact"] = ["train", latents, *TRAIN_ARGS, "--out", latents]
+    cases["train: --out a checkpoint artifact"] = ["train", latents, *TRAIN_ARGS, "--out", checkpoint]
+    cases["train: --out a samples artifact"] = ["train", latents, *TRAIN_ARGS, "--out", samples_run]
+    cases["train: hand-edited scale_factor"] = ["train", variant(
+        "scaled", latents, lambda p: hand_edit(p, lambda m: m["extra"].update(scale_factor=1000))), *TRAIN_ARGS]
+    cases["train: shard named outside the artifact"] = ["train", variant(
+        "escaping", latents, lambda p: forge(p, lambda m: m["extra"]["shards"][0].update(name="../x/shard-000000.tar"))),
+        *TRAIN_ARGS]
+    cases["train: latents file entry /etc/hostname"] = ["train", variant(
+        "absolute", latents, lambda p: forge(p, lambda m: m["files"].update({"/etc/hostname": {"size": 1, "sha256": "0"}}))),
+        *TRAIN_ARGS]
+    cases["verify: ../ entry"] = ["verify", variant(
+        "dotdot", latents, lambda p: forge(p, lambda m: m["files"].update({"../secret.txt": {"size": 1, "sha256": "0"}})))]
+    cases["show: manifest not JSON"] = ["show", root / "not-json"]
+    cases["encode: missing source"] = ["encode", root / "no-such-folder", "--vae", "none", "--image-size", "8"]
+    (root / "empty-folder").mkdir()
+    cases["encode: empty folder"] = ["encode", root / "empty-folder", "--vae", "none", "--image-size", "8"]
+    cases["eval ref: text inception weights"] = ["eval", "ref", "digits", "--image-size", "16", "--max-images", "4",
+                                                 "--device", "cpu", "--no-fetch", "--inception-weights", root / "text.pt"]
+    return cases
+
+
+def test_bad_inputs_end_in_one_error_line(digits_latents_dir, trained_run, pixel_run, tmp_path, capsys):
+    samples = tmp_path / "some-samples"
+    assert cli("sample", pixel_run, *SMALL_SAMPLE, "--out", samples, capsys=capsys)[0] == 0
+    cases = _bad_inputs(tmp_path, digits_latents_dir, trained_run, samples)
+    clean, messages = [], {}
+    for number, (name, args) in enumerate(cases.items()):
+        out = tmp_path / f"out-{number}"
+        has_out = "--out" in args or args[0] in ("verify", "show")
+        status, stderr = cli(*args, *([] if has_out else ["--out", out]), capsys=capsys)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        messages[name] = stderr
+        if status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and not out.exists():
+            clean.append(name)
+    print(f"bad inputs tried {len(cases)}, clean {len(clean)}")
+    assert sorted(clean) == sorted(cases), {name: messages[name] for name in cases if name not in clean}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kills, then reruns: the same bytes as an uninterrupted run, and no mixing of settings
+# ---------------------------------------------------------------------------------------------
+
+SAMPLE_SETTINGS = dict(mode="ode", method="euler", steps=2, num=10, batch_size=4, device="cpu", preview=4)
+SAMPLE_CLI = ["--mode", "ode", "--method", "euler", "--steps", "2", "--num-samples", "10", "--batch-size", "4",
+              "--device", "cpu", "--preview", "4"]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL at one exact point: nothing after it runs (no except Exception catches it)."""
+
+
+def kill_at_publish(monkeypatch) -> None:
+    """Make the rename of a staging dir into place 'kill' the process just before it happens."""
+    import sitctl.artifacts
+
+    real_replace = os.replace
+
+    def replace(source, target):
+        if str(source).endswith(".partial"):
+            raise _Killed
+        real_replace(source, target)
+
+    monkeypatch.setattr(sitctl.artifacts.os, "replace", replace)
+
+
+def sample_bytes(path: Path) -> dict[str, bytes]:
+    """What must not change across a kill: the id, the merged images and labels, the preview."""
+    artifact = open_artifact(path, "samples")
+    with h5py.File(artifact.file("samples.h5"), "r") as handle:
+        return {"id": artifact.id.encode(), "images": handle["images"][:].tobytes(), "labels": handle["labels"][:].tobytes(),
+                "preview": artifact.file("preview.png").read_bytes()}
+
+
+def run_subprocess(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sitctl.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=full_env)
+
+
+def test_sampling_killed_then_rerun_gives_identical_bytes_and_never_mixes_settings(pixel_run, tmp_path, monkeypatch, capsys):
+    from sitctl.sample import CRASH_HOOK, SampleConfig, sample_stage
+
+    straight = tmp_path / "straight"
+    sample_stage(SampleConfig(checkpoint=str(pixel_run), out=str(straight), **SAMPLE_SETTINGS))
+    tried = identical = 0
+    for batches in (1, 3):  # mid-run, and after the last batch (before finishing)
+        out = tmp_path / f"killed-after-{batches}"
+        assert run_subprocess("sample", pixel_run, "--out", out, *SAMPLE_CLI, env={CRASH_HOOK: str(batches)}).returncode == 17
+        assert_one_error_line(*cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, "--seed", "1", capsys=capsys), "seed=0")
+        assert cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, capsys=capsys)[0] == 0
+        tried, identical = tried + 1, identical + (sample_bytes(out) == sample_bytes(straight))
+    # Killed in the finishing window, as the staging dir is renamed into place.
+    out = tmp_path / "killed-publishing"
+    with monkeypatch.context() as patch:
+        kill_at_publish(patch)
+        with pytest.raises(_Killed):
+            sample_stage(SampleConfig(checkpoint=str(pixel_run), out=str(out), **SAMPLE_SETTINGS))
+    assert_one_error_line(*cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, "--seed", "1", capsys=capsys), "seed=0")
+    assert cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, capsys=capsys)[0] == 0
+    tried, identical = tried + 1, identical + (sample_bytes(out) == sample_bytes(straight))
+    print(f"sample: interruptions tried {tried}, identical {identical}")
+    assert identical == tried
+    assert not (out / "sampling-settings.json").exists()  # the resume record is not part of the artifact
+
+
+def test_encoding_killed_then_rerun_gives_identical_bytes_and_never_mixes_sources(tmp_path, monkeypatch, capsys):
+    from sitctl.encode import CRASH_AFTER_SHARDS_ENV
+
+    args = ["--vae", "none", "--image-size", "8", "--limit", "48", "--shard-size", "16", "--workers", "0"]
+    straight = tmp_path / "straight"
+    assert cli("encode", "digits", "--out", straight, *args, capsys=capsys)[0] == 0
+    killed = tmp_path / "killed"
+    assert run_subprocess("encode", "digits", "--out", killed, *args, env={CRASH_AFTER_SHARDS_ENV: "1"}).returncode == 75
+    assert_one_error_line(*cli("encode", "digits:holdout", "--out", killed, *args, capsys=capsys), "other settings")
+    assert cli("encode", "digits", "--out", killed, *args, capsys=capsys)[0] == 0
+    publishing = tmp_path / "publishing"
+    with monkeypatch.context() as patch:
+        kill_at_publish(patch)
+        with pytest.raises(_Killed):
+            cli("encode", "digits", "--out", publishing, *args, capsys=capsys)
+    assert_one_error_line(*cli("encode", "digits:holdout", "--out", publishing, *args, capsys=capsys), "other settings")
+    # The same run spelled with a relative --out resumes it.
+    monkeypatch.chdir(tmp_path)
+    assert cli("encode", "digits", "--out", "publishing", *args, capsys=capsys)[0] == 0
+    identical = sum(open_artifact(path).id == open_artifact(straight).id for path in (killed, publishing))
+    print(f"encode: interruptions tried 2, identical {identical}")
+    assert identical == 2
+    assert sorted(p.name for p in publishing.iterdir()) == sorted(p.name for p in straight.iterdir())
+
+
+def test_training_is_reproducible_and_a_killed_checkpoint_write_resumes_to_the_same_bytes(digits_latents_dir, tmp_path):
+    from sitctl.checkpoint import checkpoint_dir
+    from sitctl.train import TrainConfig, train
+
+    def config(out, steps, **overrides):
+        return TrainConfig(latents=str(digits_latents_dir), out=str(out), model="SiT-T/2", steps=steps, global_batch=8,
+                           data_lanes=2, shuffle_buffer=16, loader_workers=0, log_every=3, preview_every=0,
+                           ckpt_every=2, device="cpu", **overrides)
+
+    one, two = train(config(tmp_path / "one", 4)), train(config(tmp_path / "two", 4))
+    assert one.id == two.id  # weights, optimizer, rng.safetensors and state.json all identical
+    # Killed while step 4's checkpoint was being written: its rows are logged, its directory half made.
+    killed = copy_tree(tmp_path / "one", tmp_path / "killed")
+    import shutil
+
+    shutil.rmtree(checkpoint_dir(killed, 4))
+    staging_dir(checkpoint_dir(killed, 4)).mkdir()
+    (staging_dir(checkpoint_dir(killed, 4)) / "model.safetensors").write_bytes(b"half written")
+    resumed = train(config(killed, 4, resume=True))
+    assert resumed.id == one.id
+    rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    straight_rows = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+
+    def losses(lines):
+        return [(row["step"], row["loss"], row["grad_norm"]) for row in map(json.loads, lines)]
+
+    # log_every 3, resumed at 2: the step-3 row still averages steps 1..3, as without the kill, and is not doubled.
+    assert losses(rows) == losses(straight_rows)
