@@ -334,7 +334,8 @@ def mount_point(path: str | Path) -> Path:
 
 def write_failure(action: str, path: str | Path, error: OSError) -> str:
     """One line for a failed write, naming the disk: "cannot write X (disk /scratch): No space left on device"."""
-    reason = error.strerror or str(error).splitlines()[0]
+    # errno's own text: h5py's strerror runs over lines (timestamps, file descriptors, buffers).
+    reason = os.strerror(error.errno) if error.errno else (str(error).splitlines() or ["I/O error"])[0]
     return f"cannot {action} {path} (disk mounted at {mount_point(path)}): {reason}"
 
 

@@ -195,8 +195,9 @@ def read_adm_npz(path: Path) -> Reference:
                 raise ReferenceError(f"{path} is not an ADM reference batch: it lacks {', '.join(sorted(missing))}")
             statistics = Gaussian(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64))
         shape = _npz_array_shape(path, "arr_0")
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise ReferenceError(f"{path} is unreadable as .npz: {error}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # EOFError: an empty file
+        reason = (str(error).strip().splitlines() or ["empty or cut short"])[0]
+        raise ReferenceError(f"{path} is unreadable as .npz: {reason}") from None
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise ReferenceError(f"{path}: arr_0 has shape {shape}, expected (N, S, S, 3) images")
     digest = hashlib.sha256(statistics.mu.tobytes() + statistics.sigma.tobytes()).hexdigest()[:16]

@@ -286,6 +286,9 @@ def _bad_inputs(root: Path, latents: Path, run: Path, samples_run: Path) -> dict
     cases["encode: empty folder"] = ["encode", root / "empty-folder", "--vae", "none", "--image-size", "8"]
     cases["eval ref: text inception weights"] = ["eval", "ref", "digits", "--image-size", "16", "--max-images", "4",
                                                  "--device", "cpu", "--no-fetch", "--inception-weights", root / "text.pt"]
+    (root / "empty.npz").write_bytes(b"")
+    cases["eval fid: empty --ref"] = ["eval", "fid", samples_run, "--ref", root / "empty.npz", "--allow-fewer",
+                                      "--device", "cpu", "--no-fetch"]
     return cases
 
 
@@ -426,3 +429,69 @@ def test_training_is_reproducible_and_a_killed_checkpoint_write_resumes_to_the_s
 
     # log_every 3, resumed at 2: the step-3 row still averages steps 1..3, as without the kill, and is not doubled.
     assert losses(rows) == losses(straight_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full and read-only disks in every writing stage; the rerun after freeing space finishes
+# ---------------------------------------------------------------------------------------------
+
+ENCODE_ARGS = ["--vae", "none", "--image-size", "16", "--limit", "64", "--shard-size", "32", "--workers", "0"]
+
+
+def test_full_or_read_only_disk_in_encode_train_and_eval_ref_is_one_line(digits_latents_dir, tmp_path, capsys):
+    disk = tmp_path / "disk"
+    stages = {
+        "encode": ["encode", "digits", *ENCODE_ARGS],
+        "train": ["train", digits_latents_dir, *TRAIN_ARGS],
+        "eval ref": ["eval", "ref", "digits", "--image-size", "16", "--max-images", "8", "--device", "cpu", "--no-fetch"],
+    }
+    with small_disk(disk, "16k") as resize:
+        for name, args in stages.items():
+            status, stderr = cli(*args, "--out", disk / name.replace(" ", "-"), capsys=capsys)
+            assert_one_error_line(status, stderr, "No space left on device", f"disk mounted at {disk}")
+        resize("16m")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        for name, args in stages.items():
+            status, stderr = cli(*args, "--out", disk / f"{name.replace(' ', '-')}-ro", capsys=capsys)
+            assert_one_error_line(status, stderr, "Read-only file system")
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        # With space again, each stage resumes what it left (train: from scratch, it saved nothing).
+        encode_out = disk / "encode"
+        assert cli(*stages["encode"], "--out", encode_out, capsys=capsys)[0] == 0
+        assert cli(*stages["train"], "--out", disk / "train", capsys=capsys)[0] == 0
+        straight = tmp_path / "straight"
+        assert cli(*stages["encode"], "--out", straight, capsys=capsys)[0] == 0
+        assert open_artifact(encode_out).id == open_artifact(straight).id
+
+
+# ---------------------------------------------------------------------------------------------
+# Two runs on one output: one wins, the other says who holds it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_out_names_the_process_holding_it(pixel_run, digits_latents_dir, tmp_path, capsys):
+    from sitctl.artifacts import lock_path
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sitctl.artifacts import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for args in (["sample", pixel_run, *SMALL_SAMPLE], ["encode", "digits", *ENCODE_ARGS],
+                     ["train", digits_latents_dir, *TRAIN_ARGS]):
+            status, stderr = cli(*args, "--out", tmp_path / "out", capsys=capsys)
+            assert_one_error_line(status, stderr, f"sitctl process {holder.pid}")
+        # Spelled relative, it is the same output.
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            assert_one_error_line(*cli("sample", pixel_run, *SMALL_SAMPLE, "--out", "out", capsys=capsys), str(holder.pid))
+        finally:
+            os.chdir(cwd)
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait()
+    assert lock_path(tmp_path / "out").exists()  # left behind by the kill, and harmless:
+    assert cli("sample", pixel_run, *SMALL_SAMPLE, "--out", tmp_path / "out", capsys=capsys)[0] == 0
+    assert not lock_path(tmp_path / "out").exists()
