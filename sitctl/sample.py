@@ -409,7 +409,7 @@ def sample_stage(config: SampleConfig):
     import torch
 
     from sitctl import distributed
-    from sitctl.artifacts import begin_artifact, open_artifact, output_lock, write_failure
+    from sitctl.artifacts import begin_artifact, disk_errors, open_artifact, output_lock, staging_dir, write_failure
 
     d = distributed.setup(config.device)
     if d.device.type == "cuda":
@@ -418,7 +418,8 @@ def sample_stage(config: SampleConfig):
         # Everything a user can get wrong is checked here, before the first network evaluation.
         source = open_source(config, d.device)
         decoder = load_decoder(source, d.device)
-        with output_lock(config.out):  # a second run on this --out stops here, naming the first
+        # A second run on this --out stops at the lock, naming the first; a full disk is one line.
+        with output_lock(config.out), disk_errors("write samples into", staging_dir(config.out)):
             staging = begin_artifact(config.out)
             done = prepare_staging(staging, _settings(config, source), d)
             labels = class_labels(config.num, source.model_config.num_classes, config.seed, config.labels)

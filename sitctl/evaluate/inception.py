@@ -194,9 +194,10 @@ def load_state_dict_safely(path: Path) -> dict[str, torch.Tensor]:
     """A torch.save'd state dict read with weights_only=True: tensors and plain containers, no code."""
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # empty, text, truncated, or a pickle naming anything beyond tensors
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InceptionWeightsError(f"{path} is not a state dict of plain tensors (refused unread: {reason[:160]})") from None
+    except Exception:  # empty, text, truncated, or a pickle naming anything beyond tensors
+        raise InceptionWeightsError(
+            f"{path} is not a state dict of plain tensors (read with weights_only=True: nothing in it was run)"
+        ) from None
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(value) for value in state_dict.values()):
         raise InceptionWeightsError(f"{path} does not hold a state dict of tensors")
     return state_dict
