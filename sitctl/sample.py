@@ -216,9 +216,10 @@ def _open_published(config: SampleConfig, path: Path, device) -> Source:
         raise SampleError(f"{path} is a bare state dict with no lineage: pass --model (e.g. SiT-XL/2) and --vae")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or pickled objects beyond tensors
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]  # an empty file's error has no text
-        raise ArtifactError(f"{path} is not a readable torch state dict: {reason}") from None
+    except Exception:  # empty, truncated, not a torch file, or pickled objects beyond tensors
+        # torch's own text is left out: it can be empty, or advise unpickling the file unsafely.
+        raise ArtifactError(f"{path} is not a readable torch state dict of tensors "
+                            "(read with weights_only=True: nothing in it was run)") from None
     if not isinstance(state_dict, dict):
         raise ArtifactError(f"{path} does not hold a state dict")
     # Reference training checkpoints hold {"model", "ema", "opt", "args"}; released files are bare EMA weights.
