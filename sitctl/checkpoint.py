@@ -16,6 +16,7 @@ Nothing is pickled. The manifest's extra holds `model_config` (asdict of SiTConf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -25,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
-from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact, staging_dir
+from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, open_artifact, staging_dir
 from sitctl.errors import ArtifactError
 
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -100,6 +103,13 @@ def save_checkpoint(
     """Write step-NNNNNNN/ atomically (staging dir, then rename); returns the finished artifact."""
     out = checkpoint_dir(run_dir, step)
     staging = begin_artifact(out)
+    with disk_errors("write checkpoint", staging, hint="free space (or make it writable) and rerun with --resume"):
+        return _write_checkpoint(staging, out, step, model=model, ema=ema, optimizer=optimizer, state=state,
+                                 config=config, latents=latents, extra=extra)
+
+
+def _write_checkpoint(staging: Path, out: Path, step: int, *, model, ema, optimizer, state, config, latents,
+                      extra) -> Artifact:
     save_file(_cpu_state(model), staging / "model.safetensors")
     save_file(_cpu_state(ema), staging / "ema.safetensors")
     optimizer_tensors, optimizer_json = _optimizer_files(optimizer)
@@ -136,13 +146,40 @@ def discard_partial(run_dir: str | Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def read_verified(artifact: Artifact, name: str) -> bytes:
+    """The bytes of one file of the artifact, checked against the sha256 its manifest records.
+
+    The check runs on the very bytes that are then parsed, so a flipped bit (same size, so the
+    open-time size check passes) or a file swapped after opening is refused, not trained on.
+    """
+    entry = artifact.manifest["files"].get(name)
+    if entry is None:
+        raise ArtifactError(f"{artifact.path}: the manifest lists no {name}")
+    try:
+        data = artifact.file(name).read_bytes()
+    except OSError as error:
+        raise ArtifactError(f"{artifact.path}: cannot read {name}: {error.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ArtifactError(f"{artifact.path}: {name} does not match its recorded sha256 (corrupt or tampered); refused")
+    return data
+
+
+def load_tensors(artifact: Artifact, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A verified .safetensors file of the artifact as a dict of tensors on `device`."""
+    try:
+        tensors = safetensors_load(read_verified(artifact, name))
+    except SafetensorError as error:  # hashes match but the writer wrote something unreadable
+        raise ArtifactError(f"{artifact.path}: {name} is not a readable safetensors file: {error}") from None
+    return {key: value.to(device) for key, value in tensors.items()}
+
+
 def load_training_state(artifact: Artifact, *, model, ema, optimizer, device) -> dict[str, Any]:
     """Restore weights, optimizer and RNG states in place; return state.json."""
-    model.load_state_dict(load_file(artifact.file("model.safetensors"), device=str(device)))
-    ema.load_state_dict(load_file(artifact.file("ema.safetensors"), device=str(device)))
-    optimizer_json = json.loads(artifact.file("optimizer.json").read_text())
+    model.load_state_dict(load_tensors(artifact, "model.safetensors", device))
+    ema.load_state_dict(load_tensors(artifact, "ema.safetensors", device))
+    optimizer_json = json.loads(read_verified(artifact, "optimizer.json"))
     state: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(artifact.file("optimizer.safetensors")).items():
+    for key, value in load_tensors(artifact, "optimizer.safetensors").items():
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
     for key, value in optimizer_json["scalars"].items():
@@ -150,8 +187,8 @@ def load_training_state(artifact: Artifact, *, model, ema, optimizer, device) ->
         state.setdefault(int(index), {})[name] = value
     # Optimizer.load_state_dict casts and moves each tensor to its parameter's device.
     optimizer.load_state_dict({"state": state, "param_groups": optimizer_json["param_groups"]})
-    saved = json.loads(artifact.file("state.json").read_text())
-    _restore_rng(load_file(artifact.file("rng.safetensors")), saved["rng"])
+    saved = json.loads(read_verified(artifact, "state.json"))
+    _restore_rng(load_tensors(artifact, "rng.safetensors"), saved["rng"])
     return saved
 
 
@@ -166,20 +203,35 @@ def _restore_rng(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None
     random.setstate((version, tuple(internal), gauss))
 
 
+def checked_model_config(artifact: Artifact):
+    """The SiTConfig a checkpoint records, after checking that what stages read from it makes sense."""
+    from model.configs import SiTConfig
+    from model.interpolants import NAMES
+    from model.objectives import PREDICTIONS
+
+    extra = artifact.extra
+    for key, allowed in (("interp", NAMES), ("pred", PREDICTIONS)):
+        if extra.get(key) not in allowed:
+            raise ArtifactError(f"{artifact.path}: checkpoint manifest has {key}={extra.get(key)!r}, not one of {', '.join(allowed)}")
+    if not isinstance(extra.get("model_config"), dict):
+        raise ArtifactError(f"{artifact.path}: checkpoint manifest lacks model_config")
+    try:
+        return SiTConfig(**extra["model_config"])
+    except (TypeError, ValueError) as error:  # unknown or missing fields, or values the config refuses
+        raise ArtifactError(f"{artifact.path}: checkpoint manifest's model_config is not valid: {error}") from None
+
+
 def load_network(artifact: Artifact | str | Path, *, ema: bool = True, device: str | torch.device = "cpu"):
     """Rebuild the network of a checkpoint (or a run dir's latest) from the artifact alone.
 
     Returns (net in eval mode on `device`, SiTConfig).
     """
-    from model.configs import SiTConfig
     from model.network import SiT, load_state_dict_checked
 
     if not isinstance(artifact, Artifact):
         artifact = latest_checkpoint(artifact)
-    if "model_config" not in artifact.extra:
-        raise ArtifactError(f"{artifact.path}: checkpoint manifest lacks model_config")
-    config = SiTConfig(**artifact.extra["model_config"])
+    config = checked_model_config(artifact)
     net = SiT(config)
-    weights = load_file(artifact.file("ema.safetensors" if ema else "model.safetensors"))
+    weights = load_tensors(artifact, "ema.safetensors" if ema else "model.safetensors")
     load_state_dict_checked(net, weights, artifact.extra.get("model", "checkpoint"))
     return net.to(device).eval(), config

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pipelines.moments import PRECISIONS, latent_moments, pixels_to_tensor
 from pipelines.shards import PROGRESS_DIR, Sample, done_record, mark_done, shard_name, write_shard
 from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_items, open_source
 from sitctl import distributed
-from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, write_json_atomic
+from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, output_lock, staging_dir, write_json_atomic
 from sitctl.errors import ArtifactError, SitctlError
 from sitctl.configs import EncodeConfig
 from sitctl.progress import progress_bar
@@ -43,15 +42,16 @@ def encode(config: EncodeConfig) -> Artifact | None:
         vae, vae_info = load_vae(config.vae, dist.device)
         if config.image_size % vae_info["downsample"]:
             raise SitctlError(f"--image-size {config.image_size} is not a multiple of the VAE's downsampling {vae_info['downsample']}")
-        staging = begin_artifact(config.out)
-        _check_resume_settings(staging, config, record=dist.is_main)
-        shards = plan_shards(len(source), config)
-        mine = {index: items for index, items in enumerate(shards) if index % dist.world_size == dist.rank}
-        encode_shards(source, mine, staging, vae, config, dist.device, show_progress=dist.is_main)
-        distributed.barrier(dist)
-        if not dist.is_main:
-            return None
-        return _finish(staging, config, source, len(shards), vae_info)
+        with output_lock(config.out), disk_errors("write", staging_dir(config.out)):  # full or read-only disk: one line
+            staging = begin_artifact(config.out)
+            _check_resume_settings(staging, config, record=dist.is_main)
+            shards = plan_shards(len(source), config)
+            mine = {index: items for index, items in enumerate(shards) if index % dist.world_size == dist.rank}
+            encode_shards(source, mine, staging, vae, config, dist.device, show_progress=dist.is_main)
+            distributed.barrier(dist)
+            if not dist.is_main:
+                return None
+            return _finish(staging, config, source, len(shards), vae_info)
     finally:
         distributed.teardown(dist)
 
@@ -66,6 +66,7 @@ def plan_shards(count: int, config: EncodeConfig) -> list[np.ndarray]:
 def _check_resume_settings(staging: Path, config: EncodeConfig, *, record: bool) -> None:
     """Refuse to resume into a staging directory left by a run with other settings; `record` ours."""
     settings = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change bytes
+    settings["out"] = os.path.abspath(config.out)  # out/x and /home/me/out/x are one run
     path = staging / PROGRESS_DIR / "settings.json"
     if path.is_file() and json.loads(path.read_text()) != settings:
         raise ArtifactError(f"{staging} holds a partial encode with other settings; rerun with the same options or delete it")
@@ -149,7 +150,6 @@ def _finish(staging: Path, config: EncodeConfig, source: ImageSource, num_shards
         raise SourceError(f"no readable images in {config.src} ({len(errors)} files failed; see {staging / PROGRESS_DIR})")
     with open(staging / ERRORS_FILE, "w") as handle:
         handle.writelines(json.dumps(error) + "\n" for error in errors)
-    shutil.rmtree(staging / PROGRESS_DIR)
     side = config.image_size // vae_info["downsample"]
     extra = {
         "shards": [{"name": record["name"], "count": record["count"]} for record in records],
@@ -164,4 +164,5 @@ def _finish(staging: Path, config: EncodeConfig, source: ImageSource, num_shards
         "num_errors": len(errors),
         "source": {"name": source.name, "root": source.root},
     }
-    return finish_artifact(staging, config.out, kind="latents", config=asdict(config), extra=extra)
+    # The progress records (settings included) go only after the rename: see finish_artifact.
+    return finish_artifact(staging, config.out, kind="latents", config=asdict(config), extra=extra, private=[PROGRESS_DIR])

@@ -119,13 +119,19 @@ def _open_published(config: SampleConfig, path: Path, device) -> Source:
         raise SampleError(f"{path} is a bare state dict with no lineage: pass --model (e.g. SiT-XL/2) and --vae")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or pickled objects beyond tensors
-        raise ArtifactError(f"{path} is not a readable torch state dict: {str(error).splitlines()[0]}") from None
+    except Exception:  # empty, truncated, not a torch file, or pickled objects beyond tensors
+        # torch's own text is left out: it can be empty, or advise unpickling the file unsafely.
+        raise ArtifactError(f"{path} is not a readable torch state dict of tensors "
+                            "(read with weights_only=True: nothing in it was run)") from None
     if not isinstance(state_dict, dict):
         raise ArtifactError(f"{path} does not hold a state dict")
     # Reference training checkpoints hold {"model", "ema", "opt", "args"}; released files are bare EMA weights.
     weights = state_dict.get("ema" if config.ema else "model", state_dict)
-    model_config = preset(config.model, **_shape_from_state_dict(weights))
+    shape = _shape_from_state_dict(weights)
+    if "input_size" not in shape:  # the releases store pos_embed; our checkpoints do not (it is rebuilt)
+        raise SampleError(f"{path} holds no pos_embed, so its image size is unknown; for a file of a checkpoint "
+                          "artifact pass the artifact directory instead")
+    model_config = preset(config.model, **shape)
     net = SiT(model_config)
     load_state_dict_checked(net, weights, config.model)
     interp, pred = "linear", "velocity"
@@ -312,7 +318,7 @@ def sample_stage(config: SampleConfig):
     import torch
 
     from sitctl import distributed
-    from sitctl.artifacts import begin_artifact, open_artifact
+    from sitctl.artifacts import begin_artifact, disk_errors, open_artifact, output_lock, staging_dir, write_failure
 
     d = distributed.setup(config.device)
     if d.device.type == "cuda":
@@ -321,18 +327,20 @@ def sample_stage(config: SampleConfig):
         # Everything a user can get wrong is checked here, before the first network evaluation.
         source = open_source(config, d.device)
         decoder = load_decoder(source, d.device)
-        staging = begin_artifact(config.out)
-        done = prepare_staging(staging, _settings(config, source), d)
-        labels = class_labels(config.num, source.model_config.num_classes, config.seed, config.labels)
-        blocks = rank_blocks(config.num, config.batch_size, d.rank, d.world_size)
-        draw_blocks(source, decoder, config, staging, blocks, labels, done, d)
-        distributed.barrier(d)
-        if d.is_main:
-            try:
-                finish_samples(staging, config, source, decoder, labels, d.world_size)
-            except OSError as error:  # e.g. a full disk: nothing is renamed into place, a rerun finishes
-                raise SampleError(f"cannot finish {config.out}: {error}; free space and rerun to resume") from None
-        distributed.barrier(d)
+        # A second run on this --out stops at the lock, naming the first; a full disk is one line.
+        with output_lock(config.out), disk_errors("write samples into", staging_dir(config.out)):
+            staging = begin_artifact(config.out)
+            done = prepare_staging(staging, _settings(config, source), d)
+            labels = class_labels(config.num, source.model_config.num_classes, config.seed, config.labels)
+            blocks = rank_blocks(config.num, config.batch_size, d.rank, d.world_size)
+            draw_blocks(source, decoder, config, staging, blocks, labels, done, d)
+            distributed.barrier(d)
+            if d.is_main:
+                try:
+                    finish_samples(staging, config, source, decoder, labels, d.world_size)
+                except OSError as error:  # e.g. a full disk: nothing is renamed into place, a rerun finishes
+                    raise SampleError(f"{write_failure('finish', staging, error)}; free space and rerun to resume") from None
+            distributed.barrier(d)
         return open_artifact(config.out, "samples")
     finally:
         distributed.teardown(d)
@@ -367,10 +375,12 @@ def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging:
 
 
 def _append(writer, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, staging: Path) -> None:
+    from sitctl.artifacts import write_failure
+
     try:
         writer.append(images, labels, indices)
     except OSError as error:  # a full disk: the committed rows stay valid, the run can resume
-        raise SampleError(f"cannot write samples into {staging}: {error}; free space and rerun to resume") from None
+        raise SampleError(f"{write_failure('write samples into', staging, error)}; free space and rerun to resume") from None
 
 
 # =============================================================================================
@@ -396,7 +406,6 @@ def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder:
             save_image_grid(handle["images"][: config.preview], staging / PREVIEW_FILE)
     if config.npz:
         export_npz(staging, staging / NPZ_FILE)
-    (staging / SETTINGS_FILE).unlink(missing_ok=True)
     height, width, channels = image_shape(staging)
     extra = {
         "num_samples": config.num,
@@ -415,7 +424,10 @@ def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder:
         "npz": NPZ_FILE if config.npz else None,
     }
     inputs = [source.artifact] if source.artifact is not None else []
-    return finish_artifact(staging, config.out, kind="samples", config=asdict(config), inputs=inputs, extra=extra)
+    # The settings record goes only after the rename (see finish_artifact), so a kill while
+    # finishing cannot let a rerun with other settings publish these images.
+    return finish_artifact(staging, config.out, kind="samples", config=asdict(config), inputs=inputs, extra=extra,
+                           private=[SETTINGS_FILE])
 
 
 def export_samples_npz(samples: str | Path, path: str | Path) -> Path:

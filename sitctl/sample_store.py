@@ -30,12 +30,19 @@ class SampleWriter:
 
     def __init__(self, path: Path, image_shape: tuple[int, int, int], chunk: int = 64):
         self.path = Path(path)
-        self.handle = h5py.File(self.path, "a")
+        # No chunk cache: HDF5 then writes each chunk inside the call that fills it, so a full disk
+        # raises there. With a cache the write happens when the cache is evicted, often in a
+        # destructor whose error h5py only prints, and the batch would be counted as committed.
+        self.handle = h5py.File(self.path, "a", rdcc_nbytes=0)
+        self.failed = False
         if "images" not in self.handle:
             h, w, c = image_shape
-            self.handle.create_dataset("images", (0, h, w, c), np.uint8, maxshape=(None, h, w, c), chunks=(chunk, h, w, c))
-            self.handle.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(max(chunk, 1024),))
-            self.handle.create_dataset("indices", (0,), np.int64, maxshape=(None,), chunks=(max(chunk, 1024),))
+            # track_times=False: no creation time in the file, so identical runs give identical bytes.
+            self.handle.create_dataset("images", (0, h, w, c), np.uint8, maxshape=(None, h, w, c), chunks=(chunk, h, w, c),
+                                       track_times=False)
+            for name in ("labels", "indices"):
+                self.handle.create_dataset(name, (0,), np.int64, maxshape=(None,), chunks=(max(chunk, 1024),),
+                                           track_times=False)
 
     def __len__(self) -> int:
         return self.handle["indices"].shape[0]
@@ -47,14 +54,19 @@ class SampleWriter:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 NHWC, got {images.dtype} {images.shape}")
         start, n = len(self), images.shape[0]
-        for name, values in (("images", images), ("labels", labels), ("indices", indices)):
-            dataset = self.handle[name]
-            dataset.resize(start + n, axis=0)
-            dataset[start : start + n] = values
-        self.handle.flush()
-        # The count is set only once the rows are flushed: a kill mid-append leaves it behind.
-        self.handle.attrs["committed"] = start + n
-        self.handle.flush()
+        try:
+            for name, values in (("images", images), ("labels", labels), ("indices", indices)):
+                dataset = self.handle[name]
+                dataset.resize(start + n, axis=0)
+                dataset[start : start + n] = values
+            self.handle.flush()
+            # The count is set only once the rows are flushed: a kill or a failed write leaves it behind.
+            self.handle.attrs["committed"] = start + n
+            self.handle.flush()
+        except (OSError, RuntimeError) as error:
+            self.failed = True
+            code = getattr(error, "errno", None)
+            raise OSError(code, os.strerror(code) if code else _first_line(error)) from None
 
     def truncate(self, n: int) -> None:
         """Keep only the first n samples (drops a batch that was being written when killed)."""
@@ -64,7 +76,17 @@ class SampleWriter:
         self.handle.flush()
 
     def close(self) -> None:
-        self.handle.close()
+        """Close the file; after a failed write (a full disk) the close fails too, and that adds nothing."""
+        try:
+            self.handle.close()
+        except (OSError, RuntimeError):
+            if not self.failed:
+                raise
+
+
+def _first_line(error: Exception) -> str:
+    """HDF5 messages run over several lines (a timestamp, the file descriptor, ...): keep the first."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
@@ -213,9 +235,23 @@ def write_virtual_dataset(directory: Path, num: int) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     with h5py.File(tmp, "w", libver="latest") as handle:
         for name, layout in layouts.items():
-            handle.create_virtual_dataset(name, layout, fillvalue=-1 if name != "images" else 0)
+            _create_untimed_virtual_dataset(handle, name, layout, fillvalue=-1 if name != "images" else 0)
     os.replace(tmp, out)
     return out
+
+
+def _create_untimed_virtual_dataset(handle, name: str, layout, fillvalue: int) -> None:
+    """h5py's create_virtual_dataset without the creation time HDF5 records by default.
+
+    The timestamp would make two identical runs give different samples.h5 bytes, hence
+    different artifact ids. h5py offers no track_times for virtual datasets, so the dataset is
+    created through the low-level API with the layout's own mapping (its property list).
+    """
+    plist = layout._get_dcpl(handle.file.filename)
+    plist.set_fill_value(np.array([fillvalue]))
+    plist.set_obj_track_times(False)
+    space = h5py.h5s.create_simple(layout.shape)
+    h5py.h5d.create(handle.id, name.encode(), h5py.h5t.py_create(np.dtype(layout.dtype), logical=1), space, dcpl=plist)
 
 
 def _batches_in_order(directory: Path, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -17,18 +17,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from sitctl import checkpoint as checkpoints
 from sitctl import distributed
-from sitctl.artifacts import Artifact
+from sitctl.artifacts import Artifact, disk_errors, output_lock
 from sitctl.data import Latents, open_latents, rank_batches
 from sitctl.errors import SitctlError
 from sitctl.configs import TrainConfig
@@ -127,6 +129,8 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     from model.network import SiT
     from model.objectives import default_eps
 
+    if (Path(config.out) / "manifest.json").is_file():  # never write a run into another stage's artifact
+        raise SitctlError(f"{config.out} is a finished artifact, not a run directory; choose a new --out")
     latents = open_latents(config.latents)
     model_config = fit_model(config, latents)
     micro = plan_micro_batch(config, d.world_size)
@@ -142,6 +146,8 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
         trim_metrics(Path(config.out) / "metrics.jsonl", start_step)
     set_precision(config.precision)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every world size
+    random.seed(config.seed)  # and the python/numpy states a checkpoint records are the same every run
+    np.random.seed(config.seed)
     net = SiT(model_config).to(d.device)
     ema = SiT(model_config).to(d.device).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
@@ -151,8 +157,9 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
               optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step,
               train_eps=config.train_eps if config.train_eps is not None else default_eps(config.interp, config.pred)[0])
     if resume_from is not None:
-        checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device)
+        saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device)
         run.last_saved, run.saved_step = resume_from, start_step
+        run.window.update(_window_from_record(saved.get("log_window"), config, d.device))
     run.forward = wrap_for_training(net, config, d)
     return run
 
@@ -239,9 +246,11 @@ def train(config: TrainConfig) -> Artifact | None:
     """Run (or resume) training; returns the last checkpoint artifact on rank 0, None elsewhere."""
     d = distributed.setup(config.device)
     run = None
+    hint = "free space (or make it writable) and rerun with --resume"
     try:
-        run = prepare(config, d)
-        train_loop(run)
+        with output_lock(config.out), disk_errors("write the run", config.out, hint=hint):
+            run = prepare(config, d)
+            train_loop(run)
         return run.last_saved if d.is_main else None
     finally:
         if run is not None:
@@ -337,6 +346,30 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor, seconds: f
                       f"lr {row['lr']:.1e}  grad {row['grad_norm']:.3f}  mem {row['memory_gib']:.2f} GiB", soft_wrap=True)
 
 
+def _window_record(window: dict[str, Any]) -> dict[str, Any] | None:
+    """The steps accumulated since the last metrics row, as JSON: a resume then completes that row.
+
+    Their wall time is left out, so that identical runs write identical checkpoints.
+    """
+    if not window or not window["steps"]:
+        return None
+    return {"stats": window["stats"].tolist(), "grad_norm": float(window["grad_norm"]), "steps": window["steps"]}
+
+
+def _window_from_record(record: dict[str, Any] | None, config: TrainConfig, device) -> dict[str, Any]:
+    """The restored window; its steps' time is taken at the last logged throughput (0 s if none)."""
+    if not record:
+        return {}
+    from sitctl.plots import read_metrics
+
+    metrics = Path(config.out) / "metrics.jsonl"
+    rows = read_metrics(metrics) if metrics.is_file() else []
+    speed = rows[-1].get("images_per_sec") if rows else None
+    seconds = record["steps"] * config.global_batch / speed if speed else 0.0
+    return {"stats": torch.tensor(record["stats"], device=device), "grad_norm": torch.tensor(record["grad_norm"], device=device),
+            "steps": int(record["steps"]), "seconds": seconds}
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
     if not path.is_file():
@@ -371,7 +404,8 @@ def maybe_checkpoint(run: Run, force: bool = False) -> None:
     if run.dist.is_main:
         consumed = run.step * (config.global_batch // config.data_lanes)
         state = {"samples_seen": run.step * config.global_batch, "world_size": run.dist.world_size,
-                 "data": {"lanes": config.data_lanes, "samples_per_lane": consumed}}
+                 "data": {"lanes": config.data_lanes, "samples_per_lane": consumed},
+                 "log_window": _window_record(run.window)}
         checkpoints.discard_partial(config.out, run.step)
         run.last_saved = checkpoints.save_checkpoint(
             config.out, run.step, model=run.net, ema=run.ema, optimizer=run.optimizer, state=state,

@@ -12,6 +12,7 @@ Both are fed exactly as torch-fidelity feeds its own: uint8 NCHW, TF1-style bili
 from __future__ import annotations
 
 import importlib.util
+import io
 import time
 import warnings
 import zipfile
@@ -31,6 +32,7 @@ from sitctl.errors import SitctlError
 TORCH_FIDELITY_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
+TORCH_FIDELITY_SHA256_PREFIX = "6726825d"
 TORCHSCRIPT_EXTRACTOR = "sitctl-inception-v3-torchscript"
 POOL_FEATURES = "2048"
 LOGITS = "logits_unbiased"  # torch-fidelity's IS input: logits without the fc bias
@@ -91,7 +93,9 @@ def _fetch_torch_fidelity_weights() -> InceptionWeights | None:
     target = torch_fidelity_cache_path()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(TORCH_FIDELITY_URL, str(target), progress=False)
+        # The file name carries the first 8 hex digits of its sha256; torch.hub checks them.
+        torch.hub.download_url_to_file(TORCH_FIDELITY_URL, str(target), hash_prefix=TORCH_FIDELITY_SHA256_PREFIX,
+                                       progress=False)
     except Exception:  # offline, proxy, disk: the caller explains what to download instead
         return None
     return InceptionWeights("torch-fidelity", target)
@@ -132,6 +136,7 @@ class TorchScriptInception(FeatureExtractorBase):
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
+        # TorchScript is read by its own restricted unpickler (known types only), not Python's pickle.
         with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file is TorchScript
             warnings.simplefilter("ignore", FutureWarning)
             self.network = torch.jit.load(feature_extractor_weights_path, map_location="cpu").eval()
@@ -166,12 +171,43 @@ if TORCHSCRIPT_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
 
 
 def create_extractor(weights: InceptionWeights, features: Iterable[str], device: torch.device):
-    """A torch-fidelity feature extractor (created through its registry) giving the named features."""
-    name = "inception-v3-compat" if weights.kind == "torch-fidelity" else TORCHSCRIPT_EXTRACTOR
-    extractor = create_feature_extractor(
-        name, list(features), cuda=False, verbose=False, feature_extractor_weights_path=str(weights.path)
-    )
+    """A torch-fidelity feature extractor (created through its registry) giving the named features.
+
+    torch-fidelity unpickles its weights file with weights_only=False, which runs whatever code a
+    pickle names. So it never sees the user's (or the cache's) file: we read the tensors with
+    weights_only=True and hand it an in-memory copy saved from those plain tensors.
+    """
+    if weights.kind == "torch-fidelity":
+        name, source = "inception-v3-compat", _tensors_only_copy(load_state_dict_safely(weights.path))
+    else:
+        name, source = TORCHSCRIPT_EXTRACTOR, str(weights.path)
+    try:
+        extractor = create_feature_extractor(name, list(features), cuda=False, verbose=False,
+                                             feature_extractor_weights_path=source)
+    except (RuntimeError, ValueError, KeyError) as error:  # wrong tensors, or a broken TorchScript archive
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InceptionWeightsError(f"{weights.path} does not hold the FID Inception network: {reason}") from None
     return extractor.to(device)
+
+
+def load_state_dict_safely(path: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict read with weights_only=True: tensors and plain containers, no code."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # empty, text, truncated, or a pickle naming anything beyond tensors
+        raise InceptionWeightsError(
+            f"{path} is not a state dict of plain tensors (read with weights_only=True: nothing in it was run)"
+        ) from None
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(value) for value in state_dict.values()):
+        raise InceptionWeightsError(f"{path} does not hold a state dict of tensors")
+    return state_dict
+
+
+def _tensors_only_copy(state_dict: dict[str, torch.Tensor]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 # ---------------------------------------------------------------------------------------------

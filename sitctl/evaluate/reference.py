@@ -22,9 +22,9 @@ import numpy as np
 
 from pipelines.sources import CroppedImages, ImageSource, open_source
 from sitctl import sample_store
-from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact
-from sitctl.errors import ReferenceError, SitctlError
+from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, open_artifact, output_lock, staging_dir
 from sitctl.configs import ReferenceConfig
+from sitctl.errors import ReferenceError, SitctlError
 from sitctl.evaluate.metrics import Gaussian, feature_statistics
 
 FEATURES_FILE = "features.npy"
@@ -63,13 +63,21 @@ def cropped_batches(source: ImageSource, image_size: int, batch_size: int, error
 
 def build_reference(config: ReferenceConfig) -> Artifact:
     """Crop the real images, store them, extract their Inception features, finish the artifact."""
-    from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_features, pick_device, resolve_weights
+    from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, pick_device, resolve_weights
 
     source = open_source(config.source).subset(slice(0, config.max_images))  # SourceError before any slow setup
     device = pick_device(config.device)
     weights = resolve_weights(config.inception_weights, fetch=config.fetch_weights)
     extractor = create_extractor(weights, [POOL_FEATURES], device)
-    staging = begin_artifact(config.out)
+    with output_lock(config.out), disk_errors("write", staging_dir(config.out), hint="free space (or make it writable) and rerun"):
+        staging = begin_artifact(config.out)
+        return _write_reference(config, source, weights, extractor, staging, device)
+
+
+def _write_reference(config: ReferenceConfig, source: ImageSource, weights, extractor, staging: Path, device) -> Artifact:
+    """Store the crops and their features in `staging` and publish the reference artifact."""
+    from sitctl.evaluate.inception import POOL_FEATURES, extract_features
+
     images_file = sample_store.rank_file(staging, 0)
     images_file.unlink(missing_ok=True)  # a crashed earlier attempt restarts from scratch
     writer = sample_store.SampleWriter(images_file, (config.image_size, config.image_size, 3))
@@ -157,8 +165,9 @@ def read_adm_npz(path: Path) -> Reference:
                 raise ReferenceError(f"{path} is not an ADM reference batch: it lacks {', '.join(sorted(missing))}")
             statistics = Gaussian(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64))
         shape = _npz_array_shape(path, "arr_0")
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise ReferenceError(f"{path} is unreadable as .npz: {error}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # EOFError: an empty file
+        reason = (str(error).strip().splitlines() or ["empty or cut short"])[0]
+        raise ReferenceError(f"{path} is unreadable as .npz: {reason}") from None
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise ReferenceError(f"{path}: arr_0 has shape {shape}, expected (N, S, S, 3) images")
     digest = hashlib.sha256(statistics.mu.tobytes() + statistics.sigma.tobytes()).hexdigest()[:16]

@@ -132,3 +132,73 @@ def test_cli_verify_and_show(chain):
     edit_manifest(samples.path, schema=SCHEMA_VERSION + 1)
     assert_one_line_error(run_cli("verify", str(samples.path)), "upgrade sitctl")
     assert_one_line_error(run_cli("show", str(samples.path.parent / "nowhere")), "no such artifact directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand edits and names outside the artifact
+# ---------------------------------------------------------------------------------------------
+
+
+def forge_manifest(path, files=None, **changes):
+    """Edit a manifest as a careful attacker would: id and digest recomputed to match the edit."""
+    from sitctl.artifacts import content_id, manifest_digest
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest.update(changes)
+    if files is not None:
+        manifest["files"] = files
+        manifest["id"] = content_id(files)
+    manifest["digest"] = manifest_digest(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_hand_edited_manifest_is_refused_on_open(chain):
+    latents, checkpoint, _ = chain
+    manifest = json.loads((latents.path / MANIFEST).read_text())
+    manifest["extra"]["num_samples"] = 3000  # a shard count or scale factor changed by hand
+    (latents.path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="edited after it was written"):
+        open_artifact(latents.path)
+    edit_manifest(checkpoint.path, id="0123456789abcdef")
+    with pytest.raises(ArtifactError, match="does not match its file table"):
+        open_artifact(checkpoint.path)
+
+
+@pytest.mark.parametrize("field", ["files", "id", "inputs", "config"])
+def test_a_manifest_missing_a_field_is_refused_in_one_line(chain, field):
+    latents, _, _ = chain
+    manifest = json.loads((latents.path / MANIFEST).read_text())
+    del manifest[field]
+    (latents.path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"'{field}' is missing"):
+        open_artifact(latents.path)
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "/etc/hostname", "a/../../x", "./f", "a//b", ""])
+def test_file_entries_outside_the_artifact_are_refused_before_reading(tmp_path, name):
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    artifact = make(tmp_path / "a", "latents", {"f": b"data"})
+    forge_manifest(artifact.path, files={name: {"size": 1, "sha256": "0" * 64}})
+    for opener in (open_artifact, verify_artifact):
+        with pytest.raises(ArtifactError, match="not a plain relative path") as caught:
+            opener(artifact.path)
+        assert "bytes" not in str(caught.value)  # nothing about the real file leaks
+
+
+def test_a_symlink_leading_out_of_the_artifact_is_refused(tmp_path):
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    artifact = make(tmp_path / "a", "latents", {"f": b"secret"})
+    (artifact.path / "f").unlink()
+    (artifact.path / "f").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(ArtifactError, match="leads outside the artifact"):
+        verify_artifact(artifact.path)
+
+
+def test_latents_shard_names_must_be_files_of_the_artifact(tmp_path):
+    other = make(tmp_path / "other", "latents", {"shard-000000.tar": b"theirs"})
+    latents = make(tmp_path / "mine", "latents", {"shard-000000.tar": b"mine"},
+                   extra={"shards": [{"name": "shard-000000.tar", "count": 1}]})
+    assert open_artifact(latents.path).extra["shards"][0]["name"] == "shard-000000.tar"
+    forge_manifest(latents.path, extra={"shards": [{"name": f"../{other.path.name}/shard-000000.tar", "count": 1}]})
+    with pytest.raises(ArtifactError, match="not one of the artifact's own files"):
+        open_artifact(latents.path)
