@@ -241,10 +241,16 @@ def _single_core():
     return saved
 
 
-def time_loader(latents_dir: Path, *, batch: int, lanes: int, buffer: int, seconds: float) -> tuple[float, float, int]:
-    """(seconds to the first batch, steady-state latents/s after it, latents drawn) of one in-process loader."""
+def time_loader(latents_dir: Path, *, batch: int, lanes: int, buffer: int, seconds: float,
+                with_x0: bool = False) -> tuple[float, float, int]:
+    """(seconds to the first batch, steady-state latents/s after it, latents drawn) of one in-process loader.
+
+    with_x0 also draws each batch's interpolant noise on this core, as training on a CPU does
+    (on a GPU it is drawn there): the work the loader did before it moved to the device.
+    """
     import torch
 
+    from sitctl import data
     from sitctl.data import open_latents, rank_batches
 
     latents = open_latents(latents_dir)
@@ -257,9 +263,12 @@ def time_loader(latents_dir: Path, *, batch: int, lanes: int, buffer: int, secon
                               buffer=buffer, workers=0, start_step=0)
         next(stream)  # start-up: index/open the first shards and fill the shuffle buffers
         first = time.perf_counter()
-        count = 0
+        count, step = 0, 0
         while time.perf_counter() - first < seconds:
-            count += len(next(stream)["labels"])
+            chunk = next(stream)
+            if with_x0:
+                data.interpolant_noise(0, step, chunk["positions"], batch // lanes, latents.latent_shape, torch.device("cpu"))
+            count, step = count + len(chunk["labels"]), step + 1
         steady = count / (time.perf_counter() - first)
         stream.close()
     finally:
@@ -294,12 +303,14 @@ def bench_loader_rate(latents: str | None = None, *, images: int = 4096, batch: 
         path = Path(latents) if latents else synthetic_latents(Path(scratch) / "latents", images)
         opened = open_latents(path)
         startup, rate, count = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds)
+        _, rate_with_x0, _ = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds, with_x0=True)
         hashing = sha256_rate(path)
     return {
         "latents": str(latents) if latents else f"synthetic x{images}, written now",
         "num_samples": opened.num_samples, "latent_shape": list(opened.latent_shape),
         "batch": batch, "lanes": lanes, "shuffle_buffer": buffer, "seconds": seconds, "latents_drawn": count,
-        "startup_s": startup, "latents_per_s": rate, "sha256_latents_per_s": hashing,
+        "startup_s": startup, "latents_per_s": rate, "latents_per_s_with_x0": rate_with_x0,
+        "sha256_latents_per_s": hashing,
     }
 
 

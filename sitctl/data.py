@@ -13,10 +13,12 @@ A shard unit is a shard, or a 1/k residue class of its samples when there are fe
 lanes (k = ceil(L / shards)), so tiny data sets still feed every lane.
 
 Every random number a lane's chunk needs in a step (the latents' posterior noise, the flips, the
-label-dropout and time uniforms, the interpolant's noise x0) comes from one generator seeded by
-(seed, step, lane) and drawn for the whole chunk at once, where the chunk is loaded (in the
-loader workers). A lane is never split between readers, so the draws too are the same for any
-number of processes and workers.
+label-dropout and time uniforms) comes from one generator seeded by (seed, step, lane) and drawn
+for the whole chunk at once, where the chunk is loaded (in the loader workers). The interpolant's
+noise x0, half of all normals, is drawn where training runs instead (`interpolant_noise`), from a
+generator of (seed, step, lane) on that device, so no loader core spends time on it and nothing
+crosses to the GPU for it. A lane is never split between readers or ranks, so the draws too are
+the same for any number of processes and workers (on one device type: CPU and CUDA generators differ).
 
 Shards are read by pipelines/shards.py: each is checked against the manifest's sha256 and indexed
 the first time a reader process opens it; its arrays are then views into the mapped file.
@@ -105,7 +107,7 @@ def latents_from_moments(view: torch.Tensor, noise: torch.Tensor, scale: float, 
 
 
 # Tags keep the seeds of the three uses of randomness apart.
-_SHARD_ORDER, _SHUFFLE_BUFFER, _SAMPLE_DRAWS = 0, 1, 2
+_SHARD_ORDER, _SHUFFLE_BUFFER, _SAMPLE_DRAWS, _INTERPOLANT_NOISE = 0, 1, 2, 3
 
 
 def _seed(*parts: int) -> int:
@@ -228,8 +230,8 @@ def gather_views(cache: ShardCache, shards: np.ndarray, samples: np.ndarray, fli
 # ---------------------------------------------------------------------------------------------
 
 
-def lane_draws(seed: int, step: int, lane: int, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Fill `noise` and `x0` (count, C, H, W) with lane `lane`'s standard normals for `step`.
+def lane_draws(seed: int, step: int, lane: int, noise: torch.Tensor) -> torch.Tensor:
+    """Fill `noise` (count, C, H, W) with lane `lane`'s posterior noise for `step`.
 
     One generator per (seed, step, lane) draws the whole chunk's numbers; returns its uniforms
     (count, 3): flip, label dropout and time, one row per sample.
@@ -237,15 +239,29 @@ def lane_draws(seed: int, step: int, lane: int, noise: torch.Tensor, x0: torch.T
     generator = torch.Generator().manual_seed(_seed(seed, _SAMPLE_DRAWS, step, lane))
     uniforms = torch.rand((len(noise), 3), generator=generator)
     torch.randn(noise.shape, generator=generator, out=noise)
-    torch.randn(x0.shape, generator=generator, out=x0)
     return uniforms
+
+
+def interpolant_noise(seed: int, step: int, positions: torch.Tensor, per_lane: int, shape: tuple[int, ...],
+                      device: torch.device) -> torch.Tensor:
+    """The interpolant's noise x0 (n, C, H, W) of a rank's chunk at global `positions` of `step`, drawn on `device`.
+
+    Lane l's rows come from one generator of (seed, step, l) on the device, so they do not depend
+    on how lanes are split over ranks.
+    """
+    lanes = (positions[::per_lane] // per_lane).tolist()  # a chunk is whole lanes, in order
+    parts = []
+    for lane in lanes:
+        generator = torch.Generator(device).manual_seed(_seed(seed, _INTERPOLANT_NOISE, step, lane))
+        parts.append(torch.randn((per_lane, *shape), generator=generator, device=device))
+    return torch.cat(parts)
 
 
 class LaneChunks(torch.utils.data.IterableDataset):
     """Yields, step after step, this rank's (or this worker's) lanes' chunks of the global batch.
 
     Each item holds, for n samples in global position order: x1 (n, C, H, W) float32 training
-    latents, labels (n,) int64, x0 (n, C, H, W) noise, drop and time uniforms (n,), positions (n,).
+    latents, labels (n,) int64, drop and time uniforms (n,), positions (n,).
     A user error (a corrupt shard) is yielded as {"error": message} and ends the stream, so that
     it reaches the training process as one line even from a worker process.
     """
@@ -281,10 +297,10 @@ class LaneChunks(torch.utils.data.IterableDataset):
             # Each lane writes its rows of the chunk in place (no concatenation of per-lane tensors).
             n = len(positions)
             chunk = {"x1": torch.empty((n, *shape)), "labels": torch.empty(n, dtype=torch.int64),
-                     "x0": torch.empty((n, *shape)), "drop": torch.empty(n), "time": torch.empty(n), "positions": positions}
+                     "drop": torch.empty(n), "time": torch.empty(n), "positions": positions}
             for row, reader in zip(range(0, n, k), readers):
                 rows = slice(row, row + k)
-                uniforms = lane_draws(self.seed, step, reader.lane, noise, chunk["x0"][rows])
+                uniforms = lane_draws(self.seed, step, reader.lane, noise)
                 flip = (uniforms[:, 0] < 0.5).numpy() & self.flip
                 views, labels = gather_views(cache, *reader.take(k), flip)
                 latents_from_moments(torch.from_numpy(views), noise, self.latents.scale_factor, out=chunk["x1"][rows])

@@ -31,7 +31,7 @@ from torch import nn
 from sitctl import checkpoint as checkpoints
 from sitctl import distributed
 from sitctl.artifacts import Artifact
-from sitctl.data import Latents, open_latents, rank_batches
+from sitctl.data import Latents, interpolant_noise, open_latents, rank_batches
 from sitctl.errors import SitctlError
 from sitctl.progress import peak_memory_gib, progress
 
@@ -288,7 +288,9 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
     config, device = run.config, run.dist.device
     # Loader batches are pinned on CUDA, so these copies overlap with the host's next work.
-    x1, x0 = batch["x1"].to(device, non_blocking=True), batch["x0"].to(device, non_blocking=True)  # (n, C, H, W) each
+    x1 = batch["x1"].to(device, non_blocking=True)  # (n, C, H, W)
+    x0 = interpolant_noise(config.seed, run.step, batch["positions"], config.global_batch // config.data_lanes,
+                           x1.shape[1:], device)  # (n, C, H, W), drawn on the device
     null = torch.full_like(batch["labels"], run.model_config.num_classes)
     y = torch.where(batch["drop"] < config.label_dropout, null, batch["labels"]).to(device, non_blocking=True)  # (n,)
     t = times_from_uniform(batch["time"], train_eps=run.train_eps, discrete_steps=config.discrete_steps)

@@ -16,6 +16,7 @@ from pipelines.shards import open_shard
 from sitctl.data import (
     LaneReader,
     buffer_order,
+    interpolant_noise,
     lane_units,
     latents_from_moments,
     open_latents,
@@ -214,3 +215,12 @@ def test_cli_train_on_a_bit_flipped_shard_prints_one_error_line(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: shard ") and "shard-000001.tar" in lines[0], result.stderr
+
+
+def test_interpolant_noise_is_the_same_for_any_split_of_the_lanes():
+    positions, shape, cpu = torch.arange(8), (3, 4, 4), torch.device("cpu")
+    whole = interpolant_noise(3, 5, positions, 2, shape, cpu)  # 4 lanes of 2
+    halves = [interpolant_noise(3, 5, part, 2, shape, cpu) for part in positions.split(4)]
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(interpolant_noise(3, 6, positions, 2, shape, cpu), whole)  # a new draw every step
+    assert not torch.equal(whole[:2], whole[2:4])  # and every lane
