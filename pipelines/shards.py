@@ -190,21 +190,16 @@ class ShardIndex:
     labels: np.ndarray  # (n,) int64
     moments_offsets: np.ndarray  # (n,) int64: first byte of each float16 (2, 2, C, H, W) array
     moments_shape: tuple[int, ...]
+    table: np.ndarray | None = None  # (n, 2 views, bytes) strided view of every sample's moments, if evenly spaced
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def view_bytes(self, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
         """(n, bytes) copies of view `views[i]` (0 original, 1 flipped) of each sample's moments."""
+        if self.table is not None:
+            return self.table[samples, views.astype(np.int64)]  # one fancy-index gather copies them all
         half = int(np.prod(self.moments_shape[1:])) * 2
-        stride = np.diff(self.moments_offsets)
-        if len(stride) and (stride == stride[0]).all():
-            # Samples lie at a fixed stride in our shards (each member padded to 512-byte blocks):
-            # one strided view of the file and one fancy-index gather copy them all.
-            table = np.lib.stride_tricks.as_strided(self.buffer[int(self.moments_offsets[0]) :],
-                                                    shape=(len(self), 2, half), strides=(int(stride[0]), half, 1),
-                                                    writeable=False)
-            return table[samples, views.astype(np.int64)]
         starts = self.moments_offsets[samples] + half * views.astype(np.int64)
         return np.stack([self.buffer[start : start + half] for start in starts.tolist()])
 
@@ -260,9 +255,24 @@ def index_shard(path: str | Path, data, moments_shape: tuple[int, ...]) -> Shard
         keys.append(key)
         labels.append(int(label))
         offsets.append(start + len(header))
-    return ShardIndex(path=where, buffer=np.frombuffer(data, np.uint8), keys=tuple(keys),
-                      labels=np.asarray(labels, np.int64), moments_offsets=np.asarray(offsets, np.int64),
-                      moments_shape=tuple(moments_shape))
+    buffer, offsets = np.frombuffer(data, np.uint8), np.asarray(offsets, np.int64)
+    return ShardIndex(path=where, buffer=buffer, keys=tuple(keys), labels=np.asarray(labels, np.int64),
+                      moments_offsets=offsets, moments_shape=tuple(moments_shape),
+                      table=_evenly_spaced_table(buffer, offsets, expected // 2))
+
+
+def _evenly_spaced_table(buffer: np.ndarray, offsets: np.ndarray, half: int) -> np.ndarray | None:
+    """A read-only (n, 2, half) view of the moments when samples lie at a fixed stride, else None.
+
+    They do in our shards: every member is padded to 512-byte blocks and the small ones (label,
+    path) fit one block, so sample i's array starts at offsets[0] + i * stride.
+    """
+    stride = np.diff(offsets)
+    if len(offsets) == 0 or (len(stride) and (stride != stride[0]).any()):
+        return None
+    step = int(stride[0]) if len(stride) else 2 * half
+    return np.lib.stride_tricks.as_strided(buffer[int(offsets[0]) :], shape=(len(offsets), 2, half),
+                                           strides=(step, half, 1), writeable=False)
 
 
 def open_shard(path: str | Path, moments_shape: tuple[int, ...], sha256: str | None = None) -> ShardIndex:
