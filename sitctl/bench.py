@@ -242,8 +242,11 @@ def _single_core():
 
 
 def time_loader(latents_dir: Path, *, batch: int, lanes: int, buffer: int, seconds: float,
-                with_x0: bool = False) -> tuple[float, float, int]:
-    """(seconds to the first batch, steady-state latents/s after it, latents drawn) of one in-process loader.
+                with_x0: bool = False) -> tuple[float, float, float, int]:
+    """(seconds to the first batch, steady-state latents/s after it and per CPU-second, latents drawn).
+
+    The rate per CPU-second (process time) is what one idle core would give; it differs from the
+    wall-clock rate when other processes share the cores.
 
     with_x0 also draws each batch's interpolant noise on this core, as training on a CPU does
     (on a GPU it is drawn there): the work the loader did before it moved to the device.
@@ -262,30 +265,30 @@ def time_loader(latents_dir: Path, *, batch: int, lanes: int, buffer: int, secon
         stream = rank_batches(latents, global_batch=batch, num_lanes=lanes, rank=0, world_size=1, seed=0,
                               buffer=buffer, workers=0, start_step=0)
         next(stream)  # start-up: index/open the first shards and fill the shuffle buffers
-        first = time.perf_counter()
+        first, first_cpu = time.perf_counter(), time.process_time()
         count, step = 0, 0
         while time.perf_counter() - first < seconds:
             chunk = next(stream)
             if with_x0:
                 data.interpolant_noise(0, step, chunk["positions"], batch // lanes, latents.latent_shape, torch.device("cpu"))
             count, step = count + len(chunk["labels"]), step + 1
-        steady = count / (time.perf_counter() - first)
+        steady, per_cpu_second = count / (time.perf_counter() - first), count / (time.process_time() - first_cpu)
         stream.close()
     finally:
         torch.set_num_threads(saved)
-    return first - started, steady, count
+    return first - started, steady, per_cpu_second, count
 
 
 def sha256_rate(latents_dir: Path) -> float:
-    """Latents/s that one core hashes: the loader checks each shard's sha256 once per process."""
+    """Latents per CPU-second that one core hashes: the loader checks each shard's sha256 once per process."""
     from sitctl.artifacts import sha256_file
     from sitctl.data import open_latents
 
     latents = open_latents(latents_dir)
-    started = time.perf_counter()
+    started = time.process_time()
     for path in latents.shard_paths:
         sha256_file(Path(path))
-    return latents.num_samples / (time.perf_counter() - started)
+    return latents.num_samples / (time.process_time() - started)
 
 
 def bench_loader_rate(latents: str | None = None, *, images: int = 4096, batch: int = 256, lanes: int = 8,
@@ -302,15 +305,17 @@ def bench_loader_rate(latents: str | None = None, *, images: int = 4096, batch: 
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(latents) if latents else synthetic_latents(Path(scratch) / "latents", images)
         opened = open_latents(path)
-        startup, rate, count = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds)
-        _, rate_with_x0, _ = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds, with_x0=True)
+        startup, rate, cpu_rate, count = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds)
+        _, rate_with_x0, cpu_rate_with_x0, _ = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds,
+                                                           with_x0=True)
         hashing = sha256_rate(path)
     return {
         "latents": str(latents) if latents else f"synthetic x{images}, written now",
         "num_samples": opened.num_samples, "latent_shape": list(opened.latent_shape),
         "batch": batch, "lanes": lanes, "shuffle_buffer": buffer, "seconds": seconds, "latents_drawn": count,
-        "startup_s": startup, "latents_per_s": rate, "latents_per_s_with_x0": rate_with_x0,
-        "sha256_latents_per_s": hashing,
+        "startup_s": startup, "latents_per_s": rate, "latents_per_cpu_s": cpu_rate,
+        "latents_per_s_with_x0": rate_with_x0, "latents_per_cpu_s_with_x0": cpu_rate_with_x0,
+        "sha256_latents_per_cpu_s": hashing,
     }
 
 
