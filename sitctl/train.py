@@ -261,7 +261,7 @@ def wrap_for_training(net: nn.Module, config: TrainConfig, d: distributed.Dist) 
     forward = net
     if d.active:
         # Gradients as views into DDP's buckets: no copy between them, and no second gradient buffer.
-        # Not static_graph: with no_sync micro-batches it fails an internal assert (torch 2.15, gloo).
+        # Not static_graph: with no_sync micro-batches it fails an internal assert (torch 2.14, gloo).
         forward = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                                                       gradient_as_bucket_view=True)
     if config.compile:
