@@ -44,7 +44,7 @@ RESUME_FIXED = ("model", "interp", "pred", "loss_weight", "train_eps", "discrete
 
 
 class NonFiniteLossError(SitctlError):
-    """The loss became NaN or inf; the run stops before applying the update."""
+    """The loss became NaN or inf; the run stops before saving anything trained from it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -552,9 +552,11 @@ def load_preview_decoder(run: Run):
 def maybe_preview(run: Run, decoder) -> None:
     """Every preview_every steps rank 0 saves a grid of EMA samples (fixed noise and labels)."""
     config = run.config
-    if not config.preview_every or run.step % config.preview_every or not run.dist.is_main:
+    if not config.preview_every or run.step % config.preview_every:
         return
-    check_finite(run)
+    check_finite(run)  # on every rank, so that all of them stop together
+    if not run.dist.is_main:
+        return
     from model.guidance import GuidedVelocity
     from model.objectives import default_eps
     from model.samplers import sample_ode
