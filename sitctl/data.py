@@ -106,7 +106,7 @@ def latents_from_moments(view: torch.Tensor, noise: torch.Tensor, scale: float, 
 # ---------------------------------------------------------------------------------------------
 
 
-# Tags keep the seeds of the three uses of randomness apart.
+# Tags keep the seeds of the four uses of randomness apart.
 _SHARD_ORDER, _SHUFFLE_BUFFER, _SAMPLE_DRAWS, _INTERPOLANT_NOISE = 0, 1, 2, 3
 
 
@@ -297,7 +297,7 @@ class LaneChunks(torch.utils.data.IterableDataset):
             # Each lane writes its rows of the chunk in place (no concatenation of per-lane tensors).
             n = len(positions)
             chunk = {"x1": torch.empty((n, *shape)), "labels": torch.empty(n, dtype=torch.int64),
-                     "drop": torch.empty(n), "time": torch.empty(n), "positions": positions}
+                     "drop": torch.empty(n), "time": torch.empty(n), "positions": positions.clone()}
             for row, reader in zip(range(0, n, k), readers):
                 rows = slice(row, row + k)
                 uniforms = lane_draws(self.seed, step, reader.lane, noise)
