@@ -18,7 +18,8 @@ bench *ARGS:
 bench-model MODEL="SiT-S/2" BATCH="8" PRECISION="fp32":
     {{venv}}python -m sitctl.bench model --model {{MODEL}} --batch {{BATCH}} --precision {{PRECISION}}
 
-# Benchmark the training loader on one core (LATENTS: a latents artifact; empty encodes digits to a temp dir).
+# Benchmark the training loader on one core: start-up and steady-state latents/s (LATENTS: a latents artifact;
+# empty writes synthetic 4x32x32 latents, ImageNet-256's shape, to a temp dir).
 bench-loader LATENTS="" SECONDS="5":
     {{venv}}python -m sitctl.bench loader {{ if LATENTS == "" { "" } else { "--latents " + LATENTS } }} --seconds {{SECONDS}}
 

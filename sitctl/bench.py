@@ -206,44 +206,132 @@ def encode_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def digits_latents(out: Path, images: int) -> Path:
-    """Encode the first `images` 8x8 digits, upscaled to 32x32 pixels (vae none), as a latents artifact."""
-    from sitctl.encode import EncodeConfig, encode
+def synthetic_latents(out: Path, samples: int, *, shape: tuple[int, int, int] = (4, 32, 32), shard_size: int = 512,
+                      num_classes: int = 1000) -> Path:
+    """A latents artifact of `samples` random moments of `shape`, written by encode's own shard writer.
 
-    # Four shards at least, so the loader's lanes draw from several files as on real data.
-    encode(EncodeConfig(src="digits", out=str(out), image_size=32, vae="none", shard_size=max(images // 4, 1),
-                        workers=0, limit=images, device="cpu"))
+    The default shape is ImageNet-256's SD-VAE latent; 512 samples a shard gives 8 shards for the
+    default 4096 samples, one per lane of the default 8, so lanes read whole files as on real data.
+    """
+    import numpy as np
+
+    from pipelines.shards import Sample, shard_name, write_shard
+    from sitctl.artifacts import begin_artifact, finish_artifact
+
+    rng = np.random.default_rng(0)
+    staging, shards = begin_artifact(out), []
+    for index, start in enumerate(range(0, samples, shard_size)):
+        batch = [Sample(key=f"{position:08d}", label=position % num_classes, path=f"synthetic/{position}",
+                        moments=rng.standard_normal((2, 2, *shape), dtype=np.float32).astype(np.float16))
+                 for position in range(start, min(start + shard_size, samples))]
+        write_shard(staging / shard_name(index), batch)
+        shards.append({"name": shard_name(index), "count": len(batch)})
+    extra = {"shards": shards, "num_samples": samples, "num_classes": num_classes, "latent_shape": list(shape),
+             "scale_factor": 0.18215, "vae": {"name": "synthetic", "source": None}, "num_errors": 0}
+    finish_artifact(staging, out, kind="latents", config={"source": "synthetic"}, extra=extra)
     return out
 
 
-def bench_loader_rate(latents: str | None = None, *, images: int = 512, batch: int = 256,
-                      seconds: float = 5.0) -> dict[str, object]:
-    """Latents/s of the training loader on one core, on `latents` or on `images` digits encoded now."""
-    if images < 1 or batch < 1 or seconds <= 0:
-        raise BenchError(f"images and batch must be at least 1 and seconds above 0, got {images}, {batch}, {seconds}")
-    from sitctl.data import bench_loader, open_latents
+def _single_core():
+    """torch on one intra-op thread for the duration, as in a DataLoader worker: a per-core rate."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return saved
+
+
+def time_loader(latents_dir: Path, *, batch: int, lanes: int, buffer: int, seconds: float,
+                with_x0: bool = False) -> tuple[float, float, float, int]:
+    """(seconds to the first batch, steady-state latents/s after it and per CPU-second, latents drawn).
+
+    The rate per CPU-second (process time) is what one idle core would give; it differs from the
+    wall-clock rate when other processes share the cores.
+
+    with_x0 also draws each batch's interpolant noise on this core, as training on a CPU does
+    (on a GPU it is drawn there): the work the loader did before it moved to the device.
+    """
+    import torch
+
+    from sitctl import data
+    from sitctl.data import open_latents, rank_batches
+
+    latents = open_latents(latents_dir)
+    lanes = min(lanes, latents.num_samples)
+    batch = max(batch // lanes, 1) * lanes
+    saved = _single_core()
+    try:
+        started = time.perf_counter()
+        stream = rank_batches(latents, global_batch=batch, num_lanes=lanes, rank=0, world_size=1, seed=0,
+                              buffer=buffer, workers=0, start_step=0)
+        next(stream)  # start-up: index/open the first shards and fill the shuffle buffers
+        first, first_cpu = time.perf_counter(), time.process_time()
+        count, step = 0, 0
+        while time.perf_counter() - first < seconds:
+            chunk = next(stream)
+            if with_x0:
+                data.interpolant_noise(0, step, chunk["positions"], batch // lanes, latents.latent_shape, torch.device("cpu"))
+            count, step = count + len(chunk["labels"]), step + 1
+        steady, per_cpu_second = count / (time.perf_counter() - first), count / (time.process_time() - first_cpu)
+        stream.close()
+    finally:
+        torch.set_num_threads(saved)
+    return first - started, steady, per_cpu_second, count
+
+
+def sha256_rate(latents_dir: Path) -> float:
+    """Latents per CPU-second that one core hashes: the loader checks each shard's sha256 once per process."""
+    from sitctl.artifacts import sha256_file
+    from sitctl.data import open_latents
+
+    latents = open_latents(latents_dir)
+    started = time.process_time()
+    for path in latents.shard_paths:
+        sha256_file(Path(path))
+    return latents.num_samples / (time.process_time() - started)
+
+
+def bench_loader_rate(latents: str | None = None, *, images: int = 4096, batch: int = 256, lanes: int = 8,
+                      buffer: int = 1000, seconds: float = 5.0) -> dict[str, object]:
+    """Start-up time and steady-state latents/s of the training loader on one core.
+
+    On `latents`, or on `images` synthetic 4x32x32 latents written now (ImageNet-256's shape).
+    """
+    if images < 1 or batch < 1 or lanes < 1 or buffer < 1 or seconds <= 0:
+        raise BenchError(f"images, batch, lanes and buffer must be at least 1 and seconds above 0, "
+                         f"got {images}, {batch}, {lanes}, {buffer}, {seconds}")
+    from sitctl.data import open_latents
 
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(latents) if latents else digits_latents(Path(scratch) / "latents", images)
+        path = Path(latents) if latents else synthetic_latents(Path(scratch) / "latents", images)
         opened = open_latents(path)
-        rate = bench_loader(path, seconds=seconds, batch=batch)
+        startup, rate, cpu_rate, count = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds)
+        _, rate_with_x0, cpu_rate_with_x0, _ = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds,
+                                                           with_x0=True)
+        hashing = sha256_rate(path)
     return {
-        "latents": str(latents) if latents else f"digits x{images}, encoded now",
+        "latents": str(latents) if latents else f"synthetic x{images}, written now",
         "num_samples": opened.num_samples, "latent_shape": list(opened.latent_shape),
-        "batch": batch, "seconds": seconds, "latents_per_s": rate,
+        "batch": batch, "lanes": lanes, "shuffle_buffer": buffer, "seconds": seconds, "latents_drawn": count,
+        "startup_s": startup, "latents_per_s": rate, "latents_per_cpu_s": cpu_rate,
+        "latents_per_s_with_x0": rate_with_x0, "latents_per_cpu_s_with_x0": cpu_rate_with_x0,
+        "sha256_latents_per_cpu_s": hashing,
     }
 
 
 @app.command("loader")
 def loader_command(
-    latents: str = typer.Option(None, help="A latents artifact; default: encode digits (32x32 pixels) to a temp dir."),
-    images: int = typer.Option(512, help="Digits to encode when no --latents is given."),
+    latents: str = typer.Option(None, help="A latents artifact; default: synthetic 4x32x32 latents written to a temp dir."),
+    images: int = typer.Option(4096, help="Synthetic latents to write when no --latents is given."),
     batch: int = typer.Option(256, help="Latents per batch."),
-    seconds: float = typer.Option(5.0, help="How long to draw batches."),
+    lanes: int = typer.Option(8, help="Data lanes (the train default)."),
+    buffer: int = typer.Option(1000, help="Shuffle buffer per lane (the train default)."),
+    seconds: float = typer.Option(5.0, help="How long to draw batches after the first."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
-    """Training latents per second that one core reads, decodes and noises (DataLoader in-process)."""
-    print_result(bench_loader_rate(latents, images=images, batch=batch, seconds=seconds), as_json)
+    """Start-up seconds and steady-state latents/s that one core reads, decodes and noises (in-process)."""
+    print_result(bench_loader_rate(latents, images=images, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds),
+                 as_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +413,9 @@ class BenchConfig:
     model_warmup: int = 2
     """Untimed warm-up calls per model."""
     loader_latents: str | None = None
-    """A latents artifact for the loader; None encodes `loader_images` digits (32x32 pixels) to a temp dir."""
-    loader_images: int = 512
-    """Digits to encode when no loader_latents is given."""
+    """A latents artifact for the loader; None writes `loader_images` synthetic 4x32x32 latents to a temp dir."""
+    loader_images: int = 4096
+    """Synthetic latents to write when no loader_latents is given."""
     loader_batch: int = 256
     """Latents per loader batch."""
     loader_seconds: float = 5.0
@@ -373,7 +461,7 @@ class BenchConfig:
 # Sizes for a datacenter GPU: the paper's SiT-XL/2 at the batch sizes of a real run.
 CUDA_SIZES = dict(
     models=(("SiT-XL/2", 32, "bf16"), ("SiT-XL/2", 256, "bf16"), ("SiT-XL/2", 32, "tf32"), ("SiT-B/2", 256, "bf16")),
-    model_steps=10, model_warmup=3, loader_images=1797, encode_images=256, encode_vae="sd-random", encode_batch=32,
+    model_steps=10, model_warmup=3, encode_images=256, encode_vae="sd-random", encode_batch=32,
     sampling_model="SiT-XL/2", sampling_batch=64, sampling_steps=(50, 250),
     sampling_samplers=(("ode", "euler"), ("ode", "heun"), ("ode", "dopri5"), ("sde", "euler"), ("sde", "heun")),
     inception_batch=64, inception_images=1024,
@@ -447,7 +535,8 @@ def figure_rows(results: dict) -> list[tuple[str, str, str]]:
                      f"forward {run['forward_ms']:.0f} ms, {run['train_tflops']:.3g} TFLOP/s{mfu}{memory}"))
     loader = results["loader"]
     shape = "x".join(map(str, loader["latent_shape"]))
-    rows.append(("loader", f"{shape} latents, batch {loader['batch']}, 1 core", f"{_rate(loader['latents_per_s'])} latents/s"))
+    rows.append(("loader", f"{shape} latents, batch {loader['batch']}, 1 core",
+                 f"{_rate(loader['latents_per_s'])} latents/s steady, start-up {loader['startup_s']:.2f} s"))
     encode = results["encode"]
     rows.append(("encode", f"decode + crop 500x375 JPEG to {encode['image_size']}px, 1 core",
                  f"{_rate(encode['decode_crop_images_per_s_per_core'])} img/s"))
@@ -520,7 +609,7 @@ def bench_all(config: BenchConfig, out: str | Path, benchmarks_md: str | Path | 
 def all_command(
     out: str = typer.Option(None, help="Bench artifact to create; default bench-out/<UTC date-time>."),
     benchmarks_md: str = typer.Option("BENCHMARKS.md", help="Markdown file whose section for this device is rewritten."),
-    latents: str = typer.Option(None, help="Latents artifact for the loader; default: digits encoded to a temp dir."),
+    latents: str = typer.Option(None, help="Latents artifact for the loader; default: synthetic 4x32x32 latents written to a temp dir."),
     device: str = typer.Option(None, help="Device; default cuda if present, else cpu."),
 ) -> None:
     """Every benchmark at sizes that fit this device; writes a bench artifact and updates BENCHMARKS.md."""

@@ -3,7 +3,7 @@
 The global batch of B samples is cut into L *lanes* (`--data-lanes`); lane l fills the B/L
 consecutive global positions [l B/L, (l+1) B/L) of every step. A lane is an endless stream:
 in its epoch e it reads the shard units that a permutation seeded by (seed, e) deals to it,
-through a webdataset shuffle buffer seeded by (seed, e, l), then starts epoch e+1.
+through a shuffle buffer seeded by (seed, e, l), then starts epoch e+1.
 Ranks own contiguous blocks of lanes (the split by node) and a rank's DataLoader workers own
 contiguous blocks of its lanes (the split by worker). So what sits at global position p of step
 s depends on (seed, s, p) alone, never on the number of processes; and every rank gets exactly
@@ -12,26 +12,30 @@ one chunk per step, so no rank ever meets an epoch end its peers do not (DDP can
 A shard unit is a shard, or a 1/k residue class of its samples when there are fewer shards than
 lanes (k = ceil(L / shards)), so tiny data sets still feed every lane.
 
-Every random number a sample needs in a step (the latent's posterior noise, the flip, the
-label-dropout and time uniforms, the interpolant's noise x0) comes from one generator seeded by
-(seed, step, global position), drawn where the sample is loaded (in the loader workers).
+Every random number a lane's chunk needs in a step (the latents' posterior noise, the flips, the
+label-dropout and time uniforms) comes from one generator seeded by (seed, step, lane) and drawn
+for the whole chunk at once, where the chunk is loaded (in the loader workers). The interpolant's
+noise x0, half of all normals, is drawn where training runs instead (`interpolant_noise`), from a
+generator of (seed, step, lane) on that device, so no loader core spends time on it and nothing
+crosses to the GPU for it. A lane is never split between readers or ranks, so the draws too are
+the same for any number of processes and workers (on one device type: CPU and CUDA generators differ).
+
+Shards are read by pipelines/shards.py: each is checked against the manifest's sha256 and indexed
+the first time a reader process opens it; its arrays are then views into the mapped file.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import random
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 
+from pipelines.shards import ShardIndex, open_shard
 from sitctl.artifacts import Artifact, open_artifact
 from sitctl.errors import ArtifactError, SitctlError
 
@@ -47,6 +51,7 @@ class Latents:
     artifact: Artifact
     shard_paths: tuple[str, ...]
     shard_counts: tuple[int, ...]
+    shard_sha256: tuple[str, ...]  # as recorded in the manifest; the loader checks each shard against it
     latent_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
     scale_factor: float
@@ -63,32 +68,37 @@ def open_latents(path: str | Path) -> Latents:
     for key in ("shards", "latent_shape", "num_classes", "scale_factor"):
         if key not in extra:
             raise ArtifactError(f"{artifact.path}: manifest extra lacks '{key}'; re-encode it with this sitctl")
-    paths, counts = [], []
+    paths, counts, hashes = [], [], []
     for shard in extra["shards"]:
         file = artifact.path / shard["name"]
         if not file.is_file():
             raise ArtifactError(f"{artifact.path}: shard {shard['name']} is missing")
+        if shard["name"] not in artifact.manifest["files"]:  # also keeps reads inside the artifact
+            raise ArtifactError(f"{artifact.path}: shard {shard['name']} is not among the manifest's files")
         paths.append(str(file))
         counts.append(int(shard["count"]))
+        hashes.append(artifact.manifest["files"][shard["name"]]["sha256"])
     if sum(counts) == 0:
         raise ArtifactError(f"{artifact.path}: the latents artifact holds no samples")
     return Latents(
         artifact=artifact,
         shard_paths=tuple(paths),
         shard_counts=tuple(counts),
+        shard_sha256=tuple(hashes),
         latent_shape=tuple(int(n) for n in extra["latent_shape"]),
         num_classes=int(extra["num_classes"]),
         scale_factor=float(extra["scale_factor"]),
     )
 
 
-def latents_from_moments(moments: torch.Tensor, noise: torch.Tensor, flip: torch.Tensor, scale: float) -> torch.Tensor:
-    """A training latent (mean + std * noise) * scale of the original or the flipped view.
+def latents_from_moments(view: torch.Tensor, noise: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Training latents (mean + std * noise) * scale, a draw from the VAE posterior of the chosen view.
 
-    moments (N, 2, 2, C, H, W) [view, mean/std]; noise (N, C, H, W); flip (N,) bool -> (N, C, H, W).
+    view (N, 2, C, H, W) float16 [mean/std] of the original or flipped image; noise (N, C, H, W)
+    float32 -> (N, C, H, W) float32, written into `out` when given.
     """
-    chosen = moments[torch.arange(len(moments)), flip.long()].float()  # (N, 2, C, H, W)
-    return (chosen[:, 0] + chosen[:, 1] * noise) * scale
+    out = torch.empty_like(noise) if out is None else out
+    return torch.addcmul(view[:, 0], view[:, 1], noise, out=out).mul_(scale)  # float16 promoted inside the kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,8 +106,8 @@ def latents_from_moments(moments: torch.Tensor, noise: torch.Tensor, flip: torch
 # ---------------------------------------------------------------------------------------------
 
 
-# Tags keep the seeds of the three uses of randomness apart.
-_SHARD_ORDER, _SHUFFLE_BUFFER, _SAMPLE_DRAWS = 0, 1, 2
+# Tags keep the seeds of the four uses of randomness apart.
+_SHARD_ORDER, _SHUFFLE_BUFFER, _SAMPLE_DRAWS, _INTERPOLANT_NOISE = 0, 1, 2, 3
 
 
 def _seed(*parts: int) -> int:
@@ -130,34 +140,89 @@ def lane_position(counts: tuple[int, ...], lanes: int, lane: int, seed: int, con
         epoch += 1
 
 
-def _read_unit(path: str, residue: int, parts: int) -> Iterator[dict]:
-    samples = wds.tarfile_to_samples()(iter([{"url": path}]))
-    for index, sample in enumerate(samples):
-        if index % parts == residue:
-            yield sample
+def buffer_order(count: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a streaming shuffle buffer of `buffer` slots emits items 0..count-1.
+
+    Items arrive in reading order; each emission takes a uniformly chosen slot and the next item
+    refills it. Reads stay sequential within a window of `buffer` items, and being a function of
+    (count, buffer, rng) alone, a resumed lane recomputes its epoch's order instead of replaying it.
+    """
+    picks = rng.random(count)
+    slots = list(range(min(buffer, count)))
+    order, incoming = np.empty(count, np.int64), len(slots)
+    for emitted in range(count):
+        chosen = int(picks[emitted] * len(slots))
+        slots[chosen], slots[-1] = slots[-1], slots[chosen]
+        order[emitted] = slots.pop()
+        if incoming < count:
+            slots.append(incoming)
+            incoming += 1
+    return order
 
 
-def lane_stream(latents: Latents, lanes: int, lane: int, seed: int, buffer: int, consumed: int) -> Iterator[dict]:
-    """Raw tar samples of one lane, endless, starting after its first `consumed` samples."""
-    epoch, skip = lane_position(latents.shard_counts, lanes, lane, seed, consumed)
-    while True:
-        units = lane_units(latents.shard_counts, lanes, lane, seed, epoch)
-        raw = (s for shard, residue, parts in units for s in _read_unit(latents.shard_paths[shard], residue, parts))
-        shuffled = wds.shuffle(buffer, initial=buffer, rng=random.Random(_seed(seed, _SHUFFLE_BUFFER, epoch, lane)))(raw)
-        for index, sample in enumerate(shuffled):
-            if index >= skip:  # replaying the buffer up to the resume point keeps resume exact
-                yield sample
-        epoch, skip = epoch + 1, 0
+def lane_epoch(counts: tuple[int, ...], lanes: int, lane: int, seed: int, epoch: int, buffer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, sample within the shard) of each item lane `lane` yields in `epoch`, in yield order."""
+    units = lane_units(counts, lanes, lane, seed, epoch)
+    shards = np.concatenate([np.full(_unit_size(counts, unit), unit[0]) for unit in units] or [np.zeros(0)])
+    samples = np.concatenate([np.arange(residue, counts[shard], parts) for shard, residue, parts in units] or [np.zeros(0)])
+    order = buffer_order(len(shards), buffer, np.random.default_rng(_seed(seed, _SHUFFLE_BUFFER, epoch, lane)))
+    return shards.astype(np.int64)[order], samples.astype(np.int64)[order]
 
 
-def decode_sample(sample: dict, latent_shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
-    """(moments float16 (2, 2, C, H, W), label) of one raw tar sample."""
-    moments = np.load(io.BytesIO(sample["moments.npy"]), allow_pickle=False)
-    if moments.shape != (2, 2, *latent_shape):
-        raise ArtifactError(
-            f"{sample.get('__url__')}: sample {sample['__key__']} has moments {moments.shape}, expected {(2, 2, *latent_shape)}"
-        )
-    return moments, int(sample["cls"])
+class LaneReader:
+    """One lane's endless stream of (shard, sample) pairs, starting after its first `consumed`."""
+
+    def __init__(self, counts: tuple[int, ...], lanes: int, lane: int, seed: int, buffer: int, consumed: int):
+        self.counts, self.lanes, self.lane, self.seed, self.buffer = counts, lanes, lane, seed, buffer
+        self.epoch, self.position = lane_position(counts, lanes, lane, seed, consumed)
+        self.shards, self.samples = lane_epoch(counts, lanes, lane, seed, self.epoch, buffer)
+
+    def take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `count` (shard, sample) pairs, as two (count,) arrays; crosses epochs as needed."""
+        shards, samples = [], []
+        while count:
+            if self.position == len(self.shards):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.shards, self.samples = lane_epoch(self.counts, self.lanes, self.lane, self.seed, self.epoch, self.buffer)
+            end = min(self.position + count, len(self.shards))
+            shards.append(self.shards[self.position : end])
+            samples.append(self.samples[self.position : end])
+            count -= end - self.position
+            self.position = end
+        return np.concatenate(shards), np.concatenate(samples)
+
+
+class ShardCache:
+    """The shards one reader process has opened: each is hashed and indexed once, then reused."""
+
+    def __init__(self, latents: Latents):
+        self.latents, self.opened = latents, {}
+
+    def __call__(self, shard: int) -> ShardIndex:
+        if shard not in self.opened:
+            latents = self.latents
+            index = open_shard(latents.shard_paths[shard], (2, 2, *latents.latent_shape), latents.shard_sha256[shard])
+            if len(index) != latents.shard_counts[shard]:
+                raise ArtifactError(f"shard {index.path} holds {len(index)} samples, its manifest says {latents.shard_counts[shard]}")
+            self.opened[shard] = index
+        return self.opened[shard]
+
+
+def gather_views(cache: ShardCache, shards: np.ndarray, samples: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(moments of the chosen views (n, 2, C, H, W) float16, labels (n,) int64) of n samples.
+
+    A stored sample holds [original, flipped] views back to back; only the chosen half is copied,
+    with one numpy gather per shard (a chunk touches one or two shards).
+    """
+    first = cache(int(shards[0]))
+    views = np.empty((len(shards), 2 * int(np.prod(first.moments_shape[1:]))), np.uint8)  # float16 bytes
+    labels = np.empty(len(shards), np.int64)
+    for shard in np.unique(shards).tolist():
+        rows = np.flatnonzero(shards == shard)
+        index = cache(shard)
+        views[rows] = index.view_bytes(samples[rows], flip[rows])
+        labels[rows] = index.labels[samples[rows]]
+    return views.view(np.float16).reshape(len(shards), *first.moments_shape[1:]), labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,26 +230,40 @@ def decode_sample(sample: dict, latent_shape: tuple[int, int, int]) -> tuple[np.
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_draws(seed: int, step: int, positions: list[int], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """The random numbers of the samples at `positions` of `step`, each from its own generator.
+def lane_draws(seed: int, step: int, lane: int, noise: torch.Tensor) -> torch.Tensor:
+    """Fill `noise` (count, C, H, W) with lane `lane`'s posterior noise for `step`.
 
-    Returns latent_noise and x0 (n, *shape) standard normal, flip, drop and time uniforms (n,).
+    One generator per (seed, step, lane) draws the whole chunk's numbers; returns its uniforms
+    (count, 3): flip, label dropout and time, one row per sample.
     """
-    noise, x0, uniforms = [], [], []
-    for position in positions:
-        generator = torch.Generator().manual_seed(_seed(seed, _SAMPLE_DRAWS, step, position))
-        noise.append(torch.randn(shape, generator=generator))
-        x0.append(torch.randn(shape, generator=generator))
-        uniforms.append(torch.rand(3, generator=generator))
-    u = torch.stack(uniforms)  # (n, 3)
-    return {"latent_noise": torch.stack(noise), "x0": torch.stack(x0), "flip": u[:, 0], "drop": u[:, 1], "time": u[:, 2]}
+    generator = torch.Generator().manual_seed(_seed(seed, _SAMPLE_DRAWS, step, lane))
+    uniforms = torch.rand((len(noise), 3), generator=generator)
+    torch.randn(noise.shape, generator=generator, out=noise)
+    return uniforms
+
+
+def interpolant_noise(seed: int, step: int, positions: torch.Tensor, per_lane: int, shape: tuple[int, ...],
+                      device: torch.device) -> torch.Tensor:
+    """The interpolant's noise x0 (n, C, H, W) of a rank's chunk at global `positions` of `step`, drawn on `device`.
+
+    Lane l's rows come from one generator of (seed, step, l) on the device, so they do not depend
+    on how lanes are split over ranks.
+    """
+    lanes = (positions[::per_lane] // per_lane).tolist()  # a chunk is whole lanes, in order
+    parts = []
+    for lane in lanes:
+        generator = torch.Generator(device).manual_seed(_seed(seed, _INTERPOLANT_NOISE, step, lane))
+        parts.append(torch.randn((per_lane, *shape), generator=generator, device=device))
+    return torch.cat(parts)
 
 
 class LaneChunks(torch.utils.data.IterableDataset):
     """Yields, step after step, this rank's (or this worker's) lanes' chunks of the global batch.
 
     Each item holds, for n samples in global position order: x1 (n, C, H, W) float32 training
-    latents, labels (n,) int64, x0 (n, C, H, W) noise, drop and time uniforms (n,), positions (n,).
+    latents, labels (n,) int64, drop and time uniforms (n,), positions (n,).
+    A user error (a corrupt shard) is yielded as {"error": message} and ends the stream, so that
+    it reaches the training process as one line even from a worker process.
     """
 
     def __init__(self, latents: Latents, *, lanes: list[int], num_lanes: int, per_lane: int, seed: int, buffer: int,
@@ -202,19 +281,32 @@ class LaneChunks(torch.utils.data.IterableDataset):
         return self.lanes[info.id * share : (info.id + 1) * share]
 
     def __iter__(self):
-        lanes = self._my_lanes()
-        consumed = self.start_step * self.per_lane
-        streams = [lane_stream(self.latents, self.num_lanes, lane, self.seed, self.buffer, consumed) for lane in lanes]
-        positions = [lane * self.per_lane + j for lane in lanes for j in range(self.per_lane)]
+        try:
+            yield from self._chunks()
+        except SitctlError as error:
+            yield {"error": str(error)}
+
+    def _chunks(self) -> Iterator[dict]:
+        lanes, cache, shape = self._my_lanes(), ShardCache(self.latents), self.latents.latent_shape
+        consumed, k = self.start_step * self.per_lane, self.per_lane
+        readers = [LaneReader(self.latents.shard_counts, self.num_lanes, lane, self.seed, self.buffer, consumed) for lane in lanes]
+        positions = torch.tensor([lane * k + j for lane in lanes for j in range(k)])
+        noise = torch.empty((k, *shape))  # scratch: the posterior noise of one lane's chunk
         step = self.start_step
         while True:
-            decoded = [decode_sample(next(stream), self.latents.latent_shape) for stream in streams for _ in range(self.per_lane)]
-            moments = torch.from_numpy(np.stack([m for m, _ in decoded]))  # (n, 2, 2, C, H, W) float16
-            draws = sample_draws(self.seed, step, positions, self.latents.latent_shape)
-            x1 = latents_from_moments(moments, draws["latent_noise"], (draws["flip"] < 0.5) & self.flip, self.latents.scale_factor)
-            labels = torch.tensor([label for _, label in decoded], dtype=torch.int64)
-            yield {"x1": x1, "labels": labels, "x0": draws["x0"], "drop": draws["drop"], "time": draws["time"],
-                   "positions": torch.tensor(positions)}
+            # Each lane writes its rows of the chunk in place (no concatenation of per-lane tensors).
+            n = len(positions)
+            chunk = {"x1": torch.empty((n, *shape)), "labels": torch.empty(n, dtype=torch.int64),
+                     "drop": torch.empty(n), "time": torch.empty(n), "positions": positions.clone()}
+            for row, reader in zip(range(0, n, k), readers):
+                rows = slice(row, row + k)
+                uniforms = lane_draws(self.seed, step, reader.lane, noise)
+                flip = (uniforms[:, 0] < 0.5).numpy() & self.flip
+                views, labels = gather_views(cache, *reader.take(k), flip)
+                latents_from_moments(torch.from_numpy(views), noise, self.latents.scale_factor, out=chunk["x1"][rows])
+                chunk["labels"][rows] = torch.from_numpy(labels)
+                chunk["drop"][rows], chunk["time"][rows] = uniforms[:, 1], uniforms[:, 2]
+            yield chunk
             step += 1
 
 
@@ -227,11 +319,13 @@ def _quiet_worker(_: int) -> None:
 
 def rank_batches(
     latents: Latents, *, global_batch: int, num_lanes: int, rank: int, world_size: int,
-    seed: int, buffer: int, workers: int, start_step: int, flip: bool = True,
+    seed: int, buffer: int, workers: int, start_step: int, flip: bool = True, pin_memory: bool = False,
 ) -> Iterator[dict]:
     """This rank's slice of every global batch from `start_step` on: positions [r B/W, (r+1) B/W).
 
-    Raises SitctlError when lanes do not split evenly over batch, ranks and workers.
+    Raises SitctlError when lanes do not split evenly over batch, ranks and workers, and
+    ArtifactError (one line, also from a worker process) when a shard is corrupt. `pin_memory`
+    puts batches in page-locked memory so that copies to a GPU can be asynchronous.
     """
     check_lanes(num_lanes, global_batch, world_size, workers, latents.num_samples)
     per_rank = num_lanes // world_size
@@ -242,7 +336,7 @@ def rank_batches(
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-        worker_init_fn=_quiet_worker if workers else None, in_order=True,
+        worker_init_fn=_quiet_worker if workers else None, in_order=True, pin_memory=pin_memory,
     )
     return _join_workers(iter(loader), max(workers, 1))
 
@@ -253,7 +347,10 @@ def _join_workers(items: Iterator[dict], workers: int) -> Iterator[dict]:
         while True:
             # The loader returns worker items round-robin, so `workers` consecutive items are one step.
             parts = [next(items) for _ in range(workers)]
-            yield {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+            for part in parts:
+                if "error" in part:
+                    raise ArtifactError(part["error"])
+            yield parts[0] if workers == 1 else {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     finally:
         shutdown = getattr(items, "_shutdown_workers", None)
         if shutdown is not None:
@@ -272,22 +369,3 @@ def check_lanes(num_lanes: int, global_batch: int, world_size: int, workers: int
         )
     if num_samples < num_lanes:
         raise SitctlError(f"the latents hold {num_samples} samples, fewer than --data-lanes {num_lanes}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark
-# ---------------------------------------------------------------------------------------------
-
-
-def bench_loader(latents_dir: str | Path, seconds: float = 10.0, batch: int = 256, lanes: int = 8) -> float:
-    """Training latents per second that one core reads, decodes and draws (with all per-sample noise)."""
-    latents = open_latents(latents_dir)
-    lanes = min(lanes, latents.num_samples)
-    batch = max(batch // lanes, 1) * lanes
-    stream = rank_batches(
-        latents, global_batch=batch, num_lanes=lanes, rank=0, world_size=1, seed=0, buffer=1000, workers=0, start_step=0
-    )
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        count += len(next(stream)["labels"])
-    return count / (time.perf_counter() - start)

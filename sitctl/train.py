@@ -8,8 +8,10 @@ which keeps DiT's recipe): AdamW, lr 1e-4, no weight decay, betas (0.9, 0.999), 
 global batch 256, EMA 0.9999 updated every step, label dropout 0.1.
 
 The loop reads as train_step / maybe_checkpoint / maybe_preview. A SIGTERM or SIGINT sets a
-flag that all ranks agree on at the next step boundary, and the run saves and exits; a NaN or
-inf loss stops the run before the bad update, leaving the last checkpoint as it was.
+flag that all ranks agree on a step boundary later, and the run saves and exits; a NaN or inf
+loss stops the run at the next log, preview or checkpoint, before anything after it is saved,
+leaving the last checkpoint as it was. No step waits for the device otherwise: statistics stay
+on it until a log line reads them.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from torch import nn
 from sitctl import checkpoint as checkpoints
 from sitctl import distributed
 from sitctl.artifacts import Artifact, disk_errors, output_lock
-from sitctl.data import Latents, open_latents, rank_batches
-from sitctl.errors import SitctlError
 from sitctl.configs import TrainConfig
+from sitctl.data import Latents, interpolant_noise, open_latents, rank_batches
+from sitctl.errors import SitctlError
 from sitctl.progress import peak_memory_gib, progress
 
 TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
@@ -44,7 +46,7 @@ RESUME_FIXED = ("model", "interp", "pred", "loss_weight", "train_eps", "discrete
 
 
 class NonFiniteLossError(SitctlError):
-    """The loss became NaN or inf; the run stops before applying the update."""
+    """The loss became NaN or inf; the run stops before saving anything trained from it."""
 
 
 
@@ -73,6 +75,8 @@ class Run:
     last_saved: Artifact | None = None  # that checkpoint, opened on rank 0
     batches: Iterator[dict] | None = None
     window: dict[str, Any] = field(default_factory=dict)
+    first_bad_step: torch.Tensor | None = None  # on the device: first step whose loss was not finite (0: none)
+    stop_vote: tuple | None = None  # the last step's all-reduced stop vote, on its way to the host
 
 
 def fit_model(config: TrainConfig, latents: Latents):
@@ -139,7 +143,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     batches = rank_batches(
         latents, global_batch=config.global_batch, num_lanes=config.data_lanes, rank=d.rank, world_size=d.world_size,
         seed=config.seed, buffer=config.shuffle_buffer, workers=config.loader_workers, start_step=start_step,
-        flip=config.flip,
+        flip=config.flip, pin_memory=d.device.type == "cuda",
     )
     if d.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)
@@ -167,7 +171,10 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
 def wrap_for_training(net: nn.Module, config: TrainConfig, d: distributed.Dist) -> nn.Module:
     forward = net
     if d.active:
-        forward = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        # Gradients as views into DDP's buckets: no copy between them, and no second gradient buffer.
+        # Not static_graph: with no_sync micro-batches it fails an internal assert (torch 2.14, gloo).
+        forward = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                                      gradient_as_bucket_view=True)
     if config.compile:
         forward = torch.compile(forward)  # after DDP, so compiled graphs break at gradient buckets
     return forward
@@ -191,10 +198,14 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     from model.objectives import times_from_uniform, training_loss
 
     config, device = run.config, run.dist.device
-    x1, x0 = batch["x1"].to(device), batch["x0"].to(device)  # (n, C, H, W) each
+    # Loader batches are pinned on CUDA, so these copies overlap with the host's next work.
+    x1 = batch["x1"].to(device, non_blocking=True)  # (n, C, H, W)
+    x0 = interpolant_noise(config.seed, run.step, batch["positions"], config.global_batch // config.data_lanes,
+                           x1.shape[1:], device)  # (n, C, H, W), drawn on the device
     null = torch.full_like(batch["labels"], run.model_config.num_classes)
-    y = torch.where(batch["drop"] < config.label_dropout, null, batch["labels"]).to(device)  # (n,)
-    t = times_from_uniform(batch["time"], train_eps=run.train_eps, discrete_steps=config.discrete_steps).to(device)  # (n,)
+    y = torch.where(batch["drop"] < config.label_dropout, null, batch["labels"]).to(device, non_blocking=True)  # (n,)
+    t = times_from_uniform(batch["time"], train_eps=run.train_eps, discrete_steps=config.discrete_steps)
+    t = t.to(device, non_blocking=True)  # (n,)
     n, losses = len(x1), []
     for start in range(0, n, run.micro_batch):
         part = slice(start, start + run.micro_batch)
@@ -212,29 +223,74 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def reduce_step(run: Run, losses_and_t: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
-    """All-reduce [loss sum, count, per-t-bucket sums and counts, stop votes] in one collective."""
+    """All-reduce [per-t-bucket loss sums and counts, stop votes] in one collective; stats stay on the device.
+
+    Nothing here waits for the device: a non-finite loss is noted on the device (check_finite
+    reads it before anything is logged or saved), and the stop vote is read one step late.
+    """
     losses, t = losses_and_t
     bucket = (t * TIME_BUCKETS).long().clamp(0, TIME_BUCKETS - 1)
     sums = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, losses)
     counts = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, torch.ones_like(losses))
     stats = torch.cat([sums, counts, torch.tensor([float(stop)], device=t.device)])
-    stats = distributed.all_reduce_sum(run.dist, stats).cpu()
-    return stats[: 2 * TIME_BUCKETS], bool(stats[-1] > 0)
+    stats = distributed.all_reduce_sum(run.dist, stats)
+    if run.first_bad_step is None:
+        run.first_bad_step = torch.zeros((), dtype=torch.int64, device=t.device)
+    bad = ~torch.isfinite(stats).all() & (run.first_bad_step == 0)
+    run.first_bad_step = torch.where(bad, run.step + 1, run.first_bad_step)
+    return stats[: 2 * TIME_BUCKETS], agreed_stop(run, stats[-1:])
 
 
-def apply_update(run: Run) -> torch.Tensor:
-    """Clip (optionally), step the optimizer and the EMA; return the gradient norm before clipping."""
+def agreed_stop(run: Run, vote: torch.Tensor) -> bool:
+    """Whether the ranks' all-reduced vote of the previous step asked to stop.
+
+    This step's vote starts its copy to the host now and is read at the next step, when the
+    device has long finished it: the host never waits, and every rank still stops at the same step.
+    """
+    if vote.device.type == "cuda":
+        host = torch.empty(1, pin_memory=True).copy_(vote, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    else:
+        host, done = vote.clone(), None
+    previous, run.stop_vote = run.stop_vote, (host, done)
+    if previous is None:
+        return False
+    if previous[1] is not None:
+        previous[1].synchronize()
+    return bool(previous[0][0] > 0)
+
+
+def check_finite(run: Run) -> None:
+    """Raise if a loss since the last check was NaN or inf; called before logging or saving (reads the device)."""
+    if run.first_bad_step is not None and int(run.first_bad_step):
+        config = run.config
+        saved = checkpoints.checkpoint_dir(config.out, run.saved_step) if run.saved_step else "none yet"
+        raise NonFiniteLossError(f"loss is NaN or inf at step {int(run.first_bad_step)}; stopped at step {run.step} "
+                                 f"without saving its updates (last checkpoint: {saved})")
+
+
+def apply_update(run: Run) -> torch.Tensor | None:
+    """Clip (optionally), step the optimizer and the EMA; return the gradient norm before clipping.
+
+    The norm (a pass over every gradient) is only computed when it clips or is logged: else None.
+    """
     parameters = [p for p in run.net.parameters() if p.grad is not None]
+    norm = None
     if run.config.grad_clip is not None:
         norm = nn.utils.clip_grad_norm_(parameters, run.config.grad_clip)
-    else:
+    elif is_log_step(run, run.step + 1):
         norm = nn.utils.get_total_norm([p.grad for p in parameters])
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         # ema <- decay * ema + (1 - decay) * param, every step (DiT/SiT's update_ema).
         torch._foreach_lerp_(list(run.ema.parameters()), list(run.net.parameters()), 1.0 - run.config.ema_decay)
-    return norm.detach()
+    return None if norm is None else norm.detach()
+
+
+def is_log_step(run: Run, step: int) -> bool:
+    return step % run.config.log_every == 0 or step == run.config.steps
 
 
 # =============================================================================================
@@ -268,9 +324,6 @@ def train_loop(run: Run) -> None:
             started = time.perf_counter()
             losses_and_t = train_step(run, next(run.batches))
             stats, stopping = reduce_step(run, losses_and_t, stop["signal"] is not None)
-            if not bool(torch.isfinite(stats).all()):
-                saved = checkpoints.checkpoint_dir(config.out, run.saved_step) if run.saved_step else "none yet"
-                raise NonFiniteLossError(f"loss is NaN or inf at step {run.step + 1}; stopped before that update (last checkpoint: {saved})")
             grad_norm = apply_update(run)
             run.step += 1
             progress.update(task, completed=run.step)
@@ -313,21 +366,21 @@ def progress_bar(run: Run):
 # =============================================================================================
 
 
-def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor, seconds: float, console) -> None:
-    """Accumulate this step; every log_every steps write a metrics.jsonl row and a console line.
+def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor | None, seconds: float, console) -> None:
+    """Accumulate this step on the device; every log_every steps read it back, write a metrics.jsonl row and a console line.
 
     images/s counts only the steps' own time (data, forward, backward, update), not checkpoints
-    or previews.
+    or previews. grad_norm is the logged step's norm (before clipping).
     """
     window = run.window
     if not window:
-        window.update(stats=torch.zeros_like(stats), grad_norm=torch.zeros_like(grad_norm), steps=0, seconds=0.0)
+        window.update(stats=torch.zeros_like(stats), steps=0, seconds=0.0)
     window["stats"] += stats
-    window["grad_norm"] += grad_norm
     window["steps"] += 1
     window["seconds"] += seconds
-    if run.step % run.config.log_every and run.step != run.config.steps:
+    if not is_log_step(run, run.step):
         return
+    check_finite(run)
     sums, counts = window["stats"][:TIME_BUCKETS], window["stats"][TIME_BUCKETS:]
     row = {
         "step": run.step,
@@ -335,7 +388,7 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor, seconds: f
         "loss_by_t": [float(s / c) if c > 0 else None for s, c in zip(sums, counts)],
         "images_per_sec": window["steps"] * run.config.global_batch / window["seconds"],
         "lr": run.optimizer.param_groups[0]["lr"],
-        "grad_norm": float(window["grad_norm"]) / window["steps"],
+        "grad_norm": float(grad_norm),
         "memory_gib": peak_memory_gib(run.dist.device),
     }
     window.clear()
@@ -401,6 +454,7 @@ def maybe_checkpoint(run: Run, force: bool = False) -> None:
     config = run.config
     if (run.step % config.ckpt_every and not force) or run.saved_step == run.step:
         return
+    check_finite(run)  # a non-finite update is never saved
     if run.dist.is_main:
         consumed = run.step * (config.global_batch // config.data_lanes)
         state = {"samples_seen": run.step * config.global_batch, "world_size": run.dist.world_size,
@@ -436,7 +490,10 @@ def load_preview_decoder(run: Run):
 def maybe_preview(run: Run, decoder) -> None:
     """Every preview_every steps rank 0 saves a grid of EMA samples (fixed noise and labels)."""
     config = run.config
-    if not config.preview_every or run.step % config.preview_every or not run.dist.is_main:
+    if not config.preview_every or run.step % config.preview_every:
+        return
+    check_finite(run)  # on every rank, so that all of them stop together
+    if not run.dist.is_main:
         return
     from model.guidance import GuidedVelocity
     from model.objectives import default_eps

@@ -6,9 +6,11 @@ import os
 import tarfile
 
 import numpy as np
+import pytest
 import webdataset as wds
 
-from pipelines.shards import Sample, done_record, mark_done, shard_name, write_shard
+from pipelines.shards import Sample, done_record, index_shard, mark_done, open_shard, shard_name, write_shard
+from sitctl.errors import ArtifactError
 
 
 def samples(count: int) -> list[Sample]:
@@ -53,3 +55,27 @@ def test_done_marker_only_counts_while_the_shard_matches(tmp_path):
         handle.seek(700)
         handle.write(b"!")
     assert done_record(tmp_path, 0) is None
+
+
+def test_reader_returns_what_the_writer_wrote_and_checks_the_hash(tmp_path):
+    written = samples(5)
+    written[3] = Sample(key="k" * 150, label=12345, moments=written[3].moments, path="p" * 700)  # pax name, 2-block member
+    sha256 = write_shard(tmp_path / "a.tar", written)
+    index = open_shard(tmp_path / "a.tar", (2, 2, 4, 2, 2), sha256=sha256)
+    assert list(index.keys) == [s.key for s in written] and index.labels.tolist() == [s.label for s in written]
+    for row, sample in enumerate(written):
+        np.testing.assert_array_equal(index.moments(row), sample.moments)
+    # Irregular member sizes (the long path) take the per-sample copy; both views of every sample come back.
+    for view in (0, 1):
+        got = index.view_bytes(np.arange(5), np.full(5, view)).view(np.float16).reshape(5, 2, 4, 2, 2)
+        np.testing.assert_array_equal(got, np.stack([s.moments[view] for s in written]))
+    with pytest.raises(ArtifactError, match="a.tar does not match its recorded sha256"):
+        open_shard(tmp_path / "a.tar", (2, 2, 4, 2, 2), sha256="0" * 64)
+
+
+def test_reader_refuses_a_header_with_a_wrong_checksum(tmp_path):
+    write_shard(tmp_path / "a.tar", samples(2))
+    data = bytearray((tmp_path / "a.tar").read_bytes())
+    data[0] ^= 1  # first member's name: still parses, but the header checksum no longer holds
+    with pytest.raises(ArtifactError, match="broken tar header"):
+        index_shard("a.tar", bytes(data), (2, 2, 4, 2, 2))

@@ -71,6 +71,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(digits_latent
     assert not list(tmp_path.glob("run/.*partial"))
 
 
+def test_nan_loss_between_log_lines_is_caught_before_the_next_save(digits_latents_dir, tmp_path, monkeypatch):
+    # No log line reads the loss at step 3 (log every 10): the step-4 checkpoint must not be written.
+    monkeypatch.setenv(NAN_HOOK, "3")
+    with pytest.raises(NonFiniteLossError, match=r"at step 3; stopped at step 4 .*step-0000002"):
+        train(tiny(digits_latents_dir, tmp_path / "run", steps=6, ckpt_every=2, log_every=10))
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no row was logged from the bad steps
+
+
 def test_mismatched_inputs_fail_before_any_compute(digits_latents_dir, tmp_path):
     with pytest.raises(ArtifactError, match="no such artifact directory"):
         train(tiny(tmp_path / "nothing-here", tmp_path / "a", steps=1))
