@@ -9,5 +9,9 @@ class SitctlError(Exception):
     """A problem with the user's input, files or environment, explained in one line."""
 
 
+class ArtifactError(SitctlError):
+    """An artifact is missing, of the wrong kind, of a newer schema, incomplete or tampered."""
+
+
 class CheckpointMismatchError(SitctlError):
     """A state dict does not fit the model it is loaded into."""

@@ -143,7 +143,7 @@ def _header_checksums_ok(buffer: np.ndarray, offsets: list[int]) -> bool:
 
 def tar_members(data, where: str) -> list[TarMember]:
     """The regular files of an uncompressed tar in `data` (bytes or mmap); ArtifactError if broken."""
-    from sitctl.errors import ArtifactError
+    from model.errors import ArtifactError
 
     members, headers, position, pax = [], [], 0, {}
     while position + TAR_BLOCK <= len(data):
@@ -212,7 +212,7 @@ class ShardIndex:
 
 def _npy_header(payload: bytes, where: str) -> tuple[int, tuple[int, ...]]:
     """(header length, shape) of a float16, C-ordered .npy payload; parsed without unpickling anything."""
-    from sitctl.errors import ArtifactError
+    from model.errors import ArtifactError
 
     stream = io.BytesIO(payload[:4096])
     try:
@@ -228,7 +228,7 @@ def _npy_header(payload: bytes, where: str) -> tuple[int, tuple[int, ...]]:
 
 def index_shard(path: str | Path, data, moments_shape: tuple[int, ...]) -> ShardIndex:
     """Index a latents shard held in `data` (bytes or mmap): each sample needs .cls and .moments.npy."""
-    from sitctl.errors import ArtifactError
+    from model.errors import ArtifactError
 
     where = str(path)
     samples: dict[str, dict[str, TarMember]] = {}
@@ -284,7 +284,7 @@ def open_shard(path: str | Path, moments_shape: tuple[int, ...], sha256: str | N
     import hashlib
     import mmap
 
-    from sitctl.errors import ArtifactError
+    from model.errors import ArtifactError
 
     try:
         with open(path, "rb") as handle:

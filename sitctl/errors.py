@@ -4,11 +4,7 @@ Anything else (a bug) is left to raise with its traceback.
 """
 
 
-from model.errors import CheckpointMismatchError, SitctlError  # noqa: F401 (re-exported: the shared base)
-
-
-class ArtifactError(SitctlError):
-    """An artifact is missing, of the wrong kind, of a newer schema, incomplete or tampered."""
+from model.errors import ArtifactError, CheckpointMismatchError, SitctlError  # noqa: F401 (re-exported: shared below all packages)
 
 
 

@@ -406,7 +406,7 @@ def _window_record(window: dict[str, Any]) -> dict[str, Any] | None:
     """
     if not window or not window["steps"]:
         return None
-    return {"stats": window["stats"].tolist(), "grad_norm": float(window["grad_norm"]), "steps": window["steps"]}
+    return {"stats": window["stats"].tolist(), "steps": window["steps"]}  # grad_norm is the logged step's own
 
 
 def _window_from_record(record: dict[str, Any] | None, config: TrainConfig, device) -> dict[str, Any]:
@@ -419,8 +419,7 @@ def _window_from_record(record: dict[str, Any] | None, config: TrainConfig, devi
     rows = read_metrics(metrics) if metrics.is_file() else []
     speed = rows[-1].get("images_per_sec") if rows else None
     seconds = record["steps"] * config.global_batch / speed if speed else 0.0
-    return {"stats": torch.tensor(record["stats"], device=device), "grad_norm": torch.tensor(record["grad_norm"], device=device),
-            "steps": int(record["steps"]), "seconds": seconds}
+    return {"stats": torch.tensor(record["stats"], device=device), "steps": int(record["steps"]), "seconds": seconds}
 
 
 def trim_metrics(path: Path, step: int) -> None:

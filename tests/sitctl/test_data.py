@@ -160,13 +160,14 @@ def test_lanes_that_do_not_split_evenly_are_refused(latents):
 
 def rehash(artifact_path):
     """Record a damaged shard's new sha256 in the manifest, as if encode had written it that way."""
-    from sitctl.artifacts import content_id, sha256_file
+    from sitctl.artifacts import content_id, manifest_digest, sha256_file
 
     manifest_path = artifact_path / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     for name, entry in manifest["files"].items():
         entry["sha256"] = sha256_file(artifact_path / name)
     manifest["id"] = content_id(manifest["files"])
+    manifest["digest"] = manifest_digest(manifest)
     manifest_path.write_text(json.dumps(manifest))
 
 

@@ -204,7 +204,11 @@ def test_published_checkpoint_samples_like_its_artifact_through_the_vae(tiny_vae
     from_file, _ = read_samples(tmp_path / "from-file")
     from_artifact, _ = read_samples(tmp_path / "from-artifact")
     assert from_file.shape == (5, 16, 16, 3)  # decoded by the tiny VAE's 2x upsampling
-    assert np.array_equal(from_file, from_artifact)
+    # Same weights and noise; the subprocess may run other CPU kernels (thread count), so a pixel
+    # may land one grey level apart at a rounding boundary. The decode scale is pinned exactly in
+    # test_pixel_numbers.py.
+    difference = np.abs(from_file.astype(int) - from_artifact.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     manifest = open_artifact(tmp_path / "from-file").manifest
     assert manifest["inputs"] == [] and manifest["extra"]["vae"]["name"] == "local"
     assert manifest["extra"]["model_config"]["num_classes"] == 10  # read off the label table
