@@ -96,6 +96,8 @@ class StudyConfig:
     """Seed of training, sampling and the bootstrap."""
     ablations: tuple[str, ...] = ABLATIONS
     """Which ablations to run, in order."""
+    models: tuple[str, ...] = ()
+    """Run only the points whose model (run folder name, e.g. linear-velocity) is listed (empty: all)."""
     max_minutes: float | None = None
     """End this sitting after the point that passes this many minutes (None: run to the end)."""
     device: str = "cpu"
@@ -393,7 +395,7 @@ def planned_points(config: StudyConfig, out: Path) -> list[Point]:
             points += objective_points(config)
         elif (best := best_model(config, out)) is not None:
             points += sampler_points(config, best)
-    return points
+    return [p for p in points if not config.models or p.model.name in config.models]
 
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
