@@ -581,8 +581,11 @@ def plot_sampler(rows: list[dict[str, Any]], floor: dict[str, float], out: Path)
     for name, line in (("SDE euler, w = 1", sde_w1), ("ODE heun", ode_heun)):
         line = sorted(line, key=lambda r: r["point"].sampler.steps)
         _draw(axes, [int(r["point"].sampler.nfe) for r in line], line, name)
+    from matplotlib.ticker import ScalarFormatter
+
     for axis in axes:
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(ScalarFormatter())  # NFE as plain numbers, not 10^x
     _floor_band(axes, floor)
     paths.append(_save(plt, figure, out / "metric-vs-steps.png"))
     return paths
@@ -614,12 +617,27 @@ def plot_loss_curves(config: StudyConfig, out: Path) -> Path:
 # =============================================================================================
 
 
+def field_docstrings(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field of a dataclass: the one place a setting is described."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {
+        node.target.id: " ".join(following.value.value.split())
+        for node, following in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sitctl.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished points; run nothing")
+    helps = field_docstrings(StudyConfig)
     for field in dataclasses.fields(StudyConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            help=f"default: {field.default!r}" + (" (comma-separated)" if isinstance(field.default, tuple) else ""))
+        listed = " (comma-separated)" if isinstance(field.default, tuple) else ""
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None, metavar="VALUE",
+                            help=f"{helps.get(field.name, '')}{listed} Default: {field.default!r}.")
     return parser
 
 
