@@ -38,6 +38,7 @@ import numpy as np
 
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact
 from sitctl.errors import SitctlError
+from sitctl.evaluate.metrics import Gaussian, feature_statistics, frechet_distance
 
 ABLATIONS = ("path", "objective", "sampler")
 FEATURES_FILE = "features.npy"
@@ -283,8 +284,11 @@ def frechet_distance_low_rank(features: np.ndarray, mu: np.ndarray, sigma: np.nd
     With A = (X - mean) / sqrt(n - 1) the sample covariance is A^T A, and the nonzero
     eigenvalues of A^T A sigma equal those of the symmetric PSD n x n matrix A sigma A^T,
     so tr sqrt(S sigma) is a sum over n eigenvalues: cheap enough to bootstrap when n << d = 2048.
+    With n > d the d x d form (torch-fidelity's) is the cheaper one and is used instead.
     """
     features = np.asarray(features, np.float64)
+    if len(features) > features.shape[1]:
+        return float(frechet_distance(feature_statistics(features), Gaussian(mu=mu, sigma=sigma)))
     mean = features.mean(axis=0)
     centred = (features - mean) / np.sqrt(len(features) - 1)  # (n, d)
     eigenvalues = np.linalg.eigvalsh(centred @ sigma @ centred.T)  # (n,)
@@ -641,19 +645,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TYPES = {"int": int, "float": float, "str": str}
+
+
 def _convert(field: dataclasses.Field, text: str) -> Any:
-    """Command-line text to the field's type, judged from its default."""
-    default = field.default
-    if isinstance(default, tuple):
-        kind = type(default[0]) if default else str
-        return tuple(kind(item) for item in text.split(",") if item)
-    if text.lower() == "none":
+    """Command-line text to the field's annotated type (a string here: postponed annotations)."""
+    annotation = field.type
+    if text.lower() == "none" and "None" in annotation:
         return None
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(default, (int, float)) and default is not None:
-        return type(default)(text)
-    return float(text) if field.name == "max_minutes" else int(text) if field.name == "train_images" else text
+    if annotation.startswith("tuple["):  # tuple[float, ...]: comma-separated items
+        kind = _TYPES[annotation.removeprefix("tuple[").split(",")[0]]
+        return tuple(kind(item) for item in text.split(",") if item)
+    return _TYPES[annotation.split(" | ")[0]](text)
 
 
 def config_from_args(argv: list[str]) -> tuple[StudyConfig, bool]:

@@ -73,7 +73,7 @@ def test_low_rank_fid_equals_torch_fidelity_with_fewer_or_more_samples_than_dime
     rng = np.random.default_rng(1)
     reference = rng.normal(size=(90, 40)) @ rng.normal(size=(40, 40))
     stats = feature_statistics(reference)
-    for count in (12, 70):  # n < d: rank-deficient covariance; n > d: full rank
+    for count in (12, 39, 70):  # n < d: rank-deficient covariance; n > d: full rank (the d x d form)
         generated = rng.normal(0.3, 1.5, size=(count, 40))
         expected = frechet_distance(feature_statistics(generated), stats)
         assert frechet_distance_low_rank(generated, stats.mu, stats.sigma) == pytest.approx(expected, rel=1e-6)
