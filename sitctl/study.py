@@ -45,6 +45,12 @@ FEATURES_FILE = "features.npy"
 SCORES_FILE = "scores.json"
 TIMINGS_FILE = "timings.jsonl"
 BEST_FILE = "best-model.json"
+SETTINGS_FILE = "study-settings.json"
+# Settings every artifact in OUT was made with; a rerun into the same OUT must keep them, or
+# it would reuse points made under other settings (the lists of values swept may grow freely).
+FIXED_SETTINGS = ("train_source", "reference_source", "image_size", "train_images", "reference_images", "model",
+                  "train_steps", "global_batch", "lr", "ema_decay", "num_samples", "ode_steps", "sde_steps",
+                  "bootstrap", "seed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,6 +412,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     """Run (or continue) every planned point; rewrite the report after each. Returns the report's paths."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(config, out)
     started = time.monotonic()
     latents = encode_train_images(config, out)
     ref = reference(config, out, "reference", config.reference_source, config.reference_images)
@@ -423,6 +430,20 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         write_report(config, out)
     report = write_report(config, out)
     return {**report, "points_this_sitting": done, "points_left": len(todo)}
+
+
+def check_settings(config: StudyConfig, out: Path) -> None:
+    """Record FIXED_SETTINGS on the first sitting; refuse a later sitting that changes any of them."""
+    current = {name: getattr(config, name) for name in FIXED_SETTINGS}
+    saved = out / SETTINGS_FILE
+    if not saved.is_file():
+        saved.write_text(json.dumps(current, indent=2) + "\n")
+        return
+    recorded = json.loads(saved.read_text())
+    changed = [name for name in FIXED_SETTINGS if recorded.get(name) != json.loads(json.dumps(current[name]))]
+    if changed:
+        were = ", ".join(f"--{name.replace('_', '-')} {recorded.get(name)}" for name in changed)
+        raise SitctlError(f"{out} was made with {were}; rerun with those settings or choose another --out")
 
 
 def _scored(out: Path, point: Point) -> bool:

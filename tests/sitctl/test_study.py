@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import subprocess
 import sys
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sitctl.artifacts import ancestor, open_artifact
+from sitctl.errors import SitctlError
 from sitctl.evaluate.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 from sitctl.study import (
     FEATURES_FILE, StudyConfig, bootstrap_scores, frechet_distance_low_rank, path_points, run_study, sampler_points,
@@ -67,6 +68,8 @@ def test_two_points_run_end_to_end_report_the_floor_and_a_rerun_reuses_them(tiny
     again = run_study(config)
     assert (again["points_this_sitting"], again["points_left"]) == (0, 0)
     assert open_artifact(scored[1], "metrics").id == metrics.id
+    with pytest.raises(SitctlError, match="was made with --train-steps 3; rerun with those settings"):
+        run_study(dataclasses.replace(config, train_steps=5))  # would reuse 3-step points as 5-step ones
 
 
 def test_low_rank_fid_equals_torch_fidelity_with_fewer_or_more_samples_than_dimensions():
