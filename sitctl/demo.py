@@ -25,7 +25,10 @@ from sitctl.errors import SitctlError
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Settings of `sitctl demo`; the defaults finish in about 4.5 minutes on 2 CPU cores (the floor's 200 real digits add about 30 s of Inception at 6.5 img/s)."""
+    """Settings of `sitctl demo`; the defaults finish in about 4.5 minutes on 2 CPU cores.
+
+    (The real-vs-real floor's 200 training digits add about 30 s of Inception at 6.5 img/s.)
+    """
 
     out: str = "demo"
     """Folder that receives every stage's artifact."""
