@@ -265,7 +265,13 @@ def train_model(config: StudyConfig, out: Path, latents: Artifact, spec: ModelSp
         ckpt_every=max(1, min(500, config.train_steps)), keep_last=1, log_every=max(1, min(50, config.train_steps)),
         preview_every=0, resume=bool(found), device=config.device,
     )
-    return _timed(out, f"train {spec.name}", lambda: train(settings))
+    checkpoint = _timed(out, f"train {spec.name}", lambda: train(settings))
+    # A SIGTERM/SIGINT makes train save and return early; sampling that checkpoint would make
+    # an under-trained point that every later sitting reuses, so the sitting ends here instead.
+    if checkpoint.extra["step"] < config.train_steps:
+        raise SitctlError(f"training {spec.name} stopped at step {checkpoint.extra['step']} of {config.train_steps}; "
+                          "rerun the study to resume it")
+    return checkpoint
 
 
 def sample_point(config: StudyConfig, out: Path, checkpoint: Artifact, point: Point) -> Artifact:

@@ -119,3 +119,15 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sitctl.study", "--out", str(tmp_path), "--report-only"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "run the study first" in done.stderr
+
+
+def test_a_training_run_stopped_by_a_signal_ends_the_sitting_instead_of_sampling_it(tiny_fashion, tmp_path, monkeypatch):
+    import sitctl.train
+
+    config = tiny_config(tiny_fashion, tmp_path / "study")
+    real_train = sitctl.train.train
+    # What train returns after SIGTERM at step 2: its saved checkpoint, short of the 3 asked for.
+    monkeypatch.setattr(sitctl.train, "train", lambda settings: real_train(dataclasses.replace(settings, steps=2)))
+    with pytest.raises(SitctlError, match="training linear-velocity stopped at step 2 of 3; rerun the study to resume it"):
+        run_study(config)
+    assert not list((tmp_path / "study").glob("points/*/*"))  # nothing sampled from the short run
