@@ -34,3 +34,7 @@ bench-inception BATCH="32" IMAGES="32":
 # Benchmark encode: decode-and-crop per core, and the VAE (VAE: none, sd-random, ema, mse).
 bench-encode VAE="none" SIZE="256":
     {{venv}}python -m sitctl.bench encode --vae {{VAE}} --image-size {{SIZE}}
+
+# The SiT paper's ablations at small scale on Fashion-MNIST (docs/REPRODUCTION.md); reruns resume. OUT: its folder.
+study OUT="study-out" *ARGS:
+    nice -n 15 {{venv}}sitctl study --out {{OUT}} {{ARGS}}

@@ -10,8 +10,12 @@ label, and a way to load it as a PIL image. `open_source(spec)` parses the SRC a
     digits               scikit-learn's bundled 8x8 digits (all 1797), labels 0-9
     digits:train         the first 1500 digits in dataset order
     digits:holdout       the other 297, for an FID reference the model never trained on
-    fashion-mnist[:DIR]  the Fashion-MNIST train split as idx files (Debian's
+    fashion-mnist[:DIR]  the Fashion-MNIST train split (60000) as idx files (Debian's
                          dataset-fashion-mnist installs them in /usr/share/datasets/fashion-mnist)
+    fashion-mnist:train[:DIR]  the same, named explicitly
+    fashion-mnist:test[:DIR]   the 10000-image test split (t10k files): an FID reference the
+                         model never trained on
+A DIR literally named `train` or `test` is written ./train or ./test.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from model.errors import SitctlError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DIGITS_TRAIN = 1500  # digits:train is items [0, 1500), digits:holdout the other 297
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Split name -> the stem its idx files share (the test split's files are named t10k-*).
+FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
@@ -78,7 +84,8 @@ def open_source(spec: str) -> ImageSource:
     if spec.startswith("digits:"):
         return digits_split(digits_source(), spec.partition(":")[2])
     if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
-        return fashion_mnist_source(spec.partition(":")[2] or FASHION_MNIST_DIR)
+        split, directory = fashion_mnist_spec(spec.partition(":")[2])
+        return fashion_mnist_source(directory, split)
     return folder_source(spec)
 
 
@@ -162,17 +169,28 @@ def digits_split(source: ImageSource, split: str) -> ImageSource:
     return source.subset(slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None))
 
 
-def fashion_mnist_source(directory: str | Path) -> ImageSource:
-    """The Fashion-MNIST train split (60000 28x28 images) from its idx files, gzipped or not."""
+def fashion_mnist_spec(rest: str) -> tuple[str, str]:
+    """(split, directory) from what follows `fashion-mnist:`: "", DIR, SPLIT or SPLIT:DIR."""
+    split, _, directory = rest.partition(":")
+    if split in FASHION_MNIST_SPLITS:
+        return split, directory or FASHION_MNIST_DIR
+    return "train", rest or FASHION_MNIST_DIR  # the older spelling fashion-mnist:DIR
+
+
+def fashion_mnist_source(directory: str | Path, split: str = "train") -> ImageSource:
+    """A Fashion-MNIST split (train: 60000, test: 10000 28x28 images) from its idx files, gzipped or not."""
+    if split not in FASHION_MNIST_SPLITS:
+        raise SourceError(f"unknown Fashion-MNIST split {split!r} (expected {' or '.join(FASHION_MNIST_SPLITS)})")
     root = Path(directory).resolve()
-    images_file = _find_idx(root, "train-images-idx3-ubyte")
-    labels_file = _find_idx(root, "train-labels-idx1-ubyte")
+    stem = FASHION_MNIST_SPLITS[split]
+    images_file = _find_idx(root, f"{stem}-images-idx3-ubyte")
+    labels_file = _find_idx(root, f"{stem}-labels-idx1-ubyte")
     pixels, labels = read_idx(images_file), read_idx(labels_file)
     if pixels.ndim != 3 or labels.ndim != 1 or len(pixels) != len(labels):
         raise SourceError(f"{root}: idx files hold shapes {pixels.shape} and {labels.shape}, expected (N, H, W) and (N,)")
     return ImageSource(
         name="fashion-mnist", root=str(root), class_names=list(FASHION_MNIST_CLASSES),
-        keys=[f"fashion-mnist_train_{i:05d}" for i in range(len(labels))],
+        keys=[f"fashion-mnist_{split}_{i:05d}" for i in range(len(labels))],
         paths=[f"{images_file.name}[{i}]" for i in range(len(labels))],
         labels=[int(y) for y in labels], pixels=pixels,
     )
@@ -184,7 +202,7 @@ def _find_idx(root: Path, stem: str) -> Path:
             return candidate
     raise SourceError(
         f"Fashion-MNIST file {stem}[.gz] not found in {root}; "
-        "install it with `apt-get install dataset-fashion-mnist` or pass fashion-mnist:DIR"
+        "install it with `apt-get install dataset-fashion-mnist` or pass fashion-mnist[:train|:test]:DIR"
     )
 
 

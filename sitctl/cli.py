@@ -238,6 +238,26 @@ _command(app, "demo", "sitctl.configs", "DemoConfig", _demo, doc="""Run encode -
     """)
 
 
+# ---------------------------------------------------------------------------------------------
+# study
+# ---------------------------------------------------------------------------------------------
+
+
+def _study(config) -> None:
+    import json
+
+    from sitctl.study import study_command
+
+    typer.echo(json.dumps(study_command(config), indent=2))
+
+
+_command(app, "study", "sitctl.configs", "StudyConfig", _study, doc="""Run the SiT paper's ablations at small scale on Fashion-MNIST (docs/REPRODUCTION.md).
+
+    DiT -> SiT path, interpolant x prediction, and samplers, one choice at a time; every point is
+    an artifact reused by a rerun, so the study runs in several sittings (--max-minutes).
+    """)
+
+
 def run_app(typer_app: typer.Typer) -> None:
     """Run a typer app: usage errors as click reports them, SitctlError as one line; both exit 2.
 

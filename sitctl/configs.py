@@ -19,6 +19,7 @@ LABEL_SCHEMES = ("balanced", "uniform")
 DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
 PUBLISHED_KINDS = ("sit", "dit")
+ABLATIONS = ("path", "objective", "sampler")  # the study's three tables (sitctl/study.py)
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -429,7 +430,10 @@ class SweepConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Settings of `sitctl demo`; the defaults finish in about 4 minutes on 2 CPU cores."""
+    """Settings of `sitctl demo`; the defaults finish in about 4.5 minutes on 2 CPU cores.
+
+    (The real-vs-real floor's 200 training digits add about 30 s of Inception at 6.5 img/s.)
+    """
 
     out: str = "demo"
     """Folder for every stage's artifact; a rerun reuses finished stages."""
@@ -456,3 +460,80 @@ class DemoConfig:
                 raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.num_samples < 2:
             raise SitctlError("--num-samples must be at least 2 (FID needs a covariance)")
+
+
+# =============================================================================================
+# study (the paper's ablations at small scale: sitctl/study.py)
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """Settings of the study; the defaults are sized for about 3 hours of 2 CPU cores (docs/REPRODUCTION.md)."""
+
+    out: str = "study-out"
+    """Folder of every artifact, the report and the plots."""
+    train_source: str = "fashion-mnist:train"
+    """What the models train on (any encode SRC); its first num_samples images also give the floor."""
+    reference_source: str = "fashion-mnist:test"
+    """The FID/KID reference (any SRC), never trained on."""
+    image_size: int = 16
+    """Side the 28x28 images are resized to (pixel space, no VAE)."""
+    train_images: int | None = None
+    """Encode only the first N training images (None: all)."""
+    reference_images: int = 2000
+    """Reference images (the first N of reference_source)."""
+    model: str = "SiT-XS/4"
+    """Model preset of every run."""
+    train_steps: int = 2500
+    """Optimizer steps of every run (batch global_batch)."""
+    global_batch: int = 64
+    """Samples per step."""
+    lr: float = 1e-3
+    """Constant AdamW learning rate (higher than the paper's 1e-4: the runs are short)."""
+    ema_decay: float = 0.999
+    """EMA decay (a window of about 1000 steps suits runs of a few thousand)."""
+    num_samples: int = 500
+    """Generated images per point, and real images in the floor."""
+    sample_batch: int = 250
+    """Images per sampler forward."""
+    ode_steps: int = 50
+    """Heun steps of the ODE points (2 evaluations each: NFE 100)."""
+    sde_steps: int = 100
+    """Euler-Maruyama steps of the SDE points (NFE 100, as the ODE's)."""
+    w_values: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
+    """SDE diffusion scales w of the sampler ablation."""
+    diffusions: tuple[str, ...] = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
+    """SDE diffusion forms w_t compared at w = 1."""
+    cfg_values: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+    """Guidance scales of the sampler ablation (SDE, w = 1)."""
+    sde_step_values: tuple[int, ...] = (10, 25, 50, 100, 200)
+    """SDE euler step counts of the steps-vs-metric curve."""
+    ode_step_values: tuple[int, ...] = (5, 12, 25, 50, 100)
+    """ODE heun step counts of the steps-vs-metric curve (NFE twice these)."""
+    bootstrap: int = 50
+    """Bootstrap resamples of the generated features per score."""
+    seed: int = 0
+    """Seed of training, sampling and the bootstrap."""
+    ablations: tuple[str, ...] = ABLATIONS
+    """Which ablations to run, in order."""
+    models: tuple[str, ...] = ()
+    """Run only the points whose model (run folder name, e.g. linear-velocity) is listed (empty: all)."""
+    max_minutes: float | None = None
+    """End this sitting after the point that passes this many minutes (None: run to the end)."""
+    device: str = "cpu"
+    """Device of every stage."""
+    report_only: bool = False
+    """Rewrite the report from the finished points; run nothing."""
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check_device(self.device)
+        unknown = [name for name in self.ablations if name not in ABLATIONS]
+        if unknown or not self.ablations:
+            raise SitctlError(f"unknown ablation(s) {unknown or '(none)'}; choose from {', '.join(ABLATIONS)}")
+        for name in ("image_size", "train_steps", "global_batch", "sample_batch", "ode_steps", "sde_steps", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_samples < 2 or self.reference_images < 2:
+            raise SitctlError("--num-samples and --reference-images must be at least 2 (FID needs a covariance)")

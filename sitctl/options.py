@@ -90,6 +90,10 @@ def _parameters(cls: type, exclude: tuple[str, ...]) -> list[tuple[inspect.Param
                             None))  # gathered into one tuple by config_command
             continue
         annotation, value_of = hints[field.name], _identity(field.name)
+        item_type = _tuple_item(annotation)
+        if spell["parse"] is None and item_type is not None:  # tuple[X, ...]: comma-separated on the command line
+            spell = {**spell, "parse": _comma_list(item_type, spell["flags"] or (_flag(field.name),)),
+                     "shown": ",".join(str(item) for item in default) or None}
         if spell["parse"] is not None:  # typed as text on the command line, parsed into the field
             default = spell["shown"]
             annotation = str if default is not None else (str | None)
@@ -110,6 +114,23 @@ def _parameters(cls: type, exclude: tuple[str, ...]) -> list[tuple[inspect.Param
         out.append((inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation),
                     value_of))
     return out
+
+
+def _tuple_item(annotation: Any) -> type | None:
+    """X for tuple[X, ...], else None."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
+def _comma_list(item_type: type, flags: tuple[str, ...]) -> Callable[[str | None], tuple]:
+    def parse(text: str | None) -> tuple:
+        try:
+            return tuple(item_type(part.strip()) for part in (text or "").split(",") if part.strip())
+        except ValueError:
+            raise SitctlError(f"{flags[0]} takes comma-separated {item_type.__name__} values, got {text!r}") from None
+    return parse
 
 
 def _identity(name: str) -> Callable:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipelines.sources import (
-    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, CroppedImages, SourceError, open_source, read_idx, stable_keys,
+    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, CroppedImages, SourceError, fashion_mnist_spec, open_source, read_idx,
+    stable_keys,
 )
 
 
@@ -66,6 +67,27 @@ def test_fashion_mnist_source_reads_debian_layout(fashion_dir):
     np.testing.assert_array_equal(crop, np.repeat(pixels[4][:, :, None], 3, axis=2))  # gray -> RGB, no resize
 
 
+def test_fashion_mnist_test_split_reads_the_t10k_files_and_old_spellings_still_mean_train(fashion_dir):
+    rng = np.random.default_rng(2)
+    test_pixels = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    write_idx(fashion_dir / "t10k-images-idx3-ubyte.gz", test_pixels)
+    write_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 8], dtype=np.uint8))
+    test = open_source(f"fashion-mnist:test:{fashion_dir}")
+    assert test.labels == [1, 2, 8] and test.keys[0] == "fashion-mnist_test_00000"
+    assert test.paths[2] == "t10k-images-idx3-ubyte.gz[2]"
+    np.testing.assert_array_equal(test.pixels, test_pixels)
+    for spec in (f"fashion-mnist:{fashion_dir}", f"fashion-mnist:train:{fashion_dir}"):
+        assert open_source(spec).labels == [9, 0, 3, 3, 7]
+
+
+def test_fashion_mnist_split_spellings_name_split_and_folder():
+    assert fashion_mnist_spec("") == ("train", FASHION_MNIST_DIR)
+    assert fashion_mnist_spec("test") == ("test", FASHION_MNIST_DIR)
+    assert fashion_mnist_spec("train:/data/f") == ("train", "/data/f")
+    assert fashion_mnist_spec("/data/f") == ("train", "/data/f")
+    assert fashion_mnist_spec("./test") == ("train", "./test")  # a folder named test, as documented
+
+
 def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
     with pytest.raises(SourceError, match="apt-get install dataset-fashion-mnist"):
         open_source(f"fashion-mnist:{tmp_path}")
@@ -76,6 +98,12 @@ def test_installed_fashion_mnist_is_the_60000_image_train_split():
     source = open_source("fashion-mnist")
     assert len(source) == 60000 and source.pixels.shape == (60000, 28, 28)
     assert np.bincount(source.labels).tolist() == [6000] * 10
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed")
+def test_installed_fashion_mnist_test_split_has_10000_images():
+    source = open_source("fashion-mnist:test")
+    assert len(source) == 10000 and np.bincount(source.labels).tolist() == [1000] * 10
 
 
 def test_digits_are_rescaled_to_full_gray_range():

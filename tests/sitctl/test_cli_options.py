@@ -20,7 +20,14 @@ from sitctl.options import field_docs
 
 BEFORE = Path(__file__).parent / "data" / "cli_before.json"
 # (command, option names) -> the fields whose change is intended, with why.
-INTENDED: dict[tuple[str, tuple[str, ...]], set[str]] = {}
+INTENDED: dict[tuple[str, tuple[str, ...]], set[str]] = {
+    # issue 14: the loader benchmark measures synthetic 4x32x32 (ImageNet-256) latents, not digits.
+    ("bench all", ("--latents",)): {"help"},
+    ("bench loader", ("--latents",)): {"help"},
+    ("bench loader", ("--images",)): {"default", "help"},
+    ("bench loader", ("--seconds",)): {"help"},
+}
+CHANGED_COMMAND_HELP = {"bench loader"}  # issue 14: it now reports start-up apart from steady state
 
 
 def _commands(group, prefix):
@@ -49,7 +56,7 @@ def test_every_option_keeps_its_names_default_and_help():
     before, now = json.loads(BEFORE.read_text()), current_parameters()
     assert set(before) <= set(now)
     for command, spec in before.items():
-        assert now[command]["help"] == spec["help"], command
+        assert now[command]["help"] == spec["help"] or command in CHANGED_COMMAND_HELP, command
         for param in spec["params"].values():
             names = tuple(param["opts"])
             assert names in now[command]["params"], (command, names)

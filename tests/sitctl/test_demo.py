@@ -18,6 +18,7 @@ def test_demo_chains_the_four_stages_shows_lineage_and_a_rerun_reuses_them(tmp_p
     assert latents.config["src"] == "digits:train"
     assert ancestor(metrics, "checkpoint").extra["step"] == 4
     assert result["fid"] > 0 and result["fid"] == json.loads((metrics.path / "metrics.json").read_text())["fid"]
+    assert result["floor_fid"] > 0 and open_artifact(tmp_path / "demo" / "floor").extra["num_images"] == 12
     assert (tmp_path / "demo" / "samples" / "preview.png").stat().st_size > 0
 
     shown = subprocess.run([sys.executable, "-m", "sitctl.cli", "show", result["metrics"]],

@@ -1,0 +1,133 @@
+"""`just study` at a tiny size (two points, a few steps, tiny idx files), and its score math."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sitctl.artifacts import ancestor, open_artifact
+from sitctl.errors import SitctlError
+from sitctl.evaluate.metrics import feature_statistics, frechet_distance, kernel_inception_distance
+from sitctl.study import (
+    FEATURES_FILE, StudyConfig, bootstrap_scores, frechet_distance_low_rank, path_points, run_study, sampler_points,
+    model_spec,
+)
+from tests.pipelines.test_sources import write_idx
+
+
+@pytest.fixture
+def tiny_fashion(tmp_path):
+    """Fashion-MNIST in the Debian layout: 48 train and 16 test images of bright squares on black."""
+    rng = np.random.default_rng(0)
+
+    def images(count):
+        pixels = np.zeros((count, 28, 28), np.uint8)
+        for image, corner in zip(pixels, rng.integers(2, 14, (count, 2))):
+            image[corner[0] : corner[0] + 12, corner[1] : corner[1] + 12] = rng.integers(100, 256)
+        return pixels
+
+    for stem, count in (("train", 48), ("t10k", 16)):
+        write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", images(count))
+        write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", (np.arange(count) % 10).astype(np.uint8))
+    return tmp_path
+
+
+def tiny_config(data, out) -> StudyConfig:
+    return StudyConfig(
+        out=str(out), train_source=f"fashion-mnist:train:{data}", reference_source=f"fashion-mnist:test:{data}",
+        image_size=8, model="SiT-T/2", reference_images=16, train_steps=3, global_batch=8, num_samples=8,
+        sample_batch=8, ode_steps=2, sde_steps=3, bootstrap=4, ablations=("path",), models=("linear-velocity",),
+    )
+
+
+def test_two_points_run_end_to_end_report_the_floor_and_a_rerun_reuses_them(tiny_fashion, tmp_path):
+    config = tiny_config(tiny_fashion, tmp_path / "study")
+    result = run_study(config)
+    assert (result["points_this_sitting"], result["points_left"]) == (2, 0)
+
+    # The two linear-velocity rows of ablation 1 (ODE, then SDE) are scored; the others are listed, not run.
+    out = tmp_path / "study"
+    scored = sorted(out.glob("points/*/*-scores"))
+    assert [p.name for p in scored] == ["ode-heun-2-scores", "sde-euler-3-sigma-w1-cfg1-scores"]
+    metrics = open_artifact(scored[1], "metrics")
+    assert np.load(metrics.file(FEATURES_FILE)).shape == (8, 2048)
+    assert ancestor(metrics, "latents").config["src"] == f"fashion-mnist:train:{tiny_fashion}"
+    assert ancestor(metrics, "checkpoint").extra["step"] == 3
+    assert open_artifact(out / "reference", "reference").extra["num_images"] == 16  # the t10k split
+
+    report = (out / "REPORT.md").read_text()
+    assert f"Real-vs-real floor at n = 8 (real training images vs the same 16 reference images): FID {result['floor']['fid']:.2f}" in report
+    assert report.count("not run yet") == 2 * 3  # FID and KID cells of the three unrun rows
+    assert all((out / name).stat().st_size > 0 for name in ("loss-curves.png", "timings.jsonl"))
+
+    again = run_study(config)
+    assert (again["points_this_sitting"], again["points_left"]) == (0, 0)
+    assert open_artifact(scored[1], "metrics").id == metrics.id
+    with pytest.raises(SitctlError, match="was made with --train-steps 3; rerun with those settings"):
+        run_study(dataclasses.replace(config, train_steps=5))  # would reuse 3-step points as 5-step ones
+
+
+def test_low_rank_fid_equals_torch_fidelity_with_fewer_or_more_samples_than_dimensions():
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(90, 40)) @ rng.normal(size=(40, 40))
+    stats = feature_statistics(reference)
+    for count in (12, 39, 70):  # n < d: rank-deficient covariance; n > d: full rank (the d x d form)
+        generated = rng.normal(0.3, 1.5, size=(count, 40))
+        expected = frechet_distance(feature_statistics(generated), stats)
+        assert frechet_distance_low_rank(generated, stats.mu, stats.sigma) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kid_on_full_sets_equals_torch_fidelity_when_one_subset_covers_both():
+    rng = np.random.default_rng(2)
+    generated, real = rng.normal(size=(30, 16)), rng.normal(0.2, 1.0, size=(30, 16))
+    stats = feature_statistics(real)
+    scores = bootstrap_scores(generated, real, stats.mu, stats.sigma, resamples=3, seed=0)
+    expected, _ = kernel_inception_distance(torch.from_numpy(generated), torch.from_numpy(real), subsets=1, subset_size=30)
+    assert scores["kid"] == pytest.approx(expected, rel=1e-9)
+    assert scores["fid_std"] > 0 and scores["kid_std"] > 0
+
+
+def test_bootstrap_of_identical_features_has_no_spread():
+    features = np.tile(np.linspace(0, 1, 8), (5, 1))  # five copies of one feature vector
+    scores = bootstrap_scores(features, features + 1.0, np.ones(8), np.eye(8), resamples=6, seed=0)
+    assert scores["fid_std"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ablation_rows_change_one_thing_at_a_time():
+    config = StudyConfig()
+    path = [p.model for p in path_points(config)]
+    assert [m.discrete_steps for m in path[:2]] == [1000, None]  # discrete -> continuous t
+    assert [m.pred for m in path[1:3]] == ["noise", "velocity"] and [m.interp for m in path[2:4]] == ["vp", "linear"]
+    last_two = path_points(config)[3:]
+    assert last_two[0].model == last_two[1].model and [p.sampler.mode for p in last_two] == ["ode", "sde"]
+    samplers = [p.sampler for p in sampler_points(config, model_spec("linear", "velocity"))]
+    assert len({s.name for s in samplers}) == len(samplers)  # shared settings are one point
+    assert sorted(s.w for s in samplers if s.mode == "sde" and s.diffusion == "sigma" and s.cfg_scale == 1 and s.steps == 100) == [0, 0.5, 1, 1.5, 2]
+
+
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sitctl.study", "--out", str(tmp_path), "--ablations", "paths"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: unknown ablation(s) ['paths']; choose from path, objective, sampler"
+    ]
+    done = subprocess.run([sys.executable, "-m", "sitctl.study", "--out", str(tmp_path), "--report-only"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "run the study first" in done.stderr
+
+
+def test_a_training_run_stopped_by_a_signal_ends_the_sitting_instead_of_sampling_it(tiny_fashion, tmp_path, monkeypatch):
+    import sitctl.train
+
+    config = tiny_config(tiny_fashion, tmp_path / "study")
+    real_train = sitctl.train.train
+    # What train returns after SIGTERM at step 2: its saved checkpoint, short of the 3 asked for.
+    monkeypatch.setattr(sitctl.train, "train", lambda settings: real_train(dataclasses.replace(settings, steps=2)))
+    with pytest.raises(SitctlError, match="training linear-velocity stopped at step 2 of 3; rerun the study to resume it"):
+        run_study(config)
+    assert not list((tmp_path / "study").glob("points/*/*"))  # nothing sampled from the short run
