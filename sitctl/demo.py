@@ -14,13 +14,11 @@ resumes an interrupted training run, so nothing already done is lost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from sitctl.artifacts import Artifact, open_artifact
-from sitctl.errors import SitctlError
 from sitctl.configs import DemoConfig
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from pipelines.moments import PRECISIONS, latent_moments, pixels_to_tensor
+from pipelines.moments import latent_moments, pixels_to_tensor
 from pipelines.shards import PROGRESS_DIR, Sample, done_record, mark_done, shard_name, write_shard
 from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_items, open_source
 from sitctl import distributed

@@ -9,6 +9,10 @@ from model.errors import ArtifactError, CheckpointMismatchError, SitctlError  # 
 
 
 
+class BenchError(SitctlError):
+    """A benchmark was asked for something it cannot measure."""
+
+
 class SampleError(SitctlError):
     """Sampling settings or sources that cannot work."""
 

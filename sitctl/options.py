@@ -28,17 +28,17 @@ MISSING = dataclasses.MISSING
 
 def setting(default: Any = MISSING, *, flags: tuple[str, ...] = (), argument: bool = False, cli: bool = True,
             negatable: bool = False, invert: str | None = None, split: tuple[tuple[str, str], ...] = (),
-            parse: Callable[[str], Any] | None = None, shown: str | None = None) -> Any:
+            parse: Callable[[str], Any] | None = None, shown: str | None = None, repeat: bool = False) -> Any:
     """A config field with its command-line spelling (the docstring below the field is its help).
 
     flags: option names (default `--field-name`); argument: a positional argument instead;
     cli=False: not on the command line; negatable: a bool as `--x/--no-x`; invert: a bool set
     False by this flag (`--no-fetch` for fetch_weights); split: a tuple field as one option per
     element, each (flag, help); parse: the option is text turned into the value by this function,
-    with `shown` as the default text.
+    with `shown` as the default text; repeat: a tuple field given by repeating the option.
     """
     metadata = {"flags": flags, "argument": argument, "cli": cli, "negatable": negatable, "invert": invert,
-                "split": split, "parse": parse, "shown": shown}
+                "split": split, "parse": parse, "shown": shown, "repeat": repeat}
     return dataclasses.field(default=default, metadata={"sitctl": metadata})
 
 
@@ -91,7 +91,9 @@ def _parameters(cls: type, exclude: tuple[str, ...]) -> list[tuple[inspect.Param
             continue
         annotation, value_of = hints[field.name], _identity(field.name)
         item_type = _tuple_item(annotation)
-        if spell["parse"] is None and item_type is not None:  # tuple[X, ...]: comma-separated on the command line
+        if spell["repeat"] and item_type is not None:  # --steps 20 --steps 50
+            annotation, default, value_of = list[item_type], list(default), _as_tuple(field.name)
+        elif spell["parse"] is None and item_type is not None:  # tuple[X, ...]: comma-separated on the command line
             spell = {**spell, "parse": _comma_list(item_type, spell["flags"] or (_flag(field.name),)),
                      "shown": ",".join(str(item) for item in default) or None}
         if spell["parse"] is not None:  # typed as text on the command line, parsed into the field
@@ -131,6 +133,10 @@ def _comma_list(item_type: type, flags: tuple[str, ...]) -> Callable[[str | None
         except ValueError:
             raise SitctlError(f"{flags[0]} takes comma-separated {item_type.__name__} values, got {text!r}") from None
     return parse
+
+
+def _as_tuple(name: str) -> Callable:
+    return lambda values, kwargs: kwargs.__setitem__(name, tuple(values[name]))
 
 
 def _identity(name: str) -> Callable:

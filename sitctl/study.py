@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from sitctl.configs import ABLATIONS, StudyConfig
+from sitctl.configs import StudyConfig
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact
 from sitctl.errors import SitctlError
 from sitctl.evaluate.metrics import Gaussian, feature_statistics, frechet_distance

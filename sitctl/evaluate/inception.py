@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -247,29 +246,3 @@ def pick_device(device: str | None) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # Benchmark
 # ---------------------------------------------------------------------------------------------
-
-
-def bench_inception(batch: int = 64, n: int = 256, *, device: str | None = None, weights: str | None = None,
-                    image_size: int = 256) -> dict[str, object]:
-    """Feature-extraction throughput (images/s) of the FID Inception on random 256x256 uint8 images."""
-    torch_device = pick_device(device)
-    resolved = resolve_weights(weights, fetch=False)
-    extractor = create_extractor(resolved, [POOL_FEATURES], torch_device)
-    generator = np.random.default_rng(0)
-    images = generator.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
-    batches = max(1, n // batch)
-    extract_features(extractor, [images], device=torch_device)  # warm-up (cudnn autotune, allocator)
-    _synchronize(torch_device)
-    start = time.perf_counter()
-    extract_features(extractor, (images for _ in range(batches)), device=torch_device)
-    _synchronize(torch_device)
-    seconds = time.perf_counter() - start
-    return {
-        "device": str(torch_device), "batch": batch, "images": batches * batch, "image_size": image_size,
-        "weights": resolved.kind, "seconds": seconds, "images_per_s": batches * batch / seconds,
-    }
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -24,7 +24,7 @@ from pipelines.sources import CroppedImages, ImageSource, open_source
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, open_artifact, output_lock, staging_dir
 from sitctl.configs import ReferenceConfig
-from sitctl.errors import ReferenceError, SitctlError
+from sitctl.errors import ReferenceError
 from sitctl.evaluate.metrics import Gaussian, feature_statistics
 
 FEATURES_FILE = "features.npy"

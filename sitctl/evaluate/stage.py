@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact, parents
-from sitctl.errors import EvalError, SitctlError
+from sitctl.errors import EvalError
 from sitctl.evaluate.registry import REGISTRY, MetricInputs
 from sitctl.configs import EvalConfig
 from sitctl.evaluate.reference import Reference, load_reference

@@ -9,12 +9,11 @@ resumes where it stopped and a widened grid only samples the new values.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sitctl.artifacts import open_artifact
-from sitctl.errors import SitctlError, SweepError
+from sitctl.errors import SweepError
 from sitctl.evaluate.registry import PLOTTED_VALUE
 from sitctl.configs import SweepConfig
 from sitctl.evaluate.stage import EvalConfig, evaluate_stage

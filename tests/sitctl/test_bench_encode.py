@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sitctl.bench_encode import bench_encode
+from sitctl.bench.encode import bench_encode
 
 
 def test_bench_encode_reports_both_rates(tiny_vae_dir):

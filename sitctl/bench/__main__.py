@@ -1,0 +1,5 @@
+"""`python -m sitctl.bench`."""
+
+from sitctl.bench.cli import main
+
+main()
