@@ -38,6 +38,7 @@ import torch
 from pipelines.shards import ShardIndex, open_shard
 from sitctl.artifacts import Artifact, open_artifact
 from sitctl.errors import ArtifactError, SitctlError
+from sitctl.records import LatentsInfo
 
 # ---------------------------------------------------------------------------------------------
 # The latents artifact
@@ -64,12 +65,9 @@ class Latents:
 def open_latents(path: str | Path) -> Latents:
     """Open a latents artifact; a wrong kind, missing shard or empty set is one ArtifactError line."""
     artifact = open_artifact(path, "latents")
-    extra = artifact.extra
-    for key in ("shards", "latent_shape", "num_classes", "scale_factor"):
-        if key not in extra:
-            raise ArtifactError(f"{artifact.path}: manifest extra lacks '{key}'; re-encode it with this sitctl")
+    info = LatentsInfo.from_artifact(artifact)
     paths, counts, hashes = [], [], []
-    for shard in extra["shards"]:
+    for shard in info.shards:
         file = artifact.path / shard["name"]
         if not file.is_file():
             raise ArtifactError(f"{artifact.path}: shard {shard['name']} is missing")
@@ -85,9 +83,9 @@ def open_latents(path: str | Path) -> Latents:
         shard_paths=tuple(paths),
         shard_counts=tuple(counts),
         shard_sha256=tuple(hashes),
-        latent_shape=tuple(int(n) for n in extra["latent_shape"]),
-        num_classes=int(extra["num_classes"]),
-        scale_factor=float(extra["scale_factor"]),
+        latent_shape=tuple(int(n) for n in info.latent_shape),
+        num_classes=int(info.num_classes),
+        scale_factor=float(info.scale_factor),
     )
 
 

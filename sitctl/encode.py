@@ -23,6 +23,7 @@ from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_i
 from sitctl import distributed
 from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, output_lock, staging_dir, write_json_atomic
 from sitctl.errors import ArtifactError, SitctlError
+from sitctl.records import LatentsInfo
 from sitctl.configs import EncodeConfig
 from sitctl.progress import progress_bar
 from sitctl.vae import load_vae
@@ -151,18 +152,18 @@ def _finish(staging: Path, config: EncodeConfig, source: ImageSource, num_shards
     with open(staging / ERRORS_FILE, "w") as handle:
         handle.writelines(json.dumps(error) + "\n" for error in errors)
     side = config.image_size // vae_info["downsample"]
-    extra = {
-        "shards": [{"name": record["name"], "count": record["count"]} for record in records],
-        "num_samples": num_samples,
-        "num_classes": len(source.class_names),
-        "class_names": source.class_names,
-        "latent_shape": [vae_info["latent_channels"], side, side],
-        "scale_factor": vae_info["scale_factor"],
-        "image_size": config.image_size,
-        "vae": {"name": vae_info["name"], "source": vae_info["source"]},
-        "class_histogram": np.sum([record["histogram"] for record in records], axis=0).tolist(),
-        "num_errors": len(errors),
-        "source": {"name": source.name, "root": source.root},
-    }
+    extra = LatentsInfo(
+        shards=[{"name": record["name"], "count": record["count"]} for record in records],
+        num_samples=num_samples,
+        num_classes=len(source.class_names),
+        class_names=source.class_names,
+        latent_shape=[vae_info["latent_channels"], side, side],
+        scale_factor=vae_info["scale_factor"],
+        image_size=config.image_size,
+        vae={"name": vae_info["name"], "source": vae_info["source"]},
+        class_histogram=np.sum([record["histogram"] for record in records], axis=0).tolist(),
+        num_errors=len(errors),
+        source={"name": source.name, "root": source.root},
+    ).to_extra()
     # The progress records (settings included) go only after the rename: see finish_artifact.
     return finish_artifact(staging, config.out, kind="latents", config=asdict(config), extra=extra, private=[PROGRESS_DIR])

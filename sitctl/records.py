@@ -44,16 +44,16 @@ class LatentsInfo(_Record):
     KIND = "latents"
     shards: list[dict[str, Any]]
     """[{name, count}] in shard order."""
-    num_samples: int
     num_classes: int
     latent_shape: list[int]
     """[C, H, W] of one latent."""
     scale_factor: float
     """Latents are multiplied by this for training and divided by it before decoding."""
-    image_size: int
-    vae: dict[str, Any]
+    num_samples: int | None = None
+    image_size: int | None = None
+    vae: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "none", "source": None})
     """{name, source}: the VAE that encoded the images (and decodes samples)."""
-    source: dict[str, Any]
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
     """{name, root}: the images encoded (the lineage a reference must match)."""
     class_names: list[str] = dataclasses.field(default_factory=list)
     class_histogram: list[int] = dataclasses.field(default_factory=list)
@@ -71,11 +71,11 @@ class CheckpointInfo(_Record):
     """asdict of model.configs.SiTConfig."""
     interp: str
     pred: str
-    train_eps: float
-    sample_eps: float
-    """The default t range of sampling for this interpolant and prediction."""
-    latent_shape: list[int]
-    num_classes: int
+    train_eps: float | None = None
+    sample_eps: float | None = None
+    """The default t range of sampling for this interpolant and prediction (read back by sample)."""
+    latent_shape: list[int] | None = None
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from sitctl.artifacts import Artifact, disk_errors, output_lock
 from sitctl.configs import TrainConfig
 from sitctl.data import Latents, interpolant_noise, open_latents, rank_batches
 from sitctl.errors import SitctlError
+from sitctl.records import CheckpointInfo
 from sitctl.progress import peak_memory_gib, progress
 
 TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
@@ -139,7 +140,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     model_config = fit_model(config, latents)
     micro = plan_micro_batch(config, d.world_size)
     resume_from = find_resume_point(config, latents)
-    start_step = 0 if resume_from is None else int(resume_from.extra["step"])
+    start_step = 0 if resume_from is None else int(CheckpointInfo.from_artifact(resume_from).step)
     batches = rank_batches(
         latents, global_batch=config.global_batch, num_lanes=config.data_lanes, rank=d.rank, world_size=d.world_size,
         seed=config.seed, buffer=config.shuffle_buffer, workers=config.loader_workers, start_step=start_step,
@@ -435,17 +436,11 @@ def trim_metrics(path: Path, step: int) -> None:
 def checkpoint_extra(run: Run) -> dict[str, Any]:
     """What later stages read from a checkpoint's manifest, so no flag is repeated."""
     from model.objectives import default_eps
-
-    return {
-        "model": run.config.model,
-        "model_config": asdict(run.model_config),
-        "interp": run.config.interp,
-        "pred": run.config.pred,
-        "train_eps": run.train_eps,
-        "sample_eps": default_eps(run.config.interp, run.config.pred)[1],
-        "latent_shape": list(run.latents.latent_shape),
-        "num_classes": run.latents.num_classes,
-    }
+    return CheckpointInfo(
+        step=run.step, model=run.config.model, model_config=asdict(run.model_config), interp=run.config.interp,
+        pred=run.config.pred, train_eps=run.train_eps, sample_eps=default_eps(run.config.interp, run.config.pred)[1],
+        latent_shape=list(run.latents.latent_shape), num_classes=run.latents.num_classes,
+    ).to_extra()
 
 
 def maybe_checkpoint(run: Run, force: bool = False) -> None:
@@ -478,7 +473,7 @@ def load_preview_decoder(run: Run):
     """The sample stage's Decoder through the latents' VAE, loaded before the first step (rank 0, previews on)."""
     if not run.config.preview_every or not run.dist.is_main:
         return None
-    from sitctl.sample import Decoder
+    from sitctl.decode import Decoder
     from sitctl.vae import load_vae
 
     vae = run.latents.artifact.extra.get("vae", {"name": "none"})

@@ -6,7 +6,9 @@ from typing import Any
 
 from sitctl.configs import SampleConfig
 from sitctl.errors import BenchError
-from sitctl.sample import Source, class_labels, draw_latents, load_decoder
+from sitctl.decode import load_decoder
+from sitctl.sample import class_labels, draw_latents
+from sitctl.sample_source import Source
 
 
 def parse_samplers(specs: list[str]) -> tuple[tuple[str, str], ...]:

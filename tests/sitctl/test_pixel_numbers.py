@@ -19,7 +19,9 @@ from sitctl.artifacts import open_artifact
 from sitctl.checkpoint import save_checkpoint
 from sitctl.data import latents_from_moments
 from sitctl.plots import save_image_grid
-from sitctl.sample import Decoder, SampleConfig, load_decoder, open_source, sample_stage
+from sitctl.decode import Decoder, load_decoder
+from sitctl.sample import SampleConfig, sample_stage
+from sitctl.sample_source import open_source
 from sitctl.train import TrainConfig, load_preview_decoder, prepare
 from tests.sitctl.test_encode import read_shards
 
@@ -74,8 +76,8 @@ def test_latents_round_trip_encode_to_decode_at_the_recorded_scale_factor(vae_wo
     means = torch.from_numpy(np.stack([samples[key]["moments.npy"][0, 0] for key in sorted(samples)])).float()  # (8, 4, 8, 8)
     # What the trainer sees: the posterior mean times the recorded scale (zero noise, no flip).
     moments = torch.from_numpy(np.stack([samples[key]["moments.npy"] for key in sorted(samples)]))
-    training = latents_from_moments(moments, torch.zeros_like(means), torch.zeros(len(means), dtype=torch.bool),
-                                    latents.extra["scale_factor"])
+    original_view = moments[:, 0]  # (8, 2, 4, 8, 8): [mean, std] of the unflipped image
+    training = latents_from_moments(original_view, torch.zeros_like(means), latents.extra["scale_factor"])
     # Expected: the VAE's own decode of the unscaled mean, quantised by the formula.
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
     with torch.no_grad():

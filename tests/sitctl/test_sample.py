@@ -238,7 +238,7 @@ def test_bad_sources_fail_with_one_clear_error_before_sampling(pixel_run, tmp_pa
 
 def test_published_dit_file_samples_as_a_vp_noise_model_on_step_indices(tmp_path):
     from model.network import DiscreteTimeInput
-    from sitctl.sample import open_source
+    from sitctl.sample_source import open_source
 
     net, _ = randomised_sit(input_size=8, in_channels=3)
     published = tmp_path / "DiT-T-2-published.pt"
