@@ -295,14 +295,16 @@ def with_defaults(config, say: Callable[[str], None] = print, root: Path | None 
     return fill(config, root or find_root(), say)
 
 
-def _input(root: Path, name: str | None, kind: str, say: Callable[[str], None]) -> str:
-    """The path of a stage's input: the latest finished `kind` when not given, else `name` resolved."""
+def _input(root: Path, name: str | None, kind: str, say: Callable[[str], None], *, chosen: bool = False) -> str:
+    """The path of a stage's input: the latest finished `kind` when not given, else `name` resolved.
+
+    chosen: `name` was picked here, not typed, so it is said even when it is a plain path."""
     if name is None:
         version = latest(root, kind)
         path, label = version.artifact.path, version.name
     else:
         path = resolve(name, (kind,), root)
-        if path == Path(name):
+        if path == Path(name) and not chosen:
             return name  # an explicit path: used exactly as typed
         label = name_of(path, root)
     artifact = _open_version(kind, path) if kind == "checkpoint" else None
@@ -335,9 +337,11 @@ def _train_defaults(config, root: Path, say):
     if config.resume and out is None:
         out = str(latest_run_dir(root))
         say(f"resuming {name_of(out, root)}")
-    if config.resume and latents is None and out is not None:
+    chosen = config.resume and latents is None and out is not None
+    if chosen:
         latents = _latents_of_run(Path(out))  # a resumed run continues on its own latents
-    return replace(config, latents=_input(root, latents, "latents", say), out=_output(root, out, "checkpoint", say))
+    return replace(config, latents=_input(root, latents, "latents", say, chosen=chosen),
+                   out=_output(root, out, "checkpoint", say))
 
 
 def _latents_of_run(run_dir: Path) -> str | None:
