@@ -297,7 +297,7 @@ class EvalConfig:
     metrics: tuple[str, ...] = setting(("fid",), cli=False)
     """Which of fid, is, kid, prc to compute."""
     out: str | None = None
-    """Metrics artifact to create (default: the workspace's next metrics/vN)."""
+    """Metrics artifact to create (default: the workspace's next metrics/vN; for samples outside a workspace, a folder beside them)."""
     results: str | None = None
     """Results table to append to (default: results.jsonl beside --out)."""
     num_expected: int = 50_000

@@ -203,15 +203,20 @@ def all_artifacts(root: Path, kinds: tuple[str, ...] = tuple(FOLDERS)) -> Iterat
                 yield f"{folder}/v{number}{suffix}", artifact
 
 
-def name_of(path: str | Path, root: Path) -> str:
-    """`runs/v2` for an artifact inside the workspace (a checkpoint by its run), else the path as given."""
+def version_name(path: str | Path, root: Path) -> str | None:
+    """`runs/v2` for a path inside a version of the workspace (a checkpoint by its run), else None."""
     try:
         parts = Path(path).resolve().relative_to(root).parts
     except ValueError:
-        return str(path)
+        return None
     if len(parts) >= 2 and parts[0] in FOLDERS.values() and VERSION.match(parts[1]):
         return f"{parts[0]}/{parts[1]}"
-    return str(path)
+    return None
+
+
+def name_of(path: str | Path, root: Path) -> str:
+    """The workspace name of `path` (`runs/v2`), else the path as given."""
+    return version_name(path, root) or str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +372,11 @@ def _eval_defaults(config, root: Path, say):
         auto_reference.check_matches(open_artifact(samples, "samples"), ref)
     elif any(metric in NEEDS_REFERENCE for metric in config.metrics):
         ref = str(auto_reference.reference_for(open_artifact(samples, "samples"), root, config, say))
-    return replace(config, samples=samples, ref=ref, out=_output(root, config.out, "metrics", say))
+    out = config.out
+    if out is not None or version_name(samples, root) is not None:
+        out = _output(root, out, "metrics", say)
+    # else: samples outside the workspace keep the stage's default, a folder beside them (as before)
+    return replace(config, samples=samples, ref=ref, out=out)
 
 
 def _reference_defaults(config, root: Path, say):

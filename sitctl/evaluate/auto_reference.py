@@ -36,12 +36,12 @@ REFERENCE_SEED = 0
 # ---------------------------------------------------------------------------------------------
 
 
-def lineage_source(artifact: Artifact) -> tuple[str, int]:
-    """(source, image size) of the images behind the latents that `artifact` descends from."""
+def lineage_source(artifact: Artifact) -> tuple[str, int] | None:
+    """(source, image size) of the images behind the latents `artifact` descends from; None if unknown
+    (drawn from a published .pt file, latents moved or deleted, or made before they were recorded)."""
     latents = ancestor(artifact, "latents")
-    if latents is None:
-        raise ReferenceError(f"the latents behind {artifact.path} cannot be opened (moved or deleted), so the "
-                             "source images are unknown; pass --ref (a reference artifact or an ADM .npz)")
+    if latents is None or "source" not in latents.extra or "image_size" not in latents.extra:
+        return None
     source = latents.extra["source"]
     # A folder by its absolute root (encode's SRC may have been relative); a built-in by its spec.
     spec = source["root"] if source["name"] == "folder" else latents.config["src"]
@@ -70,9 +70,10 @@ def check_matches(samples: Artifact, reference_path: str | Path) -> None:
     if size is not None and reference.extra["image_size"] != size:
         raise ReferenceError(f"reference {reference_path} holds {reference.extra['image_size']}px images but the samples "
                              f"{samples.path} are {size}px; omit --ref to use (or build) a matching one")
-    if ancestor(samples, "latents") is None:
-        return  # drawn from a published .pt file, or its latents moved: no source to compare
-    source, _ = lineage_source(samples)
+    lineage = lineage_source(samples)
+    if lineage is None:
+        return  # no recorded source to compare with
+    source, _ = lineage
     if not same_source(reference_source(reference), source):
         raise ReferenceError(f"reference {reference_path} was made from {reference_source(reference)}, but the samples "
                              f"{samples.path} descend from {source}; omit --ref to use (or build) a matching one")
@@ -96,7 +97,11 @@ def reference_for(artifact: Artifact, root: Path, config: EvalConfig, say: Calla
     """The path of the workspace reference matching `artifact`'s lineage, built now if there is none."""
     from sitctl.workspace import facts, name_of
 
-    source, image_size = lineage_source(artifact)
+    lineage = lineage_source(artifact)
+    if lineage is None:
+        raise ReferenceError(f"the source images behind {artifact.path} are unknown (a published .pt file, or its latents "
+                             "moved or deleted); pass --ref (a reference artifact or an ADM .npz)")
+    source, image_size = lineage
     found = matching_reference(root, source, image_size)
     if found is None:
         found = build_auto_reference(root, source, image_size, config, say)
