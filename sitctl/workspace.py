@@ -228,7 +228,10 @@ def facts(artifact: Artifact) -> str:
     """Headline facts of an artifact: `imagenet/, 1,281 images, vae ema`."""
     describe = {"latents": _latents_facts, "checkpoint": _checkpoint_facts, "samples": _samples_facts,
                 "reference": _reference_facts, "metrics": _metrics_facts}.get(artifact.kind)
-    return describe(artifact) if describe else ""
+    try:
+        return describe(artifact) if describe else ""
+    except (KeyError, TypeError, ValueError):  # a manifest from an older sitctl lacks a record: no facts
+        return ""
 
 
 def _latents_facts(artifact: Artifact) -> str:
@@ -239,17 +242,18 @@ def _latents_facts(artifact: Artifact) -> str:
 def _checkpoint_facts(artifact: Artifact) -> str:
     extra, config = artifact.extra, artifact.config
     text = f"{extra.get('model')}, {extra.get('interp')} {extra.get('pred')}, step {extra.get('step'):,}/{config.get('steps', 0):,}"
-    loss = last_loss(artifact.path.parent)
+    loss = logged_loss(artifact.path.parent, extra["step"])
     return text + (f", loss {loss:.4f}" if loss is not None else "")
 
 
-def last_loss(run_dir: Path) -> float | None:
+def logged_loss(run_dir: Path, step: int) -> float | None:
+    """The last loss the run logged at or before `step` (its metrics.jsonl), if any."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return None
     from sitctl.plots import read_metrics
 
-    rows = read_metrics(metrics)
+    rows = [row for row in read_metrics(metrics) if row.get("step", 0) <= step]
     return rows[-1].get("loss") if rows else None
 
 
@@ -421,7 +425,7 @@ def ls_table(root: Path):
                 table.add_row(f"{folder}/v{number}", "-", "-", "-", "[yellow]unfinished[/] (never picked)")
                 continue
             artifact = version.artifact
-            made_from = ", ".join(_input_name(ref, root) for ref in artifact.inputs) or _raw_source(artifact)
+            made_from = "\n".join(_input_name(ref, root) for ref in artifact.inputs) or _raw_source(artifact)
             table.add_row(version.name, artifact.id[:8], age(artifact), made_from, facts(artifact))
     return table
 
