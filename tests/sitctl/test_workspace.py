@@ -291,3 +291,14 @@ def test_a_user_error_is_one_line_and_exit_2(workspace):
     result = subprocess.run([sys.executable, "-m", "sitctl.cli", "sample"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no finished train run")
+
+
+def test_under_torchrun_a_missing_out_is_refused_not_guessed(workspace, monkeypatch):
+    from sitctl.configs import EncodeConfig
+    from sitctl.workspace import WorkspaceError, with_defaults
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each rank would count versions on its own and pick apart
+    with pytest.raises(WorkspaceError, match="under torchrun pass --out"):
+        with_defaults(EncodeConfig(src="imagenet/"), say=lambda line: None)
+    config = with_defaults(EncodeConfig(src="imagenet/", out="latents/in16"), say=lambda line: None)
+    assert config.out == "latents/in16"
