@@ -66,10 +66,27 @@ def _command(typer_app: typer.Typer, command: str, module: str, config: str, rep
 # ---------------------------------------------------------------------------------------------
 
 
+def _main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(line: str) -> None:
+    """The one line saying which input a stage took or which version it writes (rank 0 only)."""
+    if _main_rank():
+        typer.echo(line)
+
+
+def _with_defaults(config):
+    """Missing inputs and --out filled from the workspace (sitctl/workspace.py), in one place."""
+    from sitctl.workspace import with_defaults
+
+    return with_defaults(config, say=_say)
+
+
 def _encode(config) -> None:
     from sitctl.encode import encode
 
-    artifact = encode(config)
+    artifact = encode(_with_defaults(config))
     if artifact is not None:
         extra = artifact.extra
         typer.echo(f"wrote {artifact.path}: {extra['num_samples']} samples in {len(extra['shards'])} shards, {extra['num_errors']} skipped")
@@ -82,27 +99,46 @@ _command(app, "encode", "sitctl.configs", "EncodeConfig", _encode, doc="""Encode
     """)
 
 
+NAME_HELP = "An artifact: a directory, kind/vN (e.g. runs/v2: its newest checkpoint) or an id prefix."
+
+
+def _artifact_path(name: str) -> str:
+    from sitctl.workspace import resolve_any
+
+    return str(resolve_any(name))
+
+
 @app.command()
 def show(
-    path: str = typer.Argument(..., help="An artifact directory."),
+    path: str = typer.Argument(..., help=NAME_HELP),
     kind: str = typer.Option(None, "--kind", help="Fail unless the artifact is of this kind."),
 ) -> None:
     """Print an artifact's summary and its lineage back to the raw data."""
     from sitctl.show import show as run_show
 
-    run_show(path, kind=kind)
+    run_show(_artifact_path(path), kind=kind)
 
 
 @app.command()
 def verify(
-    path: str = typer.Argument(..., help="An artifact directory."),
+    path: str = typer.Argument(..., help=NAME_HELP),
     kind: str = typer.Option(None, "--kind", help="Fail unless the artifact is of this kind."),
 ) -> None:
     """Recheck the sha256 of every file of an artifact: prints OK, or one error line (exit 2)."""
     from sitctl.show import verify as run_verify
 
-    artifact = run_verify(path, kind=kind)
+    artifact = run_verify(_artifact_path(path), kind=kind)
     typer.echo(f"OK {artifact.path}: {artifact.kind} {artifact.id}, {len(artifact.manifest['files'])} files verified")
+
+
+@app.command("ls")
+def list_workspace() -> None:
+    """List every artifact version of the workspace (this folder, or the nearest parent marked as one)."""
+    from rich.console import Console
+
+    from sitctl.workspace import find_root, ls_table
+
+    Console().print(ls_table(find_root()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +149,7 @@ def verify(
 def _train(config) -> None:
     from sitctl.train import train
 
-    artifact = train(config)
+    artifact = train(_with_defaults(config))
     if artifact is not None:
         typer.echo(f"checkpoint {artifact.path} (step {artifact.extra['step']})")
 
@@ -132,8 +168,8 @@ _command(app, "train", "sitctl.configs", "TrainConfig", _train, doc="""Train a S
 def _sample(config) -> None:
     from sitctl.sample import sample_stage
 
-    artifact = sample_stage(config)
-    if int(os.environ.get("RANK", "0")) == 0:
+    artifact = sample_stage(_with_defaults(config))
+    if _main_rank():
         extra = artifact.extra
         typer.echo(f"wrote {artifact.path}: {extra['num_samples']} images of {extra['image_size']}px ({artifact.id})")
 
@@ -161,7 +197,7 @@ app.add_typer(eval_app, name="eval")
 def _evaluate(config) -> None:
     from sitctl.evaluate.stage import evaluate_stage
 
-    artifact = evaluate_stage(config)
+    artifact = evaluate_stage(_with_defaults(config))
     for name, value in artifact.extra["values"].items():
         typer.echo(f"{name}: {value:.6g}")
     typer.echo(f"metrics artifact: {artifact.path} ({artifact.extra['num_samples']} samples)")
@@ -177,7 +213,7 @@ _command(eval_app, "all", "sitctl.configs", "EvalConfig", _evaluate, fixed={"met
 def _reference(config) -> None:
     from sitctl.evaluate.reference import build_reference
 
-    artifact = build_reference(config)
+    artifact = build_reference(_with_defaults(config))
     typer.echo(f"reference artifact: {artifact.path} ({artifact.extra['num_images']} images, id {artifact.id})")
 
 
@@ -198,18 +234,22 @@ def eval_ref_npz(
 
 
 @eval_app.command("table")
-def eval_table(path: str = typer.Argument(".", help="A results.jsonl, or a folder holding one.")) -> None:
+def eval_table(path: str = typer.Argument(None, help="A results.jsonl, or a folder holding one (default: the workspace's metrics/results.jsonl, else ./results.jsonl).")) -> None:
     """Print the results table (every evaluation appended to results.jsonl)."""
     from rich.console import Console
 
     from sitctl.evaluate.results import read_results, results_table
+    from sitctl.workspace import results_file
 
+    if path is None:
+        path = str(results_file()) if results_file().is_file() else "."
     Console().print(results_table(read_results(path)))
 
 
 def _sweep(config) -> None:
     from sitctl.evaluate.sweep import sweep_stage
 
+    config = _with_defaults(config)
     summary = sweep_stage(config)
     for point in summary["points"]:
         typer.echo(f"cfg {point['cfg_scale']}  w {point['w']}  {config.metric} {point['value']:.6g}")

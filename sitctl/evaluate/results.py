@@ -62,21 +62,54 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def results_table(rows: list[dict[str, Any]]):
-    """A rich Table: one row per evaluation, value columns for whichever metrics appear."""
+def results_table(rows: list[dict[str, Any]], root: Path | None = None):
+    """A rich Table, one row per evaluation, that reads at 80 columns.
+
+    Samples and metrics go by their workspace names (`samples/v2`) where they have one; the
+    sampler settings share one wrapped column (`sde euler 250 w1 cfg1.5`) instead of six
+    truncated ones; a column per metric that appears.
+    """
     from rich.table import Table
 
+    from sitctl.workspace import find_root, name_of
+
+    root = root or find_root()
     values = [key for key in (*VALUE_KEYS, "kid_std", "is_std", "f_score") if any(key in r["values"] for r in rows)]
-    sampler = [key for key in SAMPLER_KEYS if any(key in r.get("sampler", {}) for r in rows)]
-    table = Table(title=f"{len(rows)} evaluation(s)")
-    for column in ("samples", "step", "n", *sampler, *values, "reference"):
-        table.add_column(column, justify="left" if column in ("samples", "reference") else "right")
+    table = Table(title=f"{len(rows)} evaluation(s)", title_justify="left")
+    table.add_column("samples", no_wrap=True)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    table.add_column("sampler", overflow="fold", min_width=12)
+    for key in values:
+        table.add_column(SHORT_NAMES.get(key, key), justify="right", no_wrap=True)
+    table.add_column("metrics", no_wrap=True)
     for row in rows:
-        cells = [Path(row["samples"]).name, _cell(row.get("step")), str(row["num_samples"])]
-        cells += [_cell(row.get("sampler", {}).get(key)) for key in sampler]
+        cells = [_name(row["samples"], root, name_of), _cell(row.get("step")), str(row["num_samples"]),
+                 sampler_text(row.get("sampler", {}))]
         cells += [_cell(row["values"].get(key)) for key in values]
-        table.add_row(*cells, (row.get("reference_id") or "-")[:8])
+        table.add_row(*cells, _name(row.get("metrics", "-"), root, name_of))
     return table
+
+
+# Column titles short enough for 80 columns.
+SHORT_NAMES = {"is_mean": "IS", "is_std": "IS std", "kid_mean": "KID", "kid_std": "KID std", "precision": "prec",
+               "f_score": "F"}
+
+
+def sampler_text(sampler: dict[str, Any]) -> str:
+    """`sde euler 250 w1 sigma cfg1.5`: the settings that differ between rows, in one short phrase."""
+    words = [str(sampler[key]) for key in ("mode", "method", "steps") if key in sampler]
+    if sampler.get("mode") == "sde":
+        words += [f"w{_cell(sampler.get('w'))}", str(sampler.get("diffusion", ""))]
+    if sampler.get("cfg_scale") not in (None, 1.0):
+        words.append(f"cfg{_cell(sampler['cfg_scale'])}")
+    return " ".join(word for word in words if word) or "-"
+
+
+def _name(path: str, root: Path, name_of) -> str:
+    """The workspace name of an artifact path, else its folder name."""
+    name = name_of(path, root)
+    return name if name != path else Path(path).name
 
 
 def _cell(value: Any) -> str:

@@ -26,6 +26,23 @@ INTENDED: dict[tuple[str, tuple[str, ...]], set[str]] = {
     ("bench loader", ("--latents",)): {"help"},
     ("bench loader", ("--images",)): {"default", "help"},
     ("bench loader", ("--seconds",)): {"help"},
+    # The workspace (issue 11): inputs and --out are optional; a missing one is the latest
+    # finished artifact of its kind / the next version, and the help says so.
+    ("sitctl encode", ("--out",)): {"help", "required"},
+    ("sitctl train", ("latents",)): {"help", "required"},
+    ("sitctl train", ("--out",)): {"help", "required"},
+    ("sitctl train", ("--resume",)): {"help"},  # without --out: the latest run
+    ("sitctl sample", ("checkpoint",)): {"help", "required"},
+    ("sitctl sample", ("--out",)): {"help", "required"},
+    ("sitctl eval ref", ("--out",)): {"help", "required"},
+    ("sitctl eval sweep", ("--ref",)): {"help"},  # default: the reference of the run's lineage
+    **{(f"sitctl eval {name}", ("samples",)): {"help", "required"} for name in ("fid", "is", "kid", "prc", "all")},
+    # default --out is metrics/vN, no longer a folder beside the samples; default --ref: the lineage's reference
+    **{(f"sitctl eval {name}", (option,)): {"help"} for name in ("fid", "is", "kid", "prc", "all")
+       for option in ("--out", "--ref")},
+    ("sitctl eval table", ("path",)): {"default", "help"},  # default: the workspace's metrics/results.jsonl
+    ("sitctl show", ("path",)): {"help"},  # also kind/vN or an id prefix
+    ("sitctl verify", ("path",)): {"help"},
 }
 CHANGED_COMMAND_HELP = {"bench loader"}  # issue 14: it now reports start-up apart from steady state
 

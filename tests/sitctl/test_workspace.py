@@ -1,0 +1,304 @@
+"""The workspace: the four everyday commands work exactly as typed, in an empty directory.
+
+The encode line loads the default VAE (`--vae ema`, i.e. `from_pretrained("stabilityai/sd-vae-ft-ema")`)
+through a real Hugging Face cache holding a tiny random AutoencoderKL, offline; the source is a
+folder of PNGs in class subfolders, so `imagenet/` is literally a folder. Only size options are
+added to the documented lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sitctl.cli import app
+from sitctl.errors import SitctlError
+
+ENCODE = ["encode", "imagenet/", "--image-size", "16", "--workers", "0", "--shard-size", "16", "--device", "cpu"]
+TRAIN = ["train", "--interp", "linear", "--pred", "velocity",
+         "--model", "SiT-XS/4", "--steps", "4", "--global-batch", "8", "--data-lanes", "2", "--loader-workers", "0",
+         "--shuffle-buffer", "8", "--ckpt-every", "2", "--log-every", "2", "--preview-every", "0",
+         "--precision", "fp32", "--device", "cpu"]
+SAMPLE = ["sample", "--mode", "sde", "--w", "1.0", "--steps", "4", "--num", "6", "--batch-size", "6", "--preview", "0",
+          "--device", "cpu"]
+EVAL = ["eval", "fid", "--allow-fewer", "--device", "cpu", "--no-fetch", "--batch-size", "32"]
+CLASSES, PER_CLASS = 2, 6
+HUB_ID = "stabilityai/sd-vae-ft-ema"
+
+
+def sitctl(*argv: str):
+    """Run one command in-process; a user error comes back as result.exception (run_app prints it)."""
+    result = CliRunner().invoke(app, list(argv))
+    if result.exception is not None and not isinstance(result.exception, (SitctlError, SystemExit)):
+        raise result.exception
+    return result
+
+
+def ok(*argv: str) -> str:
+    result = sitctl(*argv)
+    assert result.exit_code == 0 and result.exception is None, (argv, result.output, result.exception)
+    return result.output
+
+
+def failure(*argv: str) -> str:
+    result = sitctl(*argv)
+    assert isinstance(result.exception, SitctlError), (argv, result.output, result.exception)
+    return str(result.exception)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tiny VAE in a Hugging Face cache, a folder of images, an empty workspace
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, tiny_vae_dir):
+    """A Hugging Face hub cache holding the tiny VAE as if downloaded from stabilityai/sd-vae-ft-ema."""
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    repo = cache / f"models--{HUB_ID.replace('/', '--')}"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in Path(tiny_vae_dir).iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """imagenet/: 2 class folders of 6 random 20x20 PNGs (cropped to 16 by encode)."""
+    root = tmp_path_factory.mktemp("data") / "imagenet"
+    rng = np.random.default_rng(0)
+    for label in range(CLASSES):
+        (root / f"n{label:08d}").mkdir(parents=True)
+        for index in range(PER_CLASS):
+            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"n{label:08d}" / f"img{index}.png")
+    return root
+
+
+def offline_hub(patch: pytest.MonkeyPatch, cache: Path) -> None:
+    """HF_HUB_CACHE=cache HF_HUB_OFFLINE=1, as a user sets them: in the environment (for child
+    processes) and in huggingface_hub's constants, which it read from the environment at import."""
+    import huggingface_hub.constants
+
+    patch.setenv("HF_HUB_CACHE", str(cache))
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, hub_cache, images) -> Path:
+    """An empty directory holding only imagenet/ (a link), as cwd, with the offline hub cache."""
+    (tmp_path / "imagenet").symlink_to(images, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    offline_hub(monkeypatch, hub_cache)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, hub_cache, images):
+    """The four documented lines run once in an empty workspace (shared by the tests that read it)."""
+    root = tmp_path_factory.mktemp("chain")
+    (root / "imagenet").symlink_to(images, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        offline_hub(patch, hub_cache)
+        outputs = [ok(*ENCODE), ok(*TRAIN), ok(*SAMPLE), ok(*EVAL)]
+    return root, outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# The four lines
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_four_lines_run_in_an_empty_directory_and_end_with_an_fid(chain):
+    root, (encode, train, sample, evaluate) = chain
+    assert "writing latents/v1" in encode
+    assert "using latents/v1 (imagenet/, 12 images, 16px, vae ema)" in train and "writing runs/v1" in train
+    assert "using runs/v1 (SiT-XS/4, linear velocity, step 4/4" in sample and "writing samples/v1" in sample
+    assert "using samples/v1 (6 images 16px, sde euler 4 steps w 1.0)" in evaluate
+    assert "building references/v1 from" in evaluate and "writing metrics/v1" in evaluate
+    fid = json.loads((root / "metrics" / "v1" / "metrics.json").read_text())["fid"]
+    assert np.isfinite(fid) and fid > 0
+    assert f"fid: {fid:.6g}" in evaluate
+
+
+def test_the_default_vae_is_the_hub_ema_vae(chain):
+    root, _ = chain
+    manifest = json.loads((root / "latents" / "v1" / "manifest.json").read_text())
+    assert manifest["extra"]["vae"] == {"name": "ema", "source": HUB_ID}
+    assert manifest["config"]["vae"] == "ema"
+
+
+def test_each_stage_records_the_version_before_it_as_its_input(chain):
+    root, _ = chain
+    inputs = lambda path: [Path(ref["path"]).resolve() for ref in json.loads((path / "manifest.json").read_text())["inputs"]]
+    checkpoint = root / "runs" / "v1" / "step-0000004"
+    assert inputs(checkpoint) == [(root / "latents" / "v1").resolve()]
+    assert inputs(root / "samples" / "v1") == [checkpoint.resolve()]
+    assert inputs(root / "metrics" / "v1") == [(root / "samples" / "v1").resolve(), (root / "references" / "v1").resolve()]
+
+
+def test_the_automatic_reference_matches_the_lineage_and_is_reused(chain, monkeypatch):
+    from sitctl.configs import EvalConfig
+    from sitctl.workspace import with_defaults
+
+    root, _ = chain
+    reference = json.loads((root / "references" / "v1" / "manifest.json").read_text())
+    assert reference["extra"]["source"] == str(root.joinpath("imagenet").resolve())
+    assert reference["extra"]["image_size"] == 16 and reference["extra"]["num_images"] == CLASSES * PER_CLASS
+    monkeypatch.chdir(root / "runs")  # from a subfolder, as git: the marker names the workspace
+    said: list[str] = []
+    config = with_defaults(EvalConfig(allow_fewer=True, device="cpu", fetch_weights=False), say=said.append)
+    assert Path(config.samples) == root / "samples" / "v1" and Path(config.ref) == root / "references" / "v1"
+    assert Path(config.out) == root / "metrics" / "v2"
+    assert said[1].startswith("using references/v1 (") and not any("building" in line for line in said)
+    assert not (root / "references" / "v2").exists()
+
+
+def test_ls_show_and_verify_take_the_same_names(chain, monkeypatch):
+    root, _ = chain
+    monkeypatch.chdir(root)
+    listing = CliRunner().invoke(app, ["ls"], terminal_width=80).output
+    for name in ("latents/v1", "runs/v1", "samples/v1", "references/v1", "metrics/v1"):
+        assert name in listing
+    assert max(len(line) for line in listing.splitlines()) <= 80
+    samples_id = json.loads((root / "samples" / "v1" / "manifest.json").read_text())["id"]
+    assert samples_id[:8] in listing
+    for name in ("samples/v1", samples_id[:6], str(root / "samples" / "v1")):
+        assert f"samples {samples_id}" in ok("verify", name)
+    assert "step-0000004" in ok("show", "runs/v1")
+
+
+def test_eval_table_reads_the_workspace_results_at_80_columns(chain, monkeypatch):
+    root, _ = chain
+    monkeypatch.chdir(root)
+    table = CliRunner().invoke(app, ["eval", "table"], terminal_width=80).output
+    assert "samples/v1" in table and "…" not in table
+    assert max(len(line) for line in table.splitlines()) <= 80
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions: never rewritten, only finished ones picked
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_rerun_makes_v2_leaves_v1_untouched_and_the_next_stage_picks_v2(workspace):
+    ok(*ENCODE)
+    before = (workspace / "latents" / "v1" / "manifest.json").read_bytes()
+    assert "writing latents/v2" in ok(*ENCODE)
+    assert (workspace / "latents" / "v1" / "manifest.json").read_bytes() == before
+    output = ok(*TRAIN[:-2], "--steps", "2", "--device", "cpu")
+    assert "using latents/v2 (" in output
+
+
+def test_a_killed_encode_leaves_nothing_a_later_stage_picks(workspace):
+    env = {**os.environ, "SITCTL_TEST_CRASH_AFTER_SHARDS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "sitctl.cli", *ENCODE, "--shard-size", "4"], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == 75, killed.stderr
+    assert (workspace / "latents" / ".v1.partial").is_dir() and not (workspace / "latents" / "v1").exists()
+    message = failure(*TRAIN)
+    assert "no finished latents artifact" in message and "sitctl encode SRC" in message
+    assert "writing latents/v2 (latents/v1 unfinished: rerun with --out latents/v1 to resume it)" in ok(*ENCODE)
+    assert "using latents/v2" in ok(*TRAIN[:-2], "--steps", "2", "--device", "cpu")
+
+
+def test_resume_without_a_path_continues_the_latest_run_on_its_own_latents(workspace):
+    ok(*ENCODE)
+    ok(*TRAIN[:-2], "--steps", "2", "--device", "cpu")
+    ok(*ENCODE)  # latents/v2 exists now, but the run was trained on v1
+    output = ok(*TRAIN, "--resume")
+    assert "resuming runs/v1" in output and "using latents/v1" in output
+    steps = sorted(path.name for path in (workspace / "runs" / "v1").glob("step-*"))
+    assert steps == ["step-0000002", "step-0000004"] and not (workspace / "runs" / "v2").exists()
+
+
+def test_explicit_paths_work_as_before_and_write_no_marker(workspace):
+    ok(*ENCODE, "--out", "mine/latents-a")
+    assert (workspace / "mine" / "latents-a" / "manifest.json").is_file()
+    assert not (workspace / ".sitctl-workspace").exists() and not (workspace / "latents").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,needs", [
+    (TRAIN, "sitctl encode SRC"), (SAMPLE, "sitctl train"), (EVAL, "sitctl sample")])
+def test_a_stage_with_nothing_to_read_names_the_command_that_makes_it(workspace, argv, needs):
+    message = failure(*argv)
+    assert message.startswith("no finished") and f"`{needs}`" in message
+
+
+def test_a_missing_version_lists_the_ones_there(workspace):
+    ok(*ENCODE)
+    message = failure("train", "latents/v7", *TRAIN[1:])
+    assert message.startswith("latents/v7 does not exist") and "latents: latents/v1" in message
+
+
+def test_an_ambiguous_id_prefix_is_refused(workspace):
+    # Two artifacts whose ids share their first 4 hex digits, made by hand (ids are content hashes).
+    for number, artifact_id in ((1, "abcd111111111111"), (2, "abcd222222222222")):
+        path = workspace / "latents" / f"v{number}"
+        path.mkdir(parents=True)
+        (path / "manifest.json").write_text(json.dumps(
+            {"schema": 1, "kind": "latents", "id": artifact_id, "config": {}, "inputs": [], "extra": {}, "files": {}}))
+    message = failure("show", "abcd")
+    assert message.startswith("id prefix abcd is ambiguous") and "latents/v1" in message and "latents/v2" in message
+    assert "abcd222222222222" in ok("show", "abcd2")
+
+
+def make_reference(out: Path, source: str, image_size: int) -> Path:
+    """A reference artifact's manifest as build_reference writes it (only its records are read here)."""
+    from sitctl.artifacts import begin_artifact, finish_artifact
+
+    staging = begin_artifact(out)
+    (staging / "statistics.npz").write_bytes(b"unused")
+    finish_artifact(staging, out, kind="reference", config={"source": source, "image_size": image_size},
+                    extra={"num_images": 2, "image_size": image_size, "source": source})
+    return out
+
+
+def test_a_reference_of_another_size_or_source_is_refused(chain, monkeypatch, tmp_path):
+    root, _ = chain
+    monkeypatch.chdir(root)
+    other_folder = make_reference(tmp_path / "source", str(tmp_path / "other-images"), 16)
+    digits = make_reference(tmp_path / "digits", "digits:holdout", 16)
+    bigger = make_reference(tmp_path / "size", str(root.joinpath("imagenet").resolve()), 32)
+    assert "was made from" in failure(*EVAL, "--ref", str(other_folder))
+    assert "was made from digits:holdout" in failure(*EVAL, "--ref", str(digits))
+    assert "holds 32px images but the samples" in failure(*EVAL, "--ref", str(bigger))
+
+
+def test_a_user_error_is_one_line_and_exit_2(workspace):
+    result = subprocess.run([sys.executable, "-m", "sitctl.cli", "sample"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no finished train run")
+
+
+def test_under_torchrun_a_missing_out_is_refused_not_guessed(workspace, monkeypatch):
+    from sitctl.configs import EncodeConfig
+    from sitctl.workspace import WorkspaceError, with_defaults
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each rank would count versions on its own and pick apart
+    with pytest.raises(WorkspaceError, match="under torchrun pass --out"):
+        with_defaults(EncodeConfig(src="imagenet/"), say=lambda line: None)
+    config = with_defaults(EncodeConfig(src="imagenet/", out="latents/in16"), say=lambda line: None)
+    assert config.out == "latents/in16"
