@@ -254,15 +254,31 @@ def test_a_missing_version_lists_the_ones_there(workspace):
 
 
 def test_an_ambiguous_id_prefix_is_refused(workspace):
-    # Two artifacts whose ids share their first 4 hex digits, made by hand (ids are content hashes).
-    for number, artifact_id in ((1, "abcd111111111111"), (2, "abcd222222222222")):
+    # Two valid artifacts whose content ids share their first 4 hex digits: search file contents
+    # until two ids collide there (about 300 tries by the birthday bound).
+    import hashlib
+
+    from sitctl.artifacts import content_id
+
+    seen: dict[str, tuple[bytes, dict]] = {}
+    for counter in range(200_000):
+        data = str(counter).encode()
+        files = {"note.txt": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+        prefix = content_id(files)[:4]
+        if prefix in seen:
+            break
+        seen[prefix] = (data, files)
+    for number, (data, files) in ((1, seen[prefix]), (2, (data, files))):
         path = workspace / "latents" / f"v{number}"
         path.mkdir(parents=True)
+        (path / "note.txt").write_bytes(data)
         (path / "manifest.json").write_text(json.dumps(
-            {"schema": 1, "kind": "latents", "id": artifact_id, "config": {}, "inputs": [], "extra": {}, "files": {}}))
-    message = failure("show", "abcd")
-    assert message.startswith("id prefix abcd is ambiguous") and "latents/v1" in message and "latents/v2" in message
-    assert "abcd222222222222" in ok("show", "abcd2")
+            {"schema": 1, "kind": "latents", "id": content_id(files), "config": {}, "inputs": [], "extra": {}, "files": files}))
+    message = failure("show", prefix)
+    assert message.startswith(f"id prefix {prefix} is ambiguous") and "latents/v1" in message and "latents/v2" in message
+    second = content_id(files)  # a longer prefix that only one of them has picks it
+    longer = next(second[:n] for n in range(5, 17) if not content_id(seen[prefix][1]).startswith(second[:n]))
+    assert second in ok("show", longer)
 
 
 def make_reference(out: Path, source: str, image_size: int) -> Path:
