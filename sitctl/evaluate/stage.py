@@ -74,6 +74,9 @@ def evaluate_stage(config: EvalConfig) -> Artifact:
     """Score the samples; write the metrics artifact and append one row to the results table."""
     from sitctl.evaluate.results import append_result, result_row
 
+    needing = [name for name in config.metrics if REGISTRY[name].needs_reference]
+    if config.ref is None and needing:  # the CLI fills --ref from the workspace; a script must pass one
+        raise EvalError(f"{'/'.join(needing)} needs a reference: ref= a reference artifact or an ADM .npz")
     samples = open_artifact(config.samples, "samples")
     count, image_size = check_samples(samples, config)
     reference = load_reference(config.ref) if config.ref is not None else None
