@@ -8,56 +8,77 @@ and printed beside the real-vs-real floor: the FID of as many real training digi
 same reference. At a few hundred images FID is dominated by its own small-sample bias, so only
 the gap between the two numbers says how far the model is from the data.
 
-Every stage leaves its artifact in one folder; a rerun reuses each finished artifact and
-resumes an interrupted training run, so nothing already done is lost.
+The demo folder is a workspace (`sitctl ls` inside it lists latents/v1, runs/v1, samples/v1,
+references/v1 and v2, metrics/v1). A rerun reuses a finished version only if its settings and its inputs
+are exactly what the demo would make now, resumes an interrupted training run, and otherwise
+writes the next version, so nothing already done is lost or silently reused. A signal during
+training saves a checkpoint and stops the whole demo there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any, Callable
 
 from rich.console import Console
 
-from sitctl.artifacts import Artifact, open_artifact
-from sitctl.configs import DemoConfig
+from sitctl import workspace
+from sitctl.artifacts import Artifact
+from sitctl.configs import DemoConfig, EncodeConfig, EvalConfig, ReferenceConfig, SampleConfig, TrainConfig
+from sitctl.errors import SitctlError
+
+# Config fields that say where a result goes, not what it is: two runs differing only here are the same.
+_PLACE = ("out", "resume", "results")
 
 
+def _settings(config: Any) -> dict[str, Any]:
+    """A stage config as its manifest records it, without the fields that only place the result."""
+    recorded = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {key: value for key, value in recorded.items() if key not in _PLACE}
 
 
-def _reuse(path: Path, kind: str) -> Artifact | None:
-    """The finished artifact at `path`, or None if it has not been made yet."""
-    return open_artifact(path, kind) if (path / "manifest.json").is_file() else None
+def _matching(root: Path, kind: str, config: Any, inputs: list[Artifact]) -> Artifact | None:
+    """A finished version made with exactly `config` from exactly `inputs` (by id), if any."""
+    wanted_inputs = sorted(artifact.id for artifact in inputs)
+    for version in reversed(workspace.finished_versions(root, kind)):
+        artifact = version.artifact
+        made = {key: value for key, value in artifact.config.items() if key not in _PLACE}
+        if made == _settings(config) and sorted(ref["id"] for ref in artifact.inputs) == wanted_inputs:
+            return artifact
+    return None
 
 
-def encode_digits(config: DemoConfig, out: Path) -> Artifact:
-    from sitctl.encode import EncodeConfig, encode
-
-    path = out / "latents"
-    return _reuse(path, "latents") or encode(
-        EncodeConfig(src="digits:train", out=str(path), image_size=config.image_size, vae="none",
-                     shard_size=500, batch_size=256, workers=0, device="cpu")
-    )
+def _make(root: Path, kind: str, config: Any, inputs: list[Artifact], stage: Callable[[Any], Artifact]) -> Artifact:
+    """Reuse the matching finished version, or run `stage` into the next version of `kind`."""
+    found = _matching(root, kind, config, inputs)
+    if found is not None:
+        return found
+    return stage(dataclasses.replace(config, out=str(workspace.next_version(root, kind))))
 
 
-def reference_digits(config: DemoConfig, out: Path) -> Artifact:
-    from sitctl.evaluate.reference import ReferenceConfig, build_reference
+def encode_digits(config: DemoConfig, root: Path) -> Artifact:
+    from sitctl.encode import encode
 
-    path = out / "reference"
-    return _reuse(path, "reference") or build_reference(
-        ReferenceConfig(source="digits:holdout", out=str(path), image_size=config.image_size,
-                        max_images=config.reference_images, device="cpu")
-    )
+    settings = EncodeConfig(src="digits:train", out="-", image_size=config.image_size, vae="none",
+                            shard_size=500, batch_size=256, workers=0, device="cpu")
+    return _make(root, "latents", settings, [], encode)
 
 
-def floor_digits(config: DemoConfig, out: Path) -> Artifact:
+def reference_digits(config: DemoConfig, root: Path, source: str = "digits:holdout",
+                     max_images: int | None = None) -> Artifact:
+    """Real digits as a reference: the held-out ones for FID, or (floor) as many training digits as samples."""
+    from sitctl.evaluate.reference import build_reference
+
+    settings = ReferenceConfig(source=source, out="-", image_size=config.image_size,
+                               max_images=max_images or config.reference_images, device="cpu")
+    return _make(root, "reference", settings, [], build_reference)
+
+
+def floor_digits(config: DemoConfig, root: Path) -> Artifact:
     """Real training digits, as many as the samples, made into a reference: the floor's features."""
-    from sitctl.evaluate.reference import ReferenceConfig, build_reference
-
-    path = out / "floor"
-    return _reuse(path, "reference") or build_reference(
-        ReferenceConfig(source="digits:train", out=str(path), image_size=config.image_size,
-                        max_images=config.num_samples, device="cpu")
-    )
+    return reference_digits(config, root, "digits:train", config.num_samples)
 
 
 def real_vs_real_fid(floor: Artifact, reference: Artifact) -> float:
@@ -68,64 +89,72 @@ def real_vs_real_fid(floor: Artifact, reference: Artifact) -> float:
     return float(frechet_distance(load_reference(floor.path).statistics, load_reference(reference.path).statistics))
 
 
-def train_digits(config: DemoConfig, out: Path, latents: Artifact) -> Artifact:
+def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
+    """The finished run of these settings, or the one to resume, or a new run; stops the demo on a signal."""
     from sitctl.checkpoint import list_checkpoints
-    from sitctl.train import TrainConfig, train
+    from sitctl.train import train
 
-    run = out / "run"
-    found = list_checkpoints(run)
-    if found and found[-1][0] >= config.steps:
-        return open_artifact(found[-1][1], "checkpoint")
     # A fast EMA (decay 0.99, about 100 steps) and a high lr suit a run of several hundred steps.
-    return train(
-        TrainConfig(latents=str(latents.path), out=str(run), model=config.model, steps=config.steps,
-                    global_batch=64, lr=2e-3, ema_decay=0.99, flip=False, precision="fp32", seed=config.seed,
-                    data_lanes=4, shuffle_buffer=500, loader_workers=0, ckpt_every=config.steps // 2 or 1,
-                    keep_last=1, log_every=50, preview_every=config.steps // 2 or 1, preview_images=40,
-                    preview_steps=25, preview_cfg=config.cfg_scale, resume=bool(found), device="cpu")
-    )
+    settings = TrainConfig(
+        latents=str(latents.path), out="-", model=config.model, steps=config.steps, global_batch=64, lr=2e-3,
+        ema_decay=0.99, flip=False, precision="fp32", seed=config.seed, data_lanes=4, shuffle_buffer=500,
+        loader_workers=0, ckpt_every=config.steps // 2 or 1, keep_last=1, log_every=50,
+        preview_every=config.steps // 2 or 1, preview_images=40, preview_steps=25, preview_cfg=config.cfg_scale,
+        device="cpu")
+    run_dir = None
+    for version in reversed(workspace.finished_versions(root, "checkpoint")):  # newest run of these settings
+        checkpoint = version.artifact
+        if {k: v for k, v in checkpoint.config.items() if k not in _PLACE} == _settings(settings):
+            if list_checkpoints(version.path)[-1][0] >= config.steps:
+                return checkpoint
+            run_dir = version.path  # interrupted: resume it
+            break
+    out = run_dir or workspace.next_version(root, "checkpoint")
+    checkpoint = train(dataclasses.replace(settings, out=str(out), resume=run_dir is not None))
+    step = checkpoint.extra["step"]
+    if step < config.steps:  # SIGTERM / Ctrl-C: a checkpoint was saved; sampling it would mislead
+        raise SitctlError(f"training stopped at step {step} of {config.steps} (checkpoint saved in {out}); "
+                          "rerun `sitctl demo` to resume it")
+    return checkpoint
 
 
-def sample_digits(config: DemoConfig, out: Path, checkpoint: Artifact) -> Artifact:
-    from sitctl.sample import SampleConfig, sample_stage
+def sample_digits(config: DemoConfig, root: Path, checkpoint: Artifact) -> Artifact:
+    from sitctl.sample import sample_stage
 
-    path = out / "samples"
-    return _reuse(path, "samples") or sample_stage(
-        SampleConfig(checkpoint=str(checkpoint.path), out=str(path), mode="sde", w=1.0,
-                     steps=config.sample_steps, cfg_scale=config.cfg_scale, num=config.num_samples,
-                     batch_size=100, seed=config.seed, preview=100, device="cpu")
-    )
+    settings = SampleConfig(checkpoint=str(checkpoint.path), out="-", mode="sde", w=1.0, steps=config.sample_steps,
+                            cfg_scale=config.cfg_scale, num=config.num_samples, batch_size=100, seed=config.seed,
+                            preview=100, device="cpu")
+    return _make(root, "samples", settings, [checkpoint], sample_stage)
 
 
-def evaluate_digits(config: DemoConfig, samples: Artifact, reference: Artifact) -> Artifact:
-    from sitctl.evaluate.stage import EvalConfig, evaluate_stage
+def evaluate_digits(config: DemoConfig, root: Path, samples: Artifact, reference: Artifact) -> Artifact:
+    from sitctl.evaluate.stage import evaluate_stage
 
-    return evaluate_stage(
-        EvalConfig(samples=str(samples.path), ref=str(reference.path), metrics=("fid",),
-                   num_expected=config.num_samples, device="cpu")
-    )
+    settings = EvalConfig(samples=str(samples.path), ref=str(reference.path), metrics=("fid",),
+                          num_expected=config.num_samples, device="cpu")
+    return _make(root, "metrics", settings, [samples, reference], evaluate_stage)
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     """Run (or finish) the four stages; return the paths, the FID and the real-vs-real floor FID."""
     console = console or Console()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    root = Path(config.out).resolve()
+    workspace.claim(root)
     console.rule("[bold]1/4 encode[/] digits -> pixel-space latents")
-    latents = encode_digits(config, out)
+    latents = encode_digits(config, root)
     console.rule("[bold]2/4 train[/] " + config.model)
-    checkpoint = train_digits(config, out, latents)
+    checkpoint = train_digits(config, root, latents)
     console.rule("[bold]3/4 sample[/] SDE, w = 1")
-    samples = sample_digits(config, out, checkpoint)
+    samples = sample_digits(config, root, checkpoint)
     console.rule("[bold]4/4 eval[/] FID against held-out digits")
-    reference = reference_digits(config, out)
-    metrics = evaluate_digits(config, samples, reference)
-    floor = floor_digits(config, out)
+    reference = reference_digits(config, root)
+    metrics = evaluate_digits(config, root, samples, reference)
+    floor = floor_digits(config, root)
     result = {
         "fid": float(metrics.extra["values"]["fid"]),
         "floor_fid": real_vs_real_fid(floor, reference),
         "grid": str(samples.path / "preview.png"),
-        "loss_curve": str(out / "run" / "loss.png"),
+        "loss_curve": str(checkpoint.path.parent / "loss.png"),
         "metrics": str(metrics.path),
     }
     console.print(f"FID ({config.num_samples} samples vs {reference.extra['num_images']} held-out digits): "

@@ -1,10 +1,15 @@
 """`sitctl demo` at a tiny size: the same stage code as the full demo, a few steps of each."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from sitctl.artifacts import ancestor, open_artifact, verify_artifact
+from sitctl import workspace
+from sitctl.artifacts import ancestor, verify_artifact
 from sitctl.demo import DemoConfig, run_demo
 
 
@@ -18,8 +23,10 @@ def test_demo_chains_the_four_stages_shows_lineage_and_a_rerun_reuses_them(tmp_p
     assert latents.config["src"] == "digits:train"
     assert ancestor(metrics, "checkpoint").extra["step"] == 4
     assert result["fid"] > 0 and result["fid"] == json.loads((metrics.path / "metrics.json").read_text())["fid"]
-    assert result["floor_fid"] > 0 and open_artifact(tmp_path / "demo" / "floor").extra["num_images"] == 12
-    assert (tmp_path / "demo" / "samples" / "preview.png").stat().st_size > 0
+    references = {v.artifact.config["source"]: v.artifact for v in workspace.finished_versions(tmp_path / "demo", "reference")}
+    assert result["floor_fid"] > 0 and references["digits:train"].extra["num_images"] == 12
+    assert Path(result["grid"]).stat().st_size > 0
+    assert Path(result["metrics"]) == (tmp_path / "demo" / "metrics" / "v1").resolve()  # a workspace version
 
     shown = subprocess.run([sys.executable, "-m", "sitctl.cli", "show", result["metrics"]],
                            capture_output=True, text=True, timeout=120)
@@ -29,4 +36,25 @@ def test_demo_chains_the_four_stages_shows_lineage_and_a_rerun_reuses_them(tmp_p
 
     again = run_demo(config)
     assert again == result
-    assert open_artifact(again["metrics"]).id == metrics.id
+    # Other sampler settings reuse the latents and the run, and make new samples and metrics versions.
+    other = run_demo(DemoConfig(out=config.out, steps=4, num_samples=12, sample_steps=4, reference_images=12))
+    assert Path(other["metrics"]).name == "v2" and Path(other["grid"]).parent.name == "v2"
+    assert ancestor(verify_artifact(other["metrics"]), "checkpoint").path == ancestor(metrics, "checkpoint").path
+    assert [v.name for v in workspace.finished_versions(tmp_path / "demo", "latents")] == ["latents/v1"]
+
+
+def test_a_signal_during_training_stops_the_demo_after_its_checkpoint(tmp_path):
+    out = tmp_path / "demo"
+    demo = subprocess.Popen([sys.executable, "-m", "sitctl.cli", "demo", "--out", str(out), "--steps", "5000",
+                             "--num-samples", "12", "--sample-steps", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "200"})
+    metrics = out / "runs" / "v1" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.is_file() and time.monotonic() < deadline and demo.poll() is None:
+        time.sleep(0.2)
+    demo.send_signal(signal.SIGTERM)
+    _, stderr = demo.communicate(timeout=300)
+    assert demo.returncode == 2, stderr
+    assert stderr.startswith("error: training stopped at step") and "rerun `sitctl demo` to resume" in stderr
+    assert not (out / "samples").exists()  # nothing sampled from the half-trained model
+    assert len(list((out / "runs" / "v1").glob("step-*"))) == 1  # the checkpoint the signal saved
