@@ -71,6 +71,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     train_eps: float
     micro_batch: int
+    interp: Any = None  # the interpolant object, resolved from config.interp once when the run is prepared
     step: int = 0
     saved_step: int | None = None  # step of the newest checkpoint, known on every rank
     last_saved: Artifact | None = None  # that checkpoint, opened on rank 0
@@ -132,7 +133,7 @@ def set_precision(precision: str) -> None:
 def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     """Check everything a user can get wrong, then build the network, EMA, optimizer and data."""
     from model.network import SiT
-    from model.objectives import default_eps
+    from model.interpolants import interpolant
 
     if (Path(config.out) / "manifest.json").is_file():  # never write a run into another stage's artifact
         raise SitctlError(f"{config.out} is a finished artifact, not a run directory; choose a new --out")
@@ -158,9 +159,10 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     ema.load_state_dict(net.state_dict())
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
                                   fused=d.device.type == "cuda")
+    interp = interpolant(config.interp)  # names become objects here, at the edge; the math gets the object
     run = Run(config=config, dist=d, latents=latents, model_config=model_config, net=net, ema=ema, forward=net,
-              optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step,
-              train_eps=config.train_eps if config.train_eps is not None else default_eps(config.interp, config.pred)[0])
+              optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step, interp=interp,
+              train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0])
     if resume_from is not None:
         saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device)
         run.last_saved, run.saved_step = resume_from, start_step
@@ -212,7 +214,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         part = slice(start, start + run.micro_batch)
         with _no_sync(run, last=start + run.micro_batch >= n):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                loss = training_loss(run.forward, x1[part], y[part], interp=config.interp, pred=config.pred,
+                loss = training_loss(run.forward, x1[part], y[part], interp=run.interp, pred=config.pred,
                                      weight=config.loss_weight, train_eps=run.train_eps, t=t[part], x0=x0[part])
             # Sum over the rank's share / share size; DDP then averages ranks: the global-batch mean.
             (loss.float().sum() / n).backward()
@@ -435,10 +437,9 @@ def trim_metrics(path: Path, step: int) -> None:
 
 def checkpoint_extra(run: Run) -> dict[str, Any]:
     """What later stages read from a checkpoint's manifest, so no flag is repeated."""
-    from model.objectives import default_eps
     return CheckpointInfo(
         step=run.step, model=run.config.model, model_config=asdict(run.model_config), interp=run.config.interp,
-        pred=run.config.pred, train_eps=run.train_eps, sample_eps=default_eps(run.config.interp, run.config.pred)[1],
+        pred=run.config.pred, train_eps=run.train_eps, sample_eps=run.interp.default_eps(run.config.pred)[1],
         latent_shape=list(run.latents.latent_shape), num_classes=run.latents.num_classes,
     ).to_extra()
 
@@ -490,18 +491,17 @@ def maybe_preview(run: Run, decoder) -> None:
     if not run.dist.is_main:
         return
     from model.guidance import GuidedVelocity
-    from model.objectives import default_eps
     from model.samplers import sample_ode
     from sitctl.plots import save_image_grid
 
     device, n = run.dist.device, config.preview_images
     x0 = torch.randn((n, *run.latents.latent_shape), generator=torch.Generator().manual_seed(config.seed)).to(device)
     y = (torch.arange(n) % run.latents.num_classes).to(device)
-    velocity = GuidedVelocity(run.ema, y, interp=config.interp, pred=config.pred, cfg_scale=config.preview_cfg,
+    velocity = GuidedVelocity(run.ema, y, interp=run.interp, pred=config.pred, cfg_scale=config.preview_cfg,
                               null_class=run.latents.num_classes)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
         latents = sample_ode(velocity, x0, method="heun", steps=config.preview_steps,
-                             sample_eps=default_eps(config.interp, config.pred)[1]).float()
+                             sample_eps=run.interp.default_eps(config.pred)[1]).float()
         images = decoder(latents)  # (n, H, W, C) uint8
     path = Path(config.out) / "previews" / f"step-{run.step:07d}.png"
     save_image_grid(images, path)
