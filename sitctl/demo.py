@@ -28,6 +28,7 @@ from sitctl import workspace
 from sitctl.artifacts import Artifact
 from sitctl.configs import DemoConfig, EncodeConfig, EvalConfig, ReferenceConfig, SampleConfig, TrainConfig
 from sitctl.errors import SitctlError
+from sitctl.records import CheckpointInfo, MetricsInfo
 
 # Config fields that say where a result goes, not what it is: two runs differing only here are the same.
 _PLACE = ("out", "resume", "results")
@@ -111,7 +112,7 @@ def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
             break
     out = run_dir or workspace.next_version(root, "checkpoint")
     checkpoint = train(dataclasses.replace(settings, out=str(out), resume=run_dir is not None))
-    step = checkpoint.extra["step"]
+    step = CheckpointInfo.from_artifact(checkpoint).step
     if step < config.steps:  # SIGTERM / Ctrl-C: a checkpoint was saved; sampling it would mislead
         raise SitctlError(f"training stopped at step {step} of {config.steps} (checkpoint saved in {out}); "
                           "rerun `sitctl demo` to resume it")
@@ -151,7 +152,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     metrics = evaluate_digits(config, root, samples, reference)
     floor = floor_digits(config, root)
     result = {
-        "fid": float(metrics.extra["values"]["fid"]),
+        "fid": float(MetricsInfo.from_artifact(metrics).values["fid"]),
         "floor_fid": real_vs_real_fid(floor, reference),
         "grid": str(samples.path / "preview.png"),
         "loss_curve": str(checkpoint.path.parent / "loss.png"),

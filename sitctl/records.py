@@ -85,18 +85,19 @@ class SamplesInfo(_Record):
     KIND = "samples"
     num_samples: int
     image_size: int
-    image_shape: list[int]
+    image_shape: list[int] | None = None
     """[H, W, C]."""
-    num_classes: int
-    class_counts: list[int]
-    model_config: dict[str, Any]
-    interp: str
-    pred: str
-    vae: dict[str, Any]
-    scale_factor: float | None
-    source: dict[str, Any]
-    world_size: int
-    virtual_file: str
+    num_classes: int | None = None
+    class_counts: list[int] | None = None
+    model_config: dict[str, Any] | None = None
+    interp: str | None = None
+    pred: str | None = None
+    vae: dict[str, Any] | None = None
+    scale_factor: float | None = None
+    source: dict[str, Any] | None = None
+    """Where the model came from: {checkpoint, step} or {file, sha256, model, published}."""
+    world_size: int = 1
+    virtual_file: str | None = None
     npz: str | None = None
 
 
@@ -107,8 +108,9 @@ class ReferenceInfo(_Record):
     KIND = "reference"
     num_images: int
     image_size: int
-    source: dict[str, Any]
-    inception: dict[str, Any]
+    source: dict[str, Any] | None = None
+    """The real images: what encode would read (the lineage a sample must match)."""
+    inception: dict[str, Any] | None = None
     num_errors: int = 0
     errors: list[Any] = dataclasses.field(default_factory=list)
 
@@ -119,8 +121,8 @@ class MetricsInfo(_Record):
 
     KIND = "metrics"
     values: dict[str, float]
-    num_samples: int
-    num_expected: int
-    reference: dict[str, Any] | None
-    inception: dict[str, Any]
-    lineage: list[dict[str, Any]]
+    num_samples: int | None = None
+    num_expected: int | None = None
+    reference: dict[str, Any] | None = None
+    inception: dict[str, Any] | None = None
+    lineage: list[dict[str, Any]] = dataclasses.field(default_factory=list)

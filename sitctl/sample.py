@@ -27,6 +27,7 @@ import numpy as np
 from sitctl.configs import SampleConfig
 from sitctl.decode import Decoder, load_decoder
 from sitctl.errors import ArtifactError, SampleError
+from sitctl.records import SamplesInfo
 from sitctl.sample_source import Source, open_source
 
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion VAE latents are scaled by this to unit variance
@@ -258,22 +259,14 @@ def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder:
     if config.npz:
         export_npz(staging, staging / NPZ_FILE)
     height, width, channels = image_shape(staging)
-    extra = {
-        "num_samples": config.num,
-        "image_size": height,
-        "image_shape": [height, width, channels],
-        "num_classes": source.model_config.num_classes,
-        "class_counts": np.bincount(labels, minlength=source.model_config.num_classes).tolist(),
-        "model_config": asdict(source.model_config),
-        "interp": source.interp,
-        "pred": source.pred,
-        "vae": decoder.record,
-        "scale_factor": decoder.scale_factor,
-        "source": source.description,
-        "world_size": world_size,
-        "virtual_file": VIRTUAL_FILE,
-        "npz": NPZ_FILE if config.npz else None,
-    }
+    extra = SamplesInfo(
+        num_samples=config.num, image_size=height, image_shape=[height, width, channels],
+        num_classes=source.model_config.num_classes,
+        class_counts=np.bincount(labels, minlength=source.model_config.num_classes).tolist(),
+        model_config=asdict(source.model_config), interp=source.interp, pred=source.pred, vae=decoder.record,
+        scale_factor=decoder.scale_factor, source=source.description, world_size=world_size,
+        virtual_file=VIRTUAL_FILE, npz=NPZ_FILE if config.npz else None,
+    ).to_extra()
     inputs = [source.artifact] if source.artifact is not None else []
     # The settings record goes only after the rename (see finish_artifact), so a kill while
     # finishing cannot let a rerun with other settings publish these images.

@@ -25,6 +25,7 @@ from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, open_artifact, output_lock, staging_dir
 from sitctl.configs import ReferenceConfig
 from sitctl.errors import ReferenceError
+from sitctl.records import ReferenceInfo
 from sitctl.evaluate.metrics import Gaussian, feature_statistics
 
 FEATURES_FILE = "features.npy"
@@ -100,10 +101,10 @@ def _write_reference(config: ReferenceConfig, source: ImageSource, weights, extr
     statistics = feature_statistics(features)
     np.save(staging / FEATURES_FILE, features)
     np.savez(staging / STATISTICS_FILE, mu=statistics.mu, sigma=statistics.sigma)
-    extra = {
-        "num_images": len(features), "image_size": config.image_size, "source": _describe_source(config.source, source),
-        "inception": weights.describe(), "num_errors": len(errors), "errors": errors[:20],
-    }
+    extra = ReferenceInfo(
+        num_images=len(features), image_size=config.image_size, source=_describe_source(config.source, source),
+        inception=weights.describe(), num_errors=len(errors), errors=errors[:20],
+    ).to_extra()
     return finish_artifact(staging, config.out, kind="reference", config=asdict(config), extra=extra)
 
 
@@ -150,8 +151,8 @@ def load_reference(path: str | Path) -> Reference:
     artifact = open_artifact(path, "reference")
     with np.load(artifact.file(STATISTICS_FILE)) as stats:
         statistics = Gaussian(mu=stats["mu"], sigma=stats["sigma"])
-    extra = artifact.extra
-    return Reference(artifact.id, path, extra["image_size"], extra["num_images"], statistics, artifact)
+    info = ReferenceInfo.from_artifact(artifact)
+    return Reference(artifact.id, path, info.image_size, info.num_images, statistics, artifact)
 
 
 def read_adm_npz(path: Path) -> Reference:

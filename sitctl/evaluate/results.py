@@ -10,6 +10,7 @@ from typing import Any
 
 from sitctl.artifacts import Artifact, ancestor
 from sitctl.errors import SitctlError
+from sitctl.records import MetricsInfo
 
 RESULTS_FILE = "results.jsonl"
 # Sampler settings worth a column, when the samples stage recorded them in its config.
@@ -20,6 +21,7 @@ VALUE_KEYS = ("fid", "is_mean", "kid_mean", "precision", "recall")
 def result_row(metrics: Artifact, samples: Artifact) -> dict[str, Any]:
     """The row for one metrics artifact: values, count, reference, sampler settings, checkpoint step."""
     checkpoint = ancestor(samples, "checkpoint")
+    info = MetricsInfo.from_artifact(metrics)
     sampler = {key: samples.config[key] for key in SAMPLER_KEYS if key in samples.config}
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -27,11 +29,11 @@ def result_row(metrics: Artifact, samples: Artifact) -> dict[str, Any]:
         "metrics_id": metrics.id,
         "samples": str(samples.path.resolve()),
         "samples_id": samples.id,
-        "reference_id": (metrics.extra.get("reference") or {}).get("id"),
-        "num_samples": metrics.extra["num_samples"],
-        "step": checkpoint.extra.get("step") if checkpoint is not None else None,
+        "reference_id": (info.reference or {}).get("id"),
+        "num_samples": info.num_samples,
+        "step": checkpoint.extra.get("step") if checkpoint is not None else None,  # shown only: any checkpoint
         "sampler": sampler,
-        "values": metrics.extra["values"],
+        "values": info.values,
     }
 
 

@@ -21,6 +21,7 @@ import torch
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact, parents
 from sitctl.errors import EvalError
+from sitctl.records import MetricsInfo
 from sitctl.evaluate.registry import REGISTRY, MetricInputs
 from sitctl.configs import EvalConfig
 from sitctl.evaluate.reference import Reference, load_reference
@@ -186,11 +187,10 @@ def _write_metrics(config, samples, reference, values, weights, count) -> Artifa
     if reference is not None:
         reference_record = {"id": reference.id, "path": str(reference.path.resolve()),
                             "format": "artifact" if reference.artifact is not None else "adm-npz"}
-    extra = {
-        "values": values, "num_samples": count, "num_expected": config.num_expected,
-        "reference": reference_record, "inception": weights.describe(),
-        "lineage": [samples.ref(), *lineage(samples)],
-    }
+    extra = MetricsInfo(
+        values=values, num_samples=count, num_expected=config.num_expected, reference=reference_record,
+        inception=weights.describe(), lineage=[samples.ref(), *lineage(samples)],
+    ).to_extra()
     inputs = [samples] + ([reference.artifact] if reference is not None and reference.artifact is not None else [])
     return finish_artifact(staging, config.out, kind="metrics", config=asdict(config), inputs=inputs, extra=extra)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from sitctl.artifacts import open_artifact
 from sitctl.errors import SweepError
+from sitctl.records import MetricsInfo
 from sitctl.evaluate.registry import PLOTTED_VALUE
 from sitctl.configs import SweepConfig
 from sitctl.evaluate.stage import EvalConfig, evaluate_stage
@@ -57,7 +58,7 @@ def sweep_stage(config: SweepConfig) -> dict[str, Any]:
             num_expected=config.num, batch_size=config.batch_size, device=config.device,
             inception_weights=config.inception_weights, fetch_weights=config.fetch_weights,
         ))
-        value = metrics.extra["values"][PLOTTED_VALUE[config.metric]]
+        value = MetricsInfo.from_artifact(metrics).values[PLOTTED_VALUE[config.metric]]
         points.append({"w": w, "cfg_scale": cfg, "value": value, "metrics": str(metrics.path)})
     plot = plot_sweep(points, config, out)
     return {"points": points, "plot": str(plot)}
