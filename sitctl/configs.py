@@ -247,6 +247,10 @@ class SampleConfig:
     """Images in the preview grid PNG (0: none)."""
     device: str | None = None
     """cpu or cuda (default: cuda when present)."""
+    precision: str = "fp32"
+    """Network precision: fp32, or bf16 (autocast; the sampler's state stays fp32). With bf16 an image may differ by rounding between batch sizes."""
+    compile: bool = False
+    """torch.compile the network (worth it for long runs on a GPU; the first batch pays the compilation)."""
     tf32: bool = setting(True, negatable=True)
     """TF32 matmuls on CUDA, as the reference sampler."""
 
@@ -279,6 +283,8 @@ class SampleConfig:
                 raise SampleError(f"--{option} must be {'> 0' if positive else '>= 0'}, got {value}")
         if len(self.guidance_interval) != 2 or not 0.0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1.0:
             raise SampleError(f"--guidance-interval must be LO,HI with 0 <= LO <= HI <= 1, got {self.guidance_interval}")
+        if self.precision not in ("fp32", "bf16"):
+            raise SampleError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.guided_channels is not None and self.guided_channels < 1:
             raise SampleError(f"--guided-channels must be at least 1, got {self.guided_channels}")
         if self.reference_steps and self.mode == "ode" and self.method != "dopri5" and self.steps < 2:

@@ -39,7 +39,7 @@ CRASH_HOOK = "SITCTL_TEST_SAMPLE_CRASH_AFTER_BATCHES"  # tests: exit abruptly af
 
 # Settings that change the images: a resumed run must match them (batch size only rounds).
 _RESUME_KEYS = ("mode", "method", "steps", "atol", "rtol", "w", "diffusion", "last_step", "last_step_size",
-                "sample_eps", "cfg_scale", "guidance_interval", "guided_channels", "reference_steps", "num", "seed",
+                "sample_eps", "cfg_scale", "guidance_interval", "guided_channels", "reference_steps", "precision", "num", "seed",
                 "labels", "ema", "model", "vae")
 
 
@@ -177,7 +177,7 @@ def sample_stage(config: SampleConfig):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     try:
         # Everything a user can get wrong is checked here, before the first network evaluation.
-        source = open_source(config, d.device)
+        source = with_precision(open_source(config, d.device), config)
         decoder = load_decoder(source, d.device)
         # A second run on this --out stops at the lock, naming the first; a full disk is one line.
         with output_lock(config.out), disk_errors("write samples into", staging_dir(config.out)):
@@ -196,6 +196,28 @@ def sample_stage(config: SampleConfig):
         return open_artifact(config.out, "samples")
     finally:
         distributed.teardown(d)
+
+
+def with_precision(source: Source, config: SampleConfig) -> Source:
+    """The source's network in the requested precision (bf16: autocast, fp32 out), compiled if asked."""
+    import dataclasses
+
+    import torch
+
+    class Bfloat16(torch.nn.Module):
+        """The network under bf16 autocast, returning fp32 so the sampler integrates in fp32."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, y):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.net(x, t, y).float()
+
+    net = Bfloat16(source.net) if config.precision == "bf16" else source.net
+    net = torch.compile(net) if config.compile else net
+    return dataclasses.replace(source, net=net)
 
 
 def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging: Path, blocks: list[range],
