@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sitctl.errors import EvalError, ReferenceError, SampleError, SitctlError, SweepError
-from sitctl.options import check_device, check_finite, parse_floats, setting
+from sitctl.options import check_device, check_finite, setting
 
 TRAIN_PRECISIONS = ("fp32", "tf32", "bf16")
 MODES = ("ode", "sde")
@@ -391,9 +391,9 @@ class SweepConfig(InceptionSettings):
     """Train run directory or checkpoint artifact."""
     ref: str | None = None
     """Reference artifact or ADM .npz (default: the workspace reference of the run's source and size, built once)."""
-    w_values: tuple[float, ...] = setting((), flags=("--w",), parse=lambda text: parse_floats(text, "--w"), shown=None)
+    w_values: tuple[float, ...] = setting((), flags=("--w",))
     """SDE diffusion coefficients, e.g. 0,0.5,1,1.5,2."""
-    cfg_values: tuple[float, ...] = setting((), flags=("--cfg",), parse=lambda text: parse_floats(text, "--cfg"), shown=None)
+    cfg_values: tuple[float, ...] = setting((), flags=("--cfg",))
     """Guidance scales, e.g. 1,1.5,4."""
     mode: str | None = None
     """Sampler mode (default: sde when sweeping --w)."""

@@ -40,13 +40,17 @@ def _settings(config: Any) -> dict[str, Any]:
     return {key: value for key, value in recorded.items() if key not in _PLACE}
 
 
+def _made_with(artifact: Artifact, config: Any) -> bool:
+    """Whether `artifact` was made with the settings of `config` (wherever it was placed)."""
+    return {key: value for key, value in artifact.config.items() if key not in _PLACE} == _settings(config)
+
+
 def _matching(root: Path, kind: str, config: Any, inputs: list[Artifact]) -> Artifact | None:
     """A finished version made with exactly `config` from exactly `inputs` (by id), if any."""
     wanted_inputs = sorted(artifact.id for artifact in inputs)
     for version in reversed(workspace.finished_versions(root, kind)):
         artifact = version.artifact
-        made = {key: value for key, value in artifact.config.items() if key not in _PLACE}
-        if made == _settings(config) and sorted(ref["id"] for ref in artifact.inputs) == wanted_inputs:
+        if _made_with(artifact, config) and sorted(ref["id"] for ref in artifact.inputs) == wanted_inputs:
             return artifact
     return None
 
@@ -105,7 +109,7 @@ def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
     run_dir = None
     for version in reversed(workspace.finished_versions(root, "checkpoint")):  # newest run of these settings
         checkpoint = version.artifact
-        if {k: v for k, v in checkpoint.config.items() if k not in _PLACE} == _settings(settings):
+        if _made_with(checkpoint, settings):
             if list_checkpoints(version.path)[-1][0] >= config.steps:
                 return checkpoint
             run_dir = version.path  # interrupted: resume it

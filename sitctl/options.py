@@ -131,7 +131,7 @@ def _comma_list(item_type: type, flags: tuple[str, ...]) -> Callable[[str | None
         try:
             return tuple(item_type(part.strip()) for part in (text or "").split(",") if part.strip())
         except ValueError:
-            raise SitctlError(f"{flags[0]} takes comma-separated {item_type.__name__} values, got {text!r}") from None
+            raise SitctlError(f"{flags[0]} takes comma-separated {item_type.__name__} values like 0,0.5,1, got {text!r}") from None
     return parse
 
 
@@ -192,13 +192,6 @@ def check_finite(config: Any) -> None:
             if not math.isfinite(number):
                 raise SitctlError(f"{flag_of(field)} must be a finite number, got {number}")
 
-
-def parse_floats(text: str | None, option: str) -> tuple[float, ...]:
-    """Comma-separated numbers (`0,0.5,1`) as a tuple; empty or None gives ()."""
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip()) if text else ()
-    except ValueError:
-        raise SitctlError(f"{option} takes comma-separated numbers like 0,0.5,1, got {text!r}") from None
 
 
 def check_device(device: str | None) -> None:
