@@ -461,7 +461,7 @@ def write_report(config: StudyConfig, out: Path) -> dict[str, Any]:
                 sections += [f"## {TITLES[ablation]}", "", "Waits for the objective grid to finish (it picks the model).", ""]
                 continue
             rows = collect(config, out, sampler_points(config, best))
-            plots += plot_sampler(rows, floor, out)
+            plots += plot_sampler(rows, floor, out, config)
             sections += [f"## {TITLES[ablation]} (model: {best.name})", ""]
         else:
             rows = collect(config, out, path_points(config) if ablation == "path" else objective_points(config))
@@ -490,14 +490,13 @@ def _metric_axes(plt, title: str, xlabel: str):
     return figure, axes
 
 
-def _draw(axes, xs: list[float], rows: list[dict], label: str, marker: str = "o") -> None:
-    """Errorbar lines of FID and KID (bootstrap std) on the two axes; unscored rows are left out."""
-    kept = [(x, row["scores"]) for x, row in zip(xs, rows) if row["scores"] is not None]
-    if not kept:
+def _draw(axes, points: list[tuple[float, dict]], label: str, marker: str = "o") -> None:
+    """Errorbar lines of FID and KID (bootstrap std) on the two axes."""
+    if not points:
         return
     for axis, name, scale in ((axes[0], "fid", 1.0), (axes[1], "kid", 1e3)):
-        axis.errorbar([x for x, _ in kept], [s[name] * scale for _, s in kept], yerr=[s[name + "_std"] * scale for _, s in kept],
-                      marker=marker, capsize=3, label=label)
+        axis.errorbar([x for x, _ in points], [s[name] * scale for _, s in points],
+                      yerr=[s[name + "_std"] * scale for _, s in points], marker=marker, capsize=3, label=label)
 
 
 def _floor_band(axes, floor: dict[str, float]) -> None:
@@ -513,35 +512,45 @@ def _save(plt, figure, path: Path) -> Path:
     return path
 
 
-def plot_sampler(rows: list[dict[str, Any]], floor: dict[str, float], out: Path) -> list[Path]:
+def sampler_series(rows: list[dict[str, Any]], config: StudyConfig) -> dict[str, list[tuple[float, dict]]]:
+    """The sampler ablation's curves as (x, scores) pairs of scored points, sorted by x.
+
+    "w": SDE euler at sde_steps, sigma form, no guidance, against w; "ode_at_equal_nfe": the ODE
+    heun point whose NFE equals sde_steps (a horizontal line on the w plot); "cfg": SDE w = 1
+    against the guidance scale; "sde_steps" and "ode_steps": SDE w = 1 and ODE heun against NFE.
+    """
+    scored = [(row["point"].sampler, row["scores"]) for row in rows if row["scores"] is not None]
+    sde_sigma = [(s, scores) for s, scores in scored if s.mode == "sde" and s.diffusion == "sigma"]
+    heun = [(s, scores) for s, scores in scored if s.mode == "ode" and s.method == "heun"]
+    series = {
+        "w": [(s.w, scores) for s, scores in sde_sigma if s.cfg_scale == 1.0 and s.steps == config.sde_steps],
+        "ode_at_equal_nfe": [(0.0, scores) for s, scores in heun if s.nfe == str(config.sde_steps)],
+        "cfg": [(s.cfg_scale, scores) for s, scores in sde_sigma if s.w == 1.0 and s.steps == config.sde_steps],
+        "sde_steps": [(float(s.nfe), scores) for s, scores in sde_sigma if s.w == 1.0 and s.cfg_scale == 1.0],
+        "ode_steps": [(float(s.nfe), scores) for s, scores in heun],
+    }
+    return {name: sorted(points, key=lambda pair: pair[0]) for name, points in series.items()}
+
+
+def plot_sampler(rows: list[dict[str, Any]], floor: dict[str, float], out: Path, config: StudyConfig) -> list[Path]:
     """Metric vs w (SDE, sigma form), vs guidance scale, and vs NFE (SDE euler and ODE heun)."""
     plt = _pyplot()
-    sde_rows = [r for r in rows if r["point"].sampler.mode == "sde"]
-    default_sde = [r for r in sde_rows if r["point"].sampler.diffusion == "sigma" and r["point"].sampler.cfg_scale == 1.0]
-    base_steps = max((r["point"].sampler.steps for r in default_sde), default=0)
+    series = sampler_series(rows, config)
     paths = []
     figure, axes = _metric_axes(plt, "SDE euler, w_t = w sigma_t", "w")
-    w_rows = sorted((r for r in default_sde if r["point"].sampler.steps == base_steps), key=lambda r: r["point"].sampler.w)
-    _draw(axes, [r["point"].sampler.w for r in w_rows], w_rows, "SDE euler")
-    ode_row = next((r for r in rows if r["point"].sampler.mode == "ode" and r["point"].sampler.method == "heun"
-                    and str(r["point"].sampler.nfe) == str(base_steps)), None)
-    if ode_row is not None and ode_row["scores"] is not None:
+    _draw(axes, series["w"], f"SDE euler, NFE {config.sde_steps}")
+    for _, scores in series["ode_at_equal_nfe"]:
         for axis, name, scale in ((axes[0], "fid", 1.0), (axes[1], "kid", 1e3)):
-            axis.axhline(ode_row["scores"][name] * scale, color="C1", label=f"ODE heun, NFE {base_steps}")
+            axis.axhline(scores[name] * scale, color="C1", label=f"ODE heun, NFE {config.sde_steps}")
     _floor_band(axes, floor)
     paths.append(_save(plt, figure, out / "metric-vs-w.png"))
-    figure, axes = _metric_axes(plt, "guidance (SDE euler, w = 1)", "guidance scale")
-    cfg_rows = sorted((r for r in sde_rows if r["point"].sampler.diffusion == "sigma" and r["point"].sampler.w == 1.0
-                       and r["point"].sampler.steps == base_steps), key=lambda r: r["point"].sampler.cfg_scale)
-    _draw(axes, [r["point"].sampler.cfg_scale for r in cfg_rows], cfg_rows, "SDE euler")
+    figure, axes = _metric_axes(plt, f"guidance (SDE euler, w = 1, NFE {config.sde_steps})", "guidance scale")
+    _draw(axes, series["cfg"], "SDE euler")
     _floor_band(axes, floor)
     paths.append(_save(plt, figure, out / "metric-vs-cfg.png"))
     figure, axes = _metric_axes(plt, "sampling steps", "network evaluations per image (NFE)")
-    ode_heun = [r for r in rows if r["point"].sampler.mode == "ode" and r["point"].sampler.method == "heun"]
-    sde_w1 = [r for r in default_sde if r["point"].sampler.w == 1.0]
-    for name, line in (("SDE euler, w = 1", sde_w1), ("ODE heun", ode_heun)):
-        line = sorted(line, key=lambda r: r["point"].sampler.steps)
-        _draw(axes, [int(r["point"].sampler.nfe) for r in line], line, name)
+    _draw(axes, series["sde_steps"], "SDE euler, w = 1")
+    _draw(axes, series["ode_steps"], "ODE heun")
     from matplotlib.ticker import ScalarFormatter
 
     for axis in axes:

@@ -15,6 +15,7 @@ from sitctl.errors import SitctlError
 from sitctl.evaluate.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 from sitctl.study import (
     FEATURES_FILE, StudyConfig, bootstrap_scores, frechet_distance_low_rank, path_points, run_study, sampler_points,
+    sampler_series,
     model_spec,
 )
 from tests.pipelines.test_sources import write_idx
@@ -131,3 +132,17 @@ def test_a_training_run_stopped_by_a_signal_ends_the_sitting_instead_of_sampling
     with pytest.raises(SitctlError, match="training linear-velocity stopped at step 2 of 3; rerun the study to resume it"):
         run_study(config)
     assert not list((tmp_path / "study").glob("points/*/*"))  # nothing sampled from the short run
+
+
+def test_sampler_plots_draw_every_scored_point_of_their_curve():
+    config = StudyConfig()
+    points = sampler_points(config, model_spec("linear", "velocity"))
+    rows = [{"point": p, "scores": {"fid": float(i), "fid_std": 0.1, "kid": 0.0, "kid_std": 0.0}} for i, p in enumerate(points)]
+    series = sampler_series(rows, config)
+    assert [x for x, _ in series["w"]] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert [x for x, _ in series["cfg"]] == [1.0, 1.5, 2.0, 3.0, 4.0]
+    assert [x for x, _ in series["sde_steps"]] == [10, 25, 50, 100, 200]
+    assert [x for x, _ in series["ode_steps"]] == [10, 24, 50, 100, 200]  # heun: 2 evaluations per step
+    assert len(series["ode_at_equal_nfe"]) == 1  # ode-heun-50, NFE 100 as the w curve's SDE
+    rows[0]["scores"] = None  # ode-heun-50 not scored yet: left out, the rest still drawn
+    assert sampler_series(rows, config)["ode_at_equal_nfe"] == [] and len(sampler_series(rows, config)["w"]) == 5
