@@ -293,8 +293,8 @@ def _study(config) -> None:
 
 _command(app, "study", "sitctl.configs", "StudyConfig", _study, doc="""Run the SiT paper's ablations at small scale on Fashion-MNIST (docs/REPRODUCTION.md).
 
-    DiT -> SiT path, interpolant x prediction, and samplers, one choice at a time; every point is
-    an artifact reused by a rerun, so the study runs in several sittings (--max-minutes).
+    DiT -> SiT path, interpolant x prediction, samplers and training seeds, one choice at a time;
+    every point is an artifact reused by a rerun, so the study runs in several sittings (--max-minutes).
     """)
 
 

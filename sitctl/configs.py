@@ -19,7 +19,7 @@ LABEL_SCHEMES = ("balanced", "uniform")
 DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
 PUBLISHED_KINDS = ("sit", "dit")
-ABLATIONS = ("path", "objective", "sampler")  # the study's three tables (sitctl/study.py)
+ABLATIONS = ("path", "objective", "sampler", "seeds")  # the study's tables (sitctl/study.py)
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -487,8 +487,8 @@ class StudyConfig:
     """Samples per step."""
     lr: float = 1e-3
     """Constant AdamW learning rate (higher than the paper's 1e-4: the runs are short)."""
-    ema_decay: float = 0.999
-    """EMA decay (a window of about 1000 steps suits runs of a few thousand)."""
+    ema_decay: float | None = None
+    """EMA decay (None: 1 - 10 / train_steps, so the initial weights keep a share of e^-10 in the EMA)."""
     num_samples: int = 500
     """Generated images per point, and real images in the floor."""
     sample_batch: int = 250
@@ -511,6 +511,8 @@ class StudyConfig:
     """Bootstrap resamples of the generated features per score."""
     seed: int = 0
     """Seed of training, sampling and the bootstrap."""
+    train_seeds: tuple[int, ...] = (1, 2)
+    """Training seeds besides --seed that the seeds ablation trains its models with again."""
     ablations: tuple[str, ...] = ABLATIONS
     """Which ablations to run, in order."""
     models: tuple[str, ...] = ()
@@ -525,6 +527,12 @@ class StudyConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check_device(self.device)
+        if self.ema_decay is None and self.train_steps >= 1:  # a window of a tenth of the run
+            object.__setattr__(self, "ema_decay", round(min(0.9999, max(0.0, 1.0 - 10.0 / self.train_steps)), 6))
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise SitctlError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.seed in self.train_seeds or len(set(self.train_seeds)) < len(self.train_seeds):
+            raise SitctlError(f"--train-seeds must be distinct and differ from --seed {self.seed}, got {list(self.train_seeds)}")
         unknown = [name for name in self.ablations if name not in ABLATIONS]
         if unknown or not self.ablations:
             raise SitctlError(f"unknown ablation(s) {unknown or '(none)'}; choose from {', '.join(ABLATIONS)}")

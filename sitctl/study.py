@@ -10,6 +10,8 @@ the Inception features, so a bootstrap costs no extra forward pass):
                with the same ODE; score is also trained with the likelihood weighting.
     sampler    on the best objective model: ODE heun / dopri5, SDE euler over w and over the
                diffusion forms, the guidance scale, and the number of steps.
+    seeds      linear, gvp and vp with velocity (ODE), and linear with the SDE, trained again
+               with other seeds: the spread of a score from one training run to the next.
 
 Every stage is the one the CLI runs (encode, train, eval ref, sample); only the scoring is done
 here, because the eval stage does not keep features. A finished artifact is reused and an
@@ -18,8 +20,9 @@ unfinished training run resumes, so the study runs in as many sittings as it tak
 from whatever has finished after every point.
 
 Every number has a spread: FID and KID are bootstrapped over the generated features (the
-reference is fixed), and every table states the real-vs-real floor: the same scores for n
-real training images against the same reference. All points draw the same noise and labels
+reference is fixed), the seeds table adds the spread over training seeds, and every table
+states the real-vs-real floor: the same scores for n real training images against the same
+reference. All points draw the same noise and labels
 (one sample seed), so differences between points are not sampling noise of the seed.
 """
 
@@ -65,6 +68,7 @@ class ModelSpec:
     pred: str
     loss_weight: str = "none"
     discrete_steps: int | None = None
+    seed: int | None = None  # training seed; None: the study's --seed
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,11 @@ class Point:
     sampler: SamplerSpec
 
 
-def model_spec(interp: str, pred: str, loss_weight: str = "none", discrete_steps: int | None = None) -> ModelSpec:
+def model_spec(interp: str, pred: str, loss_weight: str = "none", discrete_steps: int | None = None,
+               seed: int | None = None) -> ModelSpec:
     name = f"{interp}-{pred}" + ("" if loss_weight == "none" else f"-{loss_weight}") + (
-        "" if discrete_steps is None else f"-discrete{discrete_steps}")
-    return ModelSpec(name, interp, pred, loss_weight, discrete_steps)
+        "" if discrete_steps is None else f"-discrete{discrete_steps}") + ("" if seed is None else f"-seed{seed}")
+    return ModelSpec(name, interp, pred, loss_weight, discrete_steps, seed)
 
 
 def ode(config: StudyConfig, method: str = "heun", steps: int | None = None) -> SamplerSpec:
@@ -139,6 +144,45 @@ def sampler_points(config: StudyConfig, best: ModelSpec) -> list[Point]:
     samplers += [ode(config, steps=steps) for steps in config.ode_step_values]
     unique = list(dict.fromkeys(samplers))  # shared settings (w = 1, sigma, cfg 1, ...) run once
     return [Point("sampler", s.name, best, s) for s in unique]
+
+
+SEED_MODELS = (("linear", "velocity"), ("gvp", "velocity"), ("vp", "velocity"))
+
+
+def seed_points(config: StudyConfig) -> list[Point]:
+    """The interpolant ordering (ODE) and the SDE's gain on linear, retrained with every training seed.
+
+    The --seed model of each is ablation 2's own run (reused); each of --train-seeds trains it again.
+    """
+    points = []
+    for seed in (config.seed, *config.train_seeds):
+        for interp, pred in SEED_MODELS:
+            spec = model_spec(interp, pred, seed=None if seed == config.seed else seed)
+            points.append(Point("seeds", f"{interp}, {pred}, seed {seed}", spec, ode(config)))
+            if interp == "linear":
+                points.append(Point("seeds", f"{interp}, {pred}, seed {seed}", spec, sde(config)))
+    return points
+
+
+def seed_summary(config: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model without its seed, sampler): FID and KID of every scored seed, their mean and sample std."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        model = row["point"].model
+        key = (model_spec(model.interp, model.pred, model.loss_weight, model.discrete_steps).name, row["point"].sampler.name)
+        groups.setdefault(key, [])
+        if row["scores"] is not None:
+            groups[key].append(row["scores"])
+    summary = []
+    for (model, sampler), scores in groups.items():
+        entry: dict[str, Any] = {"model": model, "sampler": sampler, "seeds": len(scores)}
+        for name in ("fid", "kid"):
+            values = np.array([s[name] for s in scores])
+            entry[name] = [float(v) for v in values]
+            entry[name + "_mean"] = float(values.mean()) if len(values) else None
+            entry[name + "_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
+        summary.append(entry)
+    return summary
 
 
 # =============================================================================================
@@ -191,7 +235,7 @@ def train_model(config: StudyConfig, out: Path, latents: Artifact, spec: ModelSp
         latents=str(latents.path), out=str(run), model=config.model, interp=spec.interp, pred=spec.pred,
         loss_weight=spec.loss_weight, discrete_steps=spec.discrete_steps, steps=config.train_steps,
         global_batch=config.global_batch, lr=config.lr, ema_decay=config.ema_decay, flip=False, precision="fp32",
-        seed=config.seed, data_lanes=4, shuffle_buffer=2000, loader_workers=0,
+        seed=config.seed if spec.seed is None else spec.seed, data_lanes=4, shuffle_buffer=2000, loader_workers=0,
         ckpt_every=max(1, min(500, config.train_steps)), keep_last=1, log_every=max(1, min(50, config.train_steps)),
         preview_every=0, resume=bool(found), device=config.device,
     )
@@ -339,6 +383,8 @@ def planned_points(config: StudyConfig, out: Path) -> list[Point]:
             points += path_points(config)
         elif ablation == "objective":
             points += objective_points(config)
+        elif ablation == "seeds":
+            points += seed_points(config)
         elif (best := best_model(config, out)) is not None:
             points += sampler_points(config, best)
     return [p for p in points if not config.models or p.model.name in config.models]
@@ -412,6 +458,7 @@ TITLES = {
     "path": "Ablation 1: from DiT to SiT",
     "objective": "Ablation 2: interpolant x prediction (ODE heun)",
     "sampler": "Ablation 3: samplers on the best model",
+    "seeds": "Training seeds: the interpolant ordering and the SDE's gain, retrained",
 }
 
 
@@ -447,6 +494,23 @@ def markdown_table(rows: list[dict[str, Any]], floor: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(summary: list[dict[str, Any]]) -> str:
+    """Mean ± sample std over training seeds (the spread a rerun with another seed would show)."""
+    lines = ["Mean ± standard deviation over training seeds (each seed's own scores below).", "",
+             "| model | sampler | seeds scored | FID | KID x 10^3 |", "| --- | --- | --- | --- | --- |"]
+    for entry in summary:
+        cells = []
+        for name, scale in (("fid", 1.0), ("kid", 1e3)):
+            if entry[name + "_mean"] is None:
+                cells.append("not run yet")
+            elif entry[name + "_sd"] is None:
+                cells.append(f"{entry[name + '_mean'] * scale:.2f}")
+            else:
+                cells.append(f"{entry[name + '_mean'] * scale:.2f} ± {entry[name + '_sd'] * scale:.2f}")
+        lines.append(f"| {entry['model']} | {entry['sampler']} | {entry['seeds']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def write_report(config: StudyConfig, out: Path) -> dict[str, Any]:
     """REPORT.md (one table per ablation, floor beside each) and the plots, from finished points."""
     if not (out / "reference" / "manifest.json").is_file() or not (out / "floor" / "manifest.json").is_file():
@@ -463,6 +527,9 @@ def write_report(config: StudyConfig, out: Path) -> dict[str, Any]:
             rows = collect(config, out, sampler_points(config, best))
             plots += plot_sampler(rows, floor, out, config)
             sections += [f"## {TITLES[ablation]} (model: {best.name})", ""]
+        elif ablation == "seeds":
+            rows = collect(config, out, seed_points(config))
+            sections += [f"## {TITLES[ablation]}", "", seed_table(seed_summary(config, rows)), ""]
         else:
             rows = collect(config, out, path_points(config) if ablation == "path" else objective_points(config))
             sections += [f"## {TITLES[ablation]}", ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -115,7 +116,7 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sitctl.study", "--out", str(tmp_path), "--ablations", "paths"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: unknown ablation(s) ['paths']; choose from path, objective, sampler"
+        "error: unknown ablation(s) ['paths']; choose from path, objective, sampler, seeds"
     ]
     done = subprocess.run([sys.executable, "-m", "sitctl.study", "--out", str(tmp_path), "--report-only"],
                           capture_output=True, text=True, timeout=120)
@@ -146,3 +147,23 @@ def test_sampler_plots_draw_every_scored_point_of_their_curve():
     assert len(series["ode_at_equal_nfe"]) == 1  # ode-heun-50, NFE 100 as the w curve's SDE
     rows[0]["scores"] = None  # ode-heun-50 not scored yet: left out, the rest still drawn
     assert sampler_series(rows, config)["ode_at_equal_nfe"] == [] and len(sampler_series(rows, config)["w"]) == 5
+
+
+def test_the_seeds_ablation_retrains_with_each_seed_and_reports_their_spread(tiny_fashion, tmp_path):
+    config = dataclasses.replace(tiny_config(tiny_fashion, tmp_path / "study"), ablations=("seeds",),
+                                 models=("linear-velocity", "linear-velocity-seed7"), train_seeds=(7,))
+    assert config.ema_decay == 0.0  # derived from the 3-step run: 1 - 10/3 clipped at 0
+    result = run_study(config)
+    assert (result["points_this_sitting"], result["points_left"]) == (4, 0)  # ODE and SDE, seeds 0 and 7
+    out = tmp_path / "study"
+    first, second = (open_artifact(out / "runs" / name / "step-0000003", "checkpoint")
+                     for name in ("linear-velocity", "linear-velocity-seed7"))
+    assert (first.config["seed"], second.config["seed"]) == (0, 7)
+    assert open_artifact(out / "points/linear-velocity-seed7/ode-heun-2-scores", "metrics").id != \
+        open_artifact(out / "points/linear-velocity/ode-heun-2-scores", "metrics").id
+
+    fids = [json.loads((out / f"points/{run}/ode-heun-2-scores/scores.json").read_text())["fid"]
+            for run in ("linear-velocity", "linear-velocity-seed7")]
+    report = (out / "REPORT.md").read_text()
+    assert f"| linear-velocity | ode-heun-2 | 2 | {np.mean(fids):.2f} ± {np.std(fids, ddof=1):.2f} |" in report
+    assert "| gvp-velocity | ode-heun-2 | 0 | not run yet | not run yet |" in report
