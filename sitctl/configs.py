@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sitctl.errors import EvalError, ReferenceError, SampleError, SitctlError, SweepError
 from sitctl.options import check_device, check_finite, setting
 
-TRAIN_PRECISIONS = ("fp32", "tf32", "bf16")
+TRAIN_PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 MODES = ("ode", "sde")
 LABEL_SCHEMES = ("balanced", "uniform")
 # The paper's sampler settings (SiT Tables 4-5 and the reference sample scripts).
@@ -126,8 +126,8 @@ class TrainConfig:
     """Random horizontal flips (off for data that is not mirror-symmetric)."""
     grad_clip: float | None = None
     """Clip the gradient norm to this (default: no clipping)."""
-    precision: str = "tf32"
-    """fp32, tf32 or bf16 (autocast)."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 (fp32 with TF32 matmuls) or bf16 (autocast)."""
     compile: bool = False
     """torch.compile the network."""
     seed: int = 0

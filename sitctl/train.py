@@ -22,7 +22,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,6 +122,16 @@ def find_resume_point(config: TrainConfig, latents: Latents) -> Artifact | None:
     if artifact.inputs and artifact.inputs[0]["id"] != latents.artifact.id:
         raise SitctlError(f"cannot resume {artifact.path}: it was trained on latents {artifact.inputs[0]['path']}, not {latents.artifact.path}")
     return artifact
+
+
+def resolve_precision(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """--precision auto: bf16 autocast on CUDA (tensor cores, SDPA's flash kernels), fp32 elsewhere.
+
+    The run records the resolved value, so a checkpoint says what it was trained in.
+    """
+    if config.precision != "auto":
+        return config
+    return replace(config, precision="bf16" if device.type == "cuda" else "fp32")
 
 
 def set_precision(precision: str) -> None:
@@ -304,6 +314,7 @@ def is_log_step(run: Run, step: int) -> bool:
 def train(config: TrainConfig) -> Artifact | None:
     """Run (or resume) training; returns the last checkpoint artifact on rank 0, None elsewhere."""
     d = distributed.setup(config.device)
+    config = resolve_precision(config, d.device)
     run = None
     hint = "free space (or make it writable) and rerun with --resume"
     try:

@@ -40,6 +40,7 @@ INTENDED: dict[tuple[str, tuple[str, ...]], set[str]] = {
     # default --out is metrics/vN, no longer a folder beside the samples; default --ref: the lineage's reference
     **{(f"sitctl eval {name}", (option,)): {"help"} for name in ("fid", "is", "kid", "prc", "all")
        for option in ("--out", "--ref")},
+    ("sitctl train", ("--precision",)): {"default", "help"},  # issue 14: auto = bf16 on CUDA, fp32 on CPU
     ("sitctl eval table", ("path",)): {"default", "help"},  # default: the workspace's metrics/results.jsonl
     ("sitctl show", ("path",)): {"help"},  # also kind/vN or an id prefix
     ("sitctl verify", ("path",)): {"help"},

@@ -42,6 +42,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_latents_di
     assert [step for step, _ in list_checkpoints(tmp_path / "pieces")] == [2, 5]
 
 
+def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu_and_the_run_records_which(digits_latents_dir, tmp_path):
+    from sitctl.train import resolve_precision
+
+    config = tiny(digits_latents_dir, tmp_path / "run", steps=1)
+    assert config.precision == "auto"
+    assert resolve_precision(config, torch.device("cuda")).precision == "bf16"
+    assert resolve_precision(config, torch.device("cpu")).precision == "fp32"
+    assert resolve_precision(tiny(digits_latents_dir, tmp_path, precision="tf32"), torch.device("cuda")).precision == "tf32"
+    assert train(config).config["precision"] == "fp32"
+
+
 def test_checkpoint_links_its_latents_and_rebuilds_the_network_alone(digits_latents_dir, tmp_path):
     config = tiny(digits_latents_dir, tmp_path / "run", steps=3, ckpt_every=3, preview_every=3, preview_images=4, preview_steps=2)
     d = distributed.setup("cpu")
