@@ -37,13 +37,18 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 # ---------------------------------------------------------------------------------------------
 
 
-def per_sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample index, seeded from (seed, index) alone."""
+def per_sample_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample index on `device`, seeded from (seed, index) alone.
+
+    On a GPU the noise is then drawn where it is used: no host draw, no copy, no stall per step.
+    CPU and CUDA generators are different algorithms, so a CUDA image is not its CPU twin (a
+    sample is the same for any batch split and process count on either).
+    """
     generators = []
     for index in indices:
         # SeedSequence mixes the pair into a well-spread 63-bit seed (no collisions from seed+index).
         state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
-        generators.append(torch.Generator().manual_seed(int(state) & (2**63 - 1)))
+        generators.append(torch.Generator(device).manual_seed(int(state) & (2**63 - 1)))
     return generators
 
 

@@ -83,7 +83,7 @@ def draw_latents(source: Source, config: SampleConfig, indices: list[int], label
     from model.samplers import per_sample_generators, randn_per_sample, sample_ode, sample_sde
 
     side, channels = source.model_config.input_size, source.model_config.in_channels
-    generators = per_sample_generators(config.seed, indices)
+    generators = per_sample_generators(config.seed, indices, device)  # drawn on the sampling device
     x0 = randn_per_sample(generators, (len(indices), channels, side, side), device=device)  # (n, C, H, W)
     velocity = GuidedVelocity(
         source.net, torch.as_tensor(labels, dtype=torch.long, device=device), interp=source.interp,
