@@ -11,7 +11,8 @@ the Inception features, so a bootstrap costs no extra forward pass):
     sampler    on the best objective model: ODE heun / dopri5, SDE euler over w and over the
                diffusion forms, the guidance scale, and the number of steps.
     seeds      linear, gvp and vp with velocity (ODE), and linear with the SDE, trained again
-               with other seeds: the spread of a score from one training run to the next.
+               with other seeds: the spread of a score from one training run to the next;
+               and linear velocity trained under bf16 autocast, held against that spread.
 
 Every stage is the one the CLI runs (encode, train, eval ref, sample); only the scoring is done
 here, because the eval stage does not keep features. A finished artifact is reused and an
@@ -69,6 +70,7 @@ class ModelSpec:
     loss_weight: str = "none"
     discrete_steps: int | None = None
     seed: int | None = None  # training seed; None: the study's --seed
+    precision: str = "fp32"  # training precision (bf16: autocast, as CUDA's default)
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,11 @@ class Point:
 
 
 def model_spec(interp: str, pred: str, loss_weight: str = "none", discrete_steps: int | None = None,
-               seed: int | None = None) -> ModelSpec:
+               seed: int | None = None, precision: str = "fp32") -> ModelSpec:
     name = f"{interp}-{pred}" + ("" if loss_weight == "none" else f"-{loss_weight}") + (
-        "" if discrete_steps is None else f"-discrete{discrete_steps}") + ("" if seed is None else f"-seed{seed}")
-    return ModelSpec(name, interp, pred, loss_weight, discrete_steps, seed)
+        "" if discrete_steps is None else f"-discrete{discrete_steps}") + ("" if seed is None else f"-seed{seed}") + (
+        "" if precision == "fp32" else f"-{precision}")
+    return ModelSpec(name, interp, pred, loss_weight, discrete_steps, seed, precision)
 
 
 def ode(config: StudyConfig, method: str = "heun", steps: int | None = None) -> SamplerSpec:
@@ -153,6 +156,7 @@ def seed_points(config: StudyConfig) -> list[Point]:
     """The interpolant ordering (ODE) and the SDE's gain on linear, retrained with every training seed.
 
     The --seed model of each is ablation 2's own run (reused); each of --train-seeds trains it again.
+    Last, linear velocity trained under bf16 autocast (the CUDA default), to hold against that spread.
     """
     points = []
     for seed in (config.seed, *config.train_seeds):
@@ -161,6 +165,8 @@ def seed_points(config: StudyConfig) -> list[Point]:
             points.append(Point("seeds", f"{interp}, {pred}, seed {seed}", spec, ode(config)))
             if interp == "linear":
                 points.append(Point("seeds", f"{interp}, {pred}, seed {seed}", spec, sde(config)))
+    bf16 = model_spec("linear", "velocity", precision="bf16")
+    points += [Point("seeds", f"linear, velocity, seed {config.seed}, bf16", bf16, sampler) for sampler in (ode(config), sde(config))]
     return points
 
 
@@ -169,7 +175,8 @@ def seed_summary(config: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[s
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         model = row["point"].model
-        key = (model_spec(model.interp, model.pred, model.loss_weight, model.discrete_steps).name, row["point"].sampler.name)
+        key = (model_spec(model.interp, model.pred, model.loss_weight, model.discrete_steps, precision=model.precision).name,
+               row["point"].sampler.name)
         groups.setdefault(key, [])
         if row["scores"] is not None:
             groups[key].append(row["scores"])
@@ -234,7 +241,7 @@ def train_model(config: StudyConfig, out: Path, latents: Artifact, spec: ModelSp
     settings = TrainConfig(
         latents=str(latents.path), out=str(run), model=config.model, interp=spec.interp, pred=spec.pred,
         loss_weight=spec.loss_weight, discrete_steps=spec.discrete_steps, steps=config.train_steps,
-        global_batch=config.global_batch, lr=config.lr, ema_decay=config.ema_decay, flip=False, precision="fp32",
+        global_batch=config.global_batch, lr=config.lr, ema_decay=config.ema_decay, flip=False, precision=spec.precision,
         seed=config.seed if spec.seed is None else spec.seed, data_lanes=4, shuffle_buffer=2000, loader_workers=0,
         ckpt_every=max(1, min(500, config.train_steps)), keep_last=1, log_every=max(1, min(50, config.train_steps)),
         preview_every=0, resume=bool(found), device=config.device,

@@ -151,14 +151,15 @@ def test_sampler_plots_draw_every_scored_point_of_their_curve():
 
 def test_the_seeds_ablation_retrains_with_each_seed_and_reports_their_spread(tiny_fashion, tmp_path):
     config = dataclasses.replace(tiny_config(tiny_fashion, tmp_path / "study"), ablations=("seeds",),
-                                 models=("linear-velocity", "linear-velocity-seed7"), train_seeds=(7,))
+                                 models=("linear-velocity", "linear-velocity-seed7", "linear-velocity-bf16"), train_seeds=(7,))
     assert config.ema_decay == 0.0  # derived from the 3-step run: 1 - 10/3 clipped at 0
     result = run_study(config)
-    assert (result["points_this_sitting"], result["points_left"]) == (4, 0)  # ODE and SDE, seeds 0 and 7
+    assert (result["points_this_sitting"], result["points_left"]) == (6, 0)  # ODE and SDE: seeds 0 and 7, and bf16
     out = tmp_path / "study"
-    first, second = (open_artifact(out / "runs" / name / "step-0000003", "checkpoint")
-                     for name in ("linear-velocity", "linear-velocity-seed7"))
-    assert (first.config["seed"], second.config["seed"]) == (0, 7)
+    first, second, bf16 = (open_artifact(out / "runs" / name / "step-0000003", "checkpoint")
+                           for name in ("linear-velocity", "linear-velocity-seed7", "linear-velocity-bf16"))
+    assert (first.config["seed"], second.config["seed"], bf16.config["seed"]) == (0, 7, 0)
+    assert (first.config["precision"], bf16.config["precision"]) == ("fp32", "bf16")
     assert open_artifact(out / "points/linear-velocity-seed7/ode-heun-2-scores", "metrics").id != \
         open_artifact(out / "points/linear-velocity/ode-heun-2-scores", "metrics").id
 
@@ -167,3 +168,4 @@ def test_the_seeds_ablation_retrains_with_each_seed_and_reports_their_spread(tin
     report = (out / "REPORT.md").read_text()
     assert f"| linear-velocity | ode-heun-2 | 2 | {np.mean(fids):.2f} ± {np.std(fids, ddof=1):.2f} |" in report
     assert "| gvp-velocity | ode-heun-2 | 0 | not run yet | not run yet |" in report
+    assert "| linear-velocity-bf16 | sde-euler-3-sigma-w1-cfg1 | 1 |" in report
