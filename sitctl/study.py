@@ -636,13 +636,13 @@ def plot_sampler(rows: list[dict[str, Any]], floor: dict[str, float], out: Path,
 
 
 def plot_loss_curves(config: StudyConfig, out: Path) -> Path:
-    """Training loss against step, one panel per interpolant, one line per objective run."""
+    """Training loss against step, one panel per interpolant, one line per objective run (and linear's bf16 run)."""
     from sitctl.plots import read_metrics
 
     plt = _pyplot()
     interps = ("linear", "gvp", "vp")
     figure, axes = plt.subplots(1, len(interps), figsize=(13, 3.6), dpi=110, sharex=True)
-    specs = {p.model for p in path_points(config) + objective_points(config)}
+    specs = {p.model for p in path_points(config) + objective_points(config)} | {model_spec("linear", "velocity", precision="bf16")}
     for axis, interp in zip(axes, interps):
         for spec in sorted((s for s in specs if s.interp == interp), key=lambda s: s.name):
             log = out / "runs" / spec.name / "metrics.jsonl"
