@@ -251,6 +251,8 @@ class SampleConfig:
     """Network precision: fp32, or bf16 (autocast; the sampler's state stays fp32). With bf16 an image may differ by rounding between batch sizes."""
     compile: bool = False
     """torch.compile the network (worth it for long runs on a GPU; the first batch pays the compilation)."""
+    cuda_graphs: bool = False
+    """Replay the network as CUDA graphs (torch.compile's reduce-overhead mode; CUDA only): no launch cost per step, for small batches."""
     tf32: bool = setting(True, negatable=True)
     """TF32 matmuls on CUDA, as the reference sampler."""
 

@@ -269,3 +269,11 @@ def test_bf16_sampling_stays_close_to_fp32_and_is_recorded(pixel_run, reference,
     # bf16 keeps 8 mantissa bits in the network only; the sampler integrates in fp32.
     assert 0 < difference.max() <= 4 and difference.mean() < 0.5  # measured: max 1, mean 0.09
     assert open_artifact(out).config["precision"] == "bf16"
+
+
+def test_cuda_graphs_on_a_cpu_run_is_one_error_line_and_writes_nothing(pixel_run, tmp_path):
+    done = run_cli("sample", str(pixel_run), "--out", str(tmp_path / "s"), *CLI_ARGS, "--cuda-graphs")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --cuda-graphs needs a CUDA device; this run is on cpu (drop --cuda-graphs, or use --compile)"]
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob("*.partial"))
