@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 from sitctl import __version__
 from pipelines.files import sha256_file, write_json_atomic
-from sitctl.errors import ArtifactError
+from sitctl.errors import ArtifactError, OtherRankStopped
 
 SCHEMA_VERSION = 1
 KINDS = ("latents", "checkpoint", "samples", "reference", "metrics", "bench")
@@ -202,27 +202,38 @@ def lock_path(out: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | Path):
+def output_lock(out: str | Path, d=None):
     """Hold the lock of `out` while inside; a second writer fails at once, naming the holder.
 
     Only rank 0 of a job takes it (RANK unset means a single process), so the ranks of one
-    torchrun job do not exclude each other. The kernel drops an flock when its holder dies, so
-    a killed run never leaves a stale lock behind.
+    torchrun job do not exclude each other. Given the job's `Dist`, every rank waits for rank
+    0's answer: when the lock is refused, the other ranks stop too, before writing anything and
+    without a word (rank 0 says why), instead of dying in a collective that rank 0 never joins.
+    The kernel drops an flock when its holder dies, so a killed run never leaves a stale lock.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
-    path = lock_path(out)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = _locked_file(path, out)
-    except OSError as error:
-        raise ArtifactError(write_failure("write to", path.parent, error)) from None
+    rank = d.rank if d is not None else int(os.environ.get("RANK", "0"))
+    path, handle, refusal = lock_path(out), None, None
+    if rank == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = _locked_file(path, out)
+        except ArtifactError as error:
+            refusal = error
+        except OSError as error:
+            refusal = ArtifactError(write_failure("write to", path.parent, error))
+    if d is not None and d.active:
+        from sitctl.distributed import all_agree
+
+        if not all_agree(d, refusal is None) and refusal is None:
+            raise OtherRankStopped(f"rank 0 could not lock {out}")
+    if refusal is not None:
+        raise refusal
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
-        handle.close()
+        if handle is not None:
+            path.unlink(missing_ok=True)
+            handle.close()
 
 
 def _locked_file(path: Path, out: str | Path):

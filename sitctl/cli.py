@@ -308,7 +308,8 @@ def run_app(typer_app: typer.Typer) -> None:
     try:
         typer_app()
     except SitctlError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
+        if not getattr(error, "quiet", False):  # under torchrun, the rank that failed says why
+            typer.secho(f"error: {error}", fg="red", err=True)
         sys.exit(2)
 
 

@@ -63,6 +63,12 @@ def all_reduce_sum(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_agree(d: Dist, ok: bool) -> bool:
+    """Whether `ok` holds on every rank (a collective: every rank must call it)."""
+    refusals = torch.tensor([0.0 if ok else 1.0], device=d.device)  # on the device: NCCL needs it there
+    return all_reduce_sum(d, refusals).item() == 0.0
+
+
 def teardown(d: Dist) -> None:
     if d.active and dist.is_initialized():
         dist.destroy_process_group()

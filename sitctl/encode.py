@@ -43,7 +43,7 @@ def encode(config: EncodeConfig) -> Artifact | None:
         vae, vae_info = load_vae(config.vae, dist.device)
         if config.image_size % vae_info["downsample"]:
             raise SitctlError(f"--image-size {config.image_size} is not a multiple of the VAE's downsampling {vae_info['downsample']}")
-        with output_lock(config.out), disk_errors("write", staging_dir(config.out)):  # full or read-only disk: one line
+        with output_lock(config.out, dist), disk_errors("write", staging_dir(config.out)):  # full or read-only disk: one line
             staging = begin_artifact(config.out)
             _check_resume_settings(staging, config, record=dist.is_main)
             shards = plan_shards(len(source), config)

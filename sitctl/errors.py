@@ -27,3 +27,9 @@ class ReferenceError(SitctlError):  # noqa: A001 (a reference artifact, not Pyth
 
 class SweepError(SitctlError):
     """A sweep that cannot run as asked."""
+
+
+class OtherRankStopped(SitctlError):
+    """This rank stops because another rank of the job failed and says why; the CLI adds no line."""
+
+    quiet = True

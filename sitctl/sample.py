@@ -182,7 +182,7 @@ def sample_stage(config: SampleConfig):
         source = with_precision(open_source(config, d.device), config)
         decoder = load_decoder(source, d.device)
         # A second run on this --out stops at the lock, naming the first; a full disk is one line.
-        with output_lock(config.out), disk_errors("write samples into", staging_dir(config.out)):
+        with output_lock(config.out, d), disk_errors("write samples into", staging_dir(config.out)):
             staging = begin_artifact(config.out)
             done = prepare_staging(staging, _settings(config, source), d)
             labels = class_labels(config.num, source.model_config.num_classes, config.seed, config.labels)

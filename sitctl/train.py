@@ -318,7 +318,7 @@ def train(config: TrainConfig) -> Artifact | None:
     run = None
     hint = "free space (or make it writable) and rerun with --resume"
     try:
-        with output_lock(config.out), disk_errors("write the run", config.out, hint=hint):
+        with output_lock(config.out, d), disk_errors("write the run", config.out, hint=hint):
             run = prepare(config, d)
             train_loop(run)
         return run.last_saved if d.is_main else None

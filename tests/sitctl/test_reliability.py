@@ -489,3 +489,29 @@ def test_a_second_run_on_the_same_out_names_the_process_holding_it(pixel_run, di
     assert lock_path(tmp_path / "out").exists()  # left behind by the kill, and harmless:
     assert cli("sample", pixel_run, *SMALL_SAMPLE, "--out", tmp_path / "out", capsys=capsys)[0] == 0
     assert not lock_path(tmp_path / "out").exists()
+
+
+def test_under_torchrun_a_refused_lock_is_one_line_and_no_rank_writes(pixel_run, digits_latents_dir, tmp_path):
+    from tests.torchrun import free_port
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sitctl.artifacts import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for args in (["sample", str(pixel_run), *SMALL_SAMPLE], ["train", str(digits_latents_dir), *TRAIN_ARGS]):
+            done = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                 f"--master-port={free_port()}", "-m", "sitctl.cli", *args, "--out", str(out)],
+                capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert done.returncode != 0
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+            assert errors == [f"error: {out} is being written by sitctl process {holder.pid} on {os.uname().nodename}; "
+                              "wait for it to end or stop it, then rerun"], done.stderr
+            assert "[rank1]" not in done.stderr, done.stderr  # rank 1 stopped quietly, not in a broken collective
+            assert not staging_dir(out).exists() and not out.exists()  # and nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
