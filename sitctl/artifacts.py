@@ -195,6 +195,29 @@ def begin_artifact(out: str | Path) -> Path:
     return staging
 
 
+REQUEST_FILE = "request.json"  # in a staging dir: the command's settings, for the workspace to resume it
+
+
+def request_of(config) -> dict[str, Any]:
+    """A stage config as JSON values, without its `out`: what a rerun must repeat to continue a staging dir."""
+    from dataclasses import asdict
+
+    return {key: value for key, value in json.loads(json.dumps(asdict(config), default=str)).items() if key != "out"}
+
+
+def record_request(staging: Path, config) -> None:
+    """Note in `staging` the settings it is being made with (one writer: rank 0)."""
+    write_json_atomic(staging / REQUEST_FILE, request_of(config))
+
+
+def made_for(staging: Path, config) -> bool:
+    """Whether `staging` was begun by this same request (an unreadable note is no match)."""
+    try:
+        return json.loads((staging / REQUEST_FILE).read_text()) == request_of(config)
+    except (OSError, ValueError):
+        return False
+
+
 def lock_path(out: str | Path) -> Path:
     """The lock file of `out`: beside it, so it is neither in the staging dir nor in the artifact."""
     out = Path(os.path.abspath(out))  # out/x and /home/me/out/x are the same output
@@ -291,7 +314,7 @@ def finish_artifact(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
-    out, private = Path(out), set(private)
+    out, private = Path(out), set(private) | {REQUEST_FILE}
     files = {}
     for file in sorted(p for p in staging.rglob("*") if p.is_file()):
         name = file.relative_to(staging).as_posix()

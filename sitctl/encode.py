@@ -21,7 +21,9 @@ from pipelines.moments import latent_moments, pixels_to_tensor
 from pipelines.shards import PROGRESS_DIR, Sample, done_record, mark_done, shard_name, write_shard
 from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_items, open_source
 from sitctl import distributed
-from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, output_lock, staging_dir, write_json_atomic
+from sitctl.artifacts import (
+    Artifact, begin_artifact, disk_errors, finish_artifact, output_lock, record_request, staging_dir, write_json_atomic,
+)
 from sitctl.errors import ArtifactError, SitctlError
 from sitctl.records import LatentsInfo
 from sitctl.configs import EncodeConfig
@@ -46,6 +48,8 @@ def encode(config: EncodeConfig) -> Artifact | None:
         with output_lock(config.out, dist), disk_errors("write", staging_dir(config.out)):  # full or read-only disk: one line
             staging = begin_artifact(config.out)
             _check_resume_settings(staging, config, record=dist.is_main)
+            if dist.is_main:
+                record_request(staging, config)  # lets a rerun of the same command in a workspace resume it
             shards = plan_shards(len(source), config)
             mine = {index: items for index, items in enumerate(shards) if index % dist.world_size == dist.rank}
             encode_shards(source, mine, staging, vae, config, dist.device, show_progress=dist.is_main)

@@ -170,7 +170,9 @@ def sample_stage(config: SampleConfig):
     import torch
 
     from sitctl import distributed
-    from sitctl.artifacts import begin_artifact, disk_errors, open_artifact, output_lock, staging_dir, write_failure
+    from sitctl.artifacts import (
+        begin_artifact, disk_errors, open_artifact, output_lock, record_request, staging_dir, write_failure,
+    )
 
     d = distributed.setup(config.device)
     if d.device.type == "cuda":
@@ -185,6 +187,8 @@ def sample_stage(config: SampleConfig):
         with output_lock(config.out, d), disk_errors("write samples into", staging_dir(config.out)):
             staging = begin_artifact(config.out)
             done = prepare_staging(staging, _settings(config, source), d)
+            if d.is_main:
+                record_request(staging, config)  # lets a rerun of the same command in a workspace resume it
             labels = class_labels(config.num, source.model_config.num_classes, config.seed, config.labels)
             blocks = rank_blocks(config.num, config.batch_size, d.rank, d.world_size)
             draw_blocks(source, decoder, config, staging, blocks, labels, done, d)

@@ -11,7 +11,9 @@ in one folder per kind, each version a directory numbered from 1:
     metrics/v1                  eval (and metrics/results.jsonl, the results table)
 
 A version is never rewritten: a stage writing without `--out` takes the next number, counting
-unfinished `.vN.partial` staging directories too, so a killed run is never overwritten. Only
+unfinished `.vN.partial` staging directories too, so a killed run is never overwritten. The one
+exception is the resume: an encode or sample run again exactly as it was typed (the same
+settings, the same resolved input) continues its own interrupted version instead. Only
 finished versions (a manifest that opens; for a run, a finished checkpoint) are ever picked
 as an input. An input can be named by path, by `kind/vN`, or by a prefix of its content id.
 """
@@ -26,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sitctl.artifacts import MANIFEST, Artifact, open_artifact
+from sitctl.artifacts import MANIFEST, Artifact, made_for, open_artifact
 from sitctl.errors import ArtifactError, SitctlError
 
 MARKER = ".sitctl-workspace"
@@ -145,11 +147,14 @@ def next_version(root: Path, kind: str) -> Path:
     return folder / f"v{max(used, default=0) + 1}"
 
 
+def _unfinished_numbers(root: Path, kind: str) -> list[int]:
+    folder = root / FOLDERS[kind]
+    return [number for number, _ in _numbers(folder, PARTIAL) if not (folder / f"v{number}").exists()]
+
+
 def unfinished(root: Path, kind: str) -> list[str]:
     """Names of versions that were started and never finished (`latents/v3`), for a hint."""
-    folder = FOLDERS[kind]
-    partial = [number for number, _ in _numbers(root / folder, PARTIAL)]
-    return [f"{folder}/v{number}" for number in partial if not (root / folder / f"v{number}").exists()]
+    return [f"{FOLDERS[kind]}/v{number}" for number in _unfinished_numbers(root, kind)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,14 +327,20 @@ def _input(root: Path, name: str | None, kind: str, say: Callable[[str], None], 
     return str(path)
 
 
-def _output(root: Path, out: str | None, kind: str, say: Callable[[str], None]) -> str:
-    """`out` as given, or the workspace's next version of `kind` (the workspace is marked first)."""
+def _output(root: Path, out: str | None, kind: str, say: Callable[[str], None], request=None) -> str:
+    """`out` as given; else an interrupted version begun by this same `request` (the stage's config,
+    inputs resolved), to resume; else the workspace's next version of `kind` (the workspace is marked first)."""
     if out is not None:
         return out
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Ranks start apart and would each see a different "next" number.
         raise WorkspaceError(f"under torchrun pass --out: the ranks cannot agree on the next {FOLDERS[kind]}/vN by themselves")
     claim(root)
+    if request is not None:
+        for number in sorted(_unfinished_numbers(root, kind), reverse=True):
+            if made_for(root / FOLDERS[kind] / f".v{number}.partial", request):
+                say(f"resuming {FOLDERS[kind]}/v{number} (interrupted, begun by this same command)")
+                return str(root / FOLDERS[kind] / f"v{number}")
     path = next_version(root, kind)
     left = unfinished(root, kind)
     note = f" ({', '.join(left)} unfinished: rerun with --out {left[-1]} to resume it)" if left else ""
@@ -338,7 +349,7 @@ def _output(root: Path, out: str | None, kind: str, say: Callable[[str], None]) 
 
 
 def _encode_defaults(config, root: Path, say):
-    return replace(config, out=_output(root, config.out, "latents", say))
+    return replace(config, out=_output(root, config.out, "latents", say, request=config))
 
 
 def _train_defaults(config, root: Path, say):
@@ -361,8 +372,8 @@ def _latents_of_run(run_dir: Path) -> str | None:
 
 
 def _sample_defaults(config, root: Path, say):
-    return replace(config, checkpoint=_input(root, config.checkpoint, "checkpoint", say),
-                   out=_output(root, config.out, "samples", say))
+    config = replace(config, checkpoint=_input(root, config.checkpoint, "checkpoint", say))
+    return replace(config, out=_output(root, config.out, "samples", say, request=config))
 
 
 def _eval_defaults(config, root: Path, say):

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from sitctl.artifacts import open_artifact
 from sitctl.cli import app
 from sitctl.errors import SitctlError
 
@@ -215,8 +216,29 @@ def test_a_killed_encode_leaves_nothing_a_later_stage_picks(workspace):
     assert (workspace / "latents" / ".v1.partial").is_dir() and not (workspace / "latents" / "v1").exists()
     message = failure(*TRAIN)
     assert "no finished latents artifact" in message and "sitctl encode SRC" in message
+    # Other settings (the default shard size) start the next version and say how to resume the first.
     assert "writing latents/v2 (latents/v1 unfinished: rerun with --out latents/v1 to resume it)" in ok(*ENCODE)
     assert "using latents/v2" in ok(*TRAIN[:-2], "--steps", "2", "--device", "cpu")
+    # The killed command, typed again, continues its own version, to the bytes of a run never killed.
+    assert "resuming latents/v1 (interrupted, begun by this same command)" in ok(*ENCODE, "--shard-size", "4")
+    ok(*ENCODE, "--shard-size", "4", "--out", "straight")
+    assert open_artifact(workspace / "latents" / "v1").id == open_artifact(workspace / "straight").id
+    assert not (workspace / "latents" / "v3").exists() and not (workspace / "latents" / "v1" / "request.json").exists()
+
+
+def test_a_killed_sample_typed_again_resumes_its_version_and_other_settings_do_not(workspace):
+    from sitctl.sample import CRASH_HOOK
+
+    ok(*ENCODE)
+    ok(*TRAIN)
+    command = [*SAMPLE[:SAMPLE.index("--batch-size")], "--batch-size", "2", *SAMPLE[SAMPLE.index("--batch-size") + 2:]]
+    killed = subprocess.run([sys.executable, "-m", "sitctl.cli", *command], env={**os.environ, CRASH_HOOK: "1"},
+                            capture_output=True, text=True)
+    assert killed.returncode == 17, killed.stderr
+    assert "writing samples/v2 (samples/v1 unfinished" in ok(*command, "--w", "0.5")
+    assert "resuming samples/v1 (interrupted, begun by this same command)" in ok(*command)
+    ok(*command, "--out", "straight")
+    assert open_artifact(workspace / "samples" / "v1").id == open_artifact(workspace / "straight").id
 
 
 def test_resume_without_a_path_continues_the_latest_run_on_its_own_latents(workspace):
