@@ -298,7 +298,7 @@ _command(app, "study", "sitctl.configs", "StudyConfig", _study, doc="""Run the S
     """)
 
 
-def run_app(typer_app: typer.Typer) -> None:
+def run_app(typer_app: typer.Typer, args: list[str] | None = None, prog_name: str | None = None) -> None:
     """Run a typer app: usage errors as click reports them, SitctlError as one line; both exit 2.
 
     Standalone mode lets click print --help, usage errors and Ctrl-C itself (it vendors its own
@@ -306,7 +306,7 @@ def run_app(typer_app: typer.Typer) -> None:
     stage is one red line; anything else is a bug and keeps its traceback.
     """
     try:
-        typer_app()
+        typer_app(args=args, prog_name=prog_name)
     except SitctlError as error:
         if not getattr(error, "quiet", False):  # under torchrun, the rank that failed says why
             typer.secho(f"error: {error}", fg="red", err=True)

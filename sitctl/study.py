@@ -667,11 +667,10 @@ def study_command(config: StudyConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    """`python -m sitctl.study ARGS` is `sitctl study ARGS`."""
-    from sitctl.cli import main as cli_main
+    """`python -m sitctl.study ARGS` is `sitctl study ARGS` (and its usage line says so)."""
+    from sitctl.cli import app, run_app
 
-    sys.argv = [sys.argv[0], "study", *sys.argv[1:]]
-    cli_main()
+    run_app(app, args=["study", *sys.argv[1:]], prog_name="sitctl")
 
 
 if __name__ == "__main__":
