@@ -77,7 +77,7 @@ def test_full_disk_while_sampling_stops_in_one_line_and_the_rerun_redraws_what_w
     reference = tmp_path / "reference"
     assert cli("sample", pixel_run, "--out", reference, *SAMPLE_ARGS, capsys=capsys)[0] == 0
     disk = tmp_path / "disk"
-    with small_disk(disk, "48k") as resize:
+    with small_disk(disk, "56k") as resize:  # the lock, two settings notes and part of the images fit
         status, stderr = cli("sample", pixel_run, "--out", disk / "s", *SAMPLE_ARGS, capsys=capsys)
         assert_one_error_line(status, stderr, "No space left on device", f"disk mounted at {disk}")
         with h5py.File(next(staging_dir(disk / "s").glob("images-rank*.h5")), "r") as handle:
