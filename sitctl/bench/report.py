@@ -20,6 +20,8 @@ class BenchConfig:
     """Device; None picks CUDA when present."""
     models: tuple[tuple[str, int, str], ...] = (("SiT-S/2", 8, "fp32"), ("SiT-XS/4", 8, "fp32"))
     """(model, batch, precision) of each model-step benchmark, on 4x32x32 latents (256x256 images)."""
+    compiled_models: tuple[tuple[str, int, str], ...] = ()
+    """(model, batch, precision) benchmarked again with the network under torch.compile (warm-up compiles)."""
     model_steps: int = 4
     """Timed forward passes and train steps per model."""
     model_warmup: int = 2
@@ -58,7 +60,7 @@ class BenchConfig:
     """Side of the random images fed to the Inception."""
 
     def __post_init__(self):
-        for _, batch, precision in self.models:
+        for _, batch, precision in self.models + self.compiled_models:
             if precision not in PRECISIONS or batch < 1:
                 raise BenchError(f"model sizes need a batch of at least 1 and a precision in {PRECISIONS}, got {batch}, {precision!r}")
         counts = ("model_steps", "loader_images", "loader_batch", "encode_image_size", "encode_images", "encode_batch",
@@ -73,6 +75,7 @@ class BenchConfig:
 # Sizes for a datacenter GPU: the paper's SiT-XL/2 at the batch sizes of a real run.
 CUDA_SIZES = dict(
     models=(("SiT-XL/2", 32, "bf16"), ("SiT-XL/2", 256, "bf16"), ("SiT-XL/2", 32, "tf32"), ("SiT-B/2", 256, "bf16")),
+    compiled_models=(("SiT-XL/2", 256, "bf16"), ("SiT-B/2", 256, "bf16")),
     model_steps=10, model_warmup=3, encode_images=256, encode_vae="sd-random", encode_batch=32,
     sampling_model="SiT-XL/2", sampling_batch=64, sampling_steps=(50, 250),
     sampling_samplers=(("ode", "euler"), ("ode", "heun"), ("ode", "dopri5"), ("sde", "euler"), ("sde", "heun")),
@@ -98,8 +101,9 @@ def run_benchmarks(config: BenchConfig) -> dict[str, object]:
 
     return {
         "model": [bench_model(model, batch=batch, precision=precision, steps=config.model_steps,
-                              warmup=config.model_warmup, device=config.device)
-                  for model, batch, precision in config.models],
+                              warmup=config.model_warmup, device=config.device, compile=compiled)
+                  for models, compiled in ((config.models, False), (config.compiled_models, True))
+                  for model, batch, precision in models],
         "loader": bench_loader_rate(config.loader_latents, images=config.loader_images, batch=config.loader_batch,
                                     seconds=config.loader_seconds),
         "encode": bench_encode("synthetic", image_size=config.encode_image_size, vae=config.encode_vae,
@@ -144,7 +148,8 @@ def figure_rows(results: dict) -> list[tuple[str, str, str]]:
         mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
         # On a CPU the figure is the process's peak resident set so far, not this model's: left out.
         memory = f", peak memory {run['peak_memory_gib']:.2f} GiB" if run["device"] != "cpu" else ""
-        rows.append(("model step", f"{run['model']}, batch {run['batch']}, {run['precision']}",
+        compiled = ", compile" if run.get("compile") else ""
+        rows.append(("model step", f"{run['model']}, batch {run['batch']}, {run['precision']}{compiled}",
                      f"train step {run['train_step_ms']:.0f} ms ({_rate(run['train_images_per_s'])} img/s), "
                      f"forward {run['forward_ms']:.0f} ms, {run['train_tflops']:.3g} TFLOP/s{mfu}{memory}"))
     loader = results["loader"]

@@ -72,3 +72,24 @@ def test_bad_sizes_are_one_line_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sitctl.bench", "loader", "--latents", str(tmp_path / "none")],
                             capture_output=True, text=True, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no such artifact" in result.stderr
+
+
+def test_compiled_models_run_with_torch_compile_and_are_labelled(monkeypatch):
+    import dataclasses
+
+    import sitctl.bench.model
+    from sitctl.bench.report import figure_rows, run_benchmarks, sizes_for
+
+    assert ("SiT-XL/2", 256, "bf16") in sizes_for("cuda").compiled_models  # the XL/2 bf16 + compile row
+    calls = []
+
+    def fake_bench_model(model, *, batch, precision, compile, **_):
+        calls.append((model, compile))
+        return {"model": model, "batch": batch, "precision": precision, "compile": compile, "device": "cpu", "mfu": None,
+                "train_step_ms": 1.0, "train_images_per_s": 1.0, "forward_ms": 1.0, "train_tflops": 1.0}
+
+    monkeypatch.setattr(sitctl.bench.model, "bench_model", fake_bench_model)
+    results = run_benchmarks(dataclasses.replace(TINY, compiled_models=(("SiT-B/2", 4, "bf16"),)))
+    assert calls == [("SiT-T/4", False), ("SiT-B/2", True)]
+    settings = [setting for name, setting, _ in figure_rows(results) if name == "model step"]
+    assert settings == ["SiT-T/4, batch 2, fp32", "SiT-B/2, batch 4, bf16, compile"]
