@@ -515,6 +515,8 @@ class StudyConfig:
     """Seed of training, sampling and the bootstrap."""
     train_seeds: tuple[int, ...] = (1, 2)
     """Training seeds besides --seed that the seeds ablation trains its models with again."""
+    sample_seeds: tuple[int, ...] = (1, 2)
+    """Sample seeds besides --seed that the seeds ablation samples linear velocity with again (new noise and labels)."""
     ablations: tuple[str, ...] = ABLATIONS
     """Which ablations to run, in order."""
     models: tuple[str, ...] = ()
@@ -533,8 +535,10 @@ class StudyConfig:
             object.__setattr__(self, "ema_decay", round(min(0.9999, max(0.0, 1.0 - 10.0 / self.train_steps)), 6))
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise SitctlError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.seed in self.train_seeds or len(set(self.train_seeds)) < len(self.train_seeds):
-            raise SitctlError(f"--train-seeds must be distinct and differ from --seed {self.seed}, got {list(self.train_seeds)}")
+        for name in ("train_seeds", "sample_seeds"):
+            seeds = getattr(self, name)
+            if self.seed in seeds or len(set(seeds)) < len(seeds):
+                raise SitctlError(f"--{name.replace('_', '-')} must be distinct and differ from --seed {self.seed}, got {list(seeds)}")
         unknown = [name for name in self.ablations if name not in ABLATIONS]
         if unknown or not self.ablations:
             raise SitctlError(f"unknown ablation(s) {unknown or '(none)'}; choose from {', '.join(ABLATIONS)}")

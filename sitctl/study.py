@@ -12,7 +12,8 @@ the Inception features, so a bootstrap costs no extra forward pass):
                diffusion forms, the guidance scale, and the number of steps.
     seeds      linear, gvp and vp with velocity (ODE), and linear with the SDE, trained again
                with other seeds: the spread of a score from one training run to the next;
-               and linear velocity trained under bf16 autocast, held against that spread.
+               linear velocity sampled again with other sample seeds (the spread the bootstrap
+               stands for); and linear velocity trained under bf16 autocast.
 
 Every stage is the one the CLI runs (encode, train, eval ref, sample); only the scoring is done
 here, because the eval stage does not keep features. A finished artifact is reused and an
@@ -21,10 +22,10 @@ unfinished training run resumes, so the study runs in as many sittings as it tak
 from whatever has finished after every point.
 
 Every number has a spread: FID and KID are bootstrapped over the generated features (the
-reference is fixed), the seeds table adds the spread over training seeds, and every table
-states the real-vs-real floor: the same scores for n real training images against the same
-reference. All points draw the same noise and labels
-(one sample seed), so differences between points are not sampling noise of the seed.
+reference is fixed), the seeds table adds the spread over training seeds and over sample seeds,
+and every table states the real-vs-real floor: the same scores for n real training images
+against the same reference. All other points draw the same noise and labels (one sample seed),
+so differences between them are not sampling noise of the seed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,12 @@ class SamplerSpec:
     w: float = 1.0
     diffusion: str = "sigma"
     cfg_scale: float = 1.0
+    seed: int | None = None  # sample seed; None: the study's --seed
+
+    @property
+    def base(self) -> str:
+        """The name without its sample seed."""
+        return self.name if self.seed is None else self.name.rsplit("-seed", 1)[0]
 
     @property
     def nfe(self) -> str:
@@ -167,22 +174,38 @@ def seed_points(config: StudyConfig) -> list[Point]:
                 points.append(Point("seeds", f"{interp}, {pred}, seed {seed}", spec, sde(config)))
     bf16 = model_spec("linear", "velocity", precision="bf16")
     points += [Point("seeds", f"linear, velocity, seed {config.seed}, bf16", bf16, sampler) for sampler in (ode(config), sde(config))]
+    linear = model_spec("linear", "velocity")
+    for seed in config.sample_seeds:  # the same model, other noise and labels: the spread the bootstrap stands for
+        for sampler in (ode(config), sde(config)):
+            points.append(Point("seeds", f"linear, velocity, seed {config.seed}, sample seed {seed}", linear,
+                                replace(sampler, name=f"{sampler.name}-seed{seed}", seed=seed)))
     return points
 
 
 def seed_summary(config: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (model without its seed, sampler): FID and KID of every scored seed, their mean and sample std."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """FID and KID of every scored seed, their mean and sample std, per group of points that differ by one seed.
+
+    Training-seed groups: one (model without its seed, sampler), over --seed and --train-seeds.
+    Sample-seed groups: one (model, sampler without its seed), over --seed and --sample-seeds.
+    The --seed point of a model belongs to both.
+    """
+    sample_bases = {(row["point"].model.name, row["point"].sampler.base) for row in rows if row["point"].sampler.seed is not None}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
-        model = row["point"].model
-        key = (model_spec(model.interp, model.pred, model.loss_weight, model.discrete_steps, precision=model.precision).name,
-               row["point"].sampler.name)
-        groups.setdefault(key, [])
-        if row["scores"] is not None:
-            groups[key].append(row["scores"])
+        model, sampler = row["point"].model, row["point"].sampler
+        keys = []
+        if sampler.seed is None:
+            base = model_spec(model.interp, model.pred, model.loss_weight, model.discrete_steps, precision=model.precision)
+            keys.append((base.name, sampler.name, "training"))
+        if (model.name, sampler.base) in sample_bases:
+            keys.append((model.name, sampler.base, "sample"))
+        for key in keys:
+            groups.setdefault(key, [])
+            if row["scores"] is not None:
+                groups[key].append(row["scores"])
     summary = []
-    for (model, sampler), scores in groups.items():
-        entry: dict[str, Any] = {"model": model, "sampler": sampler, "seeds": len(scores)}
+    for (model, sampler, varied), scores in groups.items():
+        entry: dict[str, Any] = {"model": model, "sampler": sampler, "varied": varied, "seeds": len(scores)}
         for name in ("fid", "kid"):
             values = np.array([s[name] for s in scores])
             entry[name] = [float(v) for v in values]
@@ -263,7 +286,7 @@ def sample_point(config: StudyConfig, out: Path, checkpoint: Artifact, point: Po
     return _reuse(path, "samples") or _timed(out, f"sample {point.model.name} {s.name}", lambda: sample_stage(SampleConfig(
         checkpoint=str(checkpoint.path), out=str(path), mode=s.mode, method=s.method, steps=s.steps, w=s.w,
         diffusion=s.diffusion, cfg_scale=s.cfg_scale, num=config.num_samples, batch_size=config.sample_batch,
-        seed=config.seed, preview=64, device=config.device)))
+        seed=config.seed if s.seed is None else s.seed, preview=64, device=config.device)))
 
 
 # =============================================================================================
@@ -502,9 +525,9 @@ def markdown_table(rows: list[dict[str, Any]], floor: dict[str, float]) -> str:
 
 
 def seed_table(summary: list[dict[str, Any]]) -> str:
-    """Mean ± sample std over training seeds (the spread a rerun with another seed would show)."""
-    lines = ["Mean ± standard deviation over training seeds (each seed's own scores below).", "",
-             "| model | sampler | seeds scored | FID | KID x 10^3 |", "| --- | --- | --- | --- | --- |"]
+    """Mean ± sample std over training seeds (the spread a retrained model shows) or sample seeds (a redrawn one)."""
+    lines = ["Mean ± standard deviation over the seeds of each group (each point's own scores below).", "",
+             "| model | sampler | seed varied | seeds scored | FID | KID x 10^3 |", "| --- | --- | --- | --- | --- | --- |"]
     for entry in summary:
         cells = []
         for name, scale in (("fid", 1.0), ("kid", 1e3)):
@@ -514,7 +537,7 @@ def seed_table(summary: list[dict[str, Any]]) -> str:
                 cells.append(f"{entry[name + '_mean'] * scale:.2f}")
             else:
                 cells.append(f"{entry[name + '_mean'] * scale:.2f} ± {entry[name + '_sd'] * scale:.2f}")
-        lines.append(f"| {entry['model']} | {entry['sampler']} | {entry['seeds']} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {entry['model']} | {entry['sampler']} | {entry['varied']} | {entry['seeds']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 

@@ -151,10 +151,12 @@ def test_sampler_plots_draw_every_scored_point_of_their_curve():
 
 def test_the_seeds_ablation_retrains_with_each_seed_and_reports_their_spread(tiny_fashion, tmp_path):
     config = dataclasses.replace(tiny_config(tiny_fashion, tmp_path / "study"), ablations=("seeds",),
-                                 models=("linear-velocity", "linear-velocity-seed7", "linear-velocity-bf16"), train_seeds=(7,))
+                                 models=("linear-velocity", "linear-velocity-seed7", "linear-velocity-bf16"), train_seeds=(7,),
+                                 sample_seeds=(5,))
     assert config.ema_decay == 0.0  # derived from the 3-step run: 1 - 10/3 clipped at 0
     result = run_study(config)
-    assert (result["points_this_sitting"], result["points_left"]) == (6, 0)  # ODE and SDE: seeds 0 and 7, and bf16
+    # ODE and SDE each: training seeds 0 and 7, bf16, and sample seed 5 on the seed-0 model.
+    assert (result["points_this_sitting"], result["points_left"]) == (8, 0)
     out = tmp_path / "study"
     first, second, bf16 = (open_artifact(out / "runs" / name / "step-0000003", "checkpoint")
                            for name in ("linear-velocity", "linear-velocity-seed7", "linear-velocity-bf16"))
@@ -163,9 +165,15 @@ def test_the_seeds_ablation_retrains_with_each_seed_and_reports_their_spread(tin
     assert open_artifact(out / "points/linear-velocity-seed7/ode-heun-2-scores", "metrics").id != \
         open_artifact(out / "points/linear-velocity/ode-heun-2-scores", "metrics").id
 
-    fids = [json.loads((out / f"points/{run}/ode-heun-2-scores/scores.json").read_text())["fid"]
-            for run in ("linear-velocity", "linear-velocity-seed7")]
+    assert open_artifact(out / "points/linear-velocity/ode-heun-2-seed5", "samples").config["seed"] == 5
+
+    def fid(point):
+        return json.loads((out / "points" / point / "scores.json").read_text())["fid"]
+
     report = (out / "REPORT.md").read_text()
-    assert f"| linear-velocity | ode-heun-2 | 2 | {np.mean(fids):.2f} ± {np.std(fids, ddof=1):.2f} |" in report
-    assert "| gvp-velocity | ode-heun-2 | 0 | not run yet | not run yet |" in report
-    assert "| linear-velocity-bf16 | sde-euler-3-sigma-w1-cfg1 | 1 |" in report
+    for varied, points in (("training", ("linear-velocity/ode-heun-2-scores", "linear-velocity-seed7/ode-heun-2-scores")),
+                           ("sample", ("linear-velocity/ode-heun-2-scores", "linear-velocity/ode-heun-2-seed5-scores"))):
+        fids = [fid(point) for point in points]
+        assert f"| linear-velocity | ode-heun-2 | {varied} | 2 | {np.mean(fids):.2f} ± {np.std(fids, ddof=1):.2f} |" in report
+    assert "| gvp-velocity | ode-heun-2 | training | 0 | not run yet | not run yet |" in report
+    assert "| linear-velocity-bf16 | sde-euler-3-sigma-w1-cfg1 | training | 1 |" in report
