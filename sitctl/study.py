@@ -488,7 +488,7 @@ TITLES = {
     "path": "Ablation 1: from DiT to SiT",
     "objective": "Ablation 2: interpolant x prediction (ODE heun)",
     "sampler": "Ablation 3: samplers on the best model",
-    "seeds": "Training seeds: the interpolant ordering and the SDE's gain, retrained",
+    "seeds": "Seeds: the interpolant ordering and the SDE's gain, retrained and redrawn",
 }
 
 
