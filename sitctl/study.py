@@ -182,8 +182,9 @@ def seed_points(config: StudyConfig) -> list[Point]:
     return points
 
 
-def seed_summary(config: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """FID and KID of every scored seed, their mean and sample std, per group of points that differ by one seed.
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FID and KID of every scored seed (`fid_values`), their mean (`fid`, None before any) and sample
+    std (`fid_std`, None below two seeds), per group of points that differ by one seed.
 
     Training-seed groups: one (model without its seed, sampler), over --seed and --train-seeds.
     Sample-seed groups: one (model, sampler without its seed), over --seed and --sample-seeds.
@@ -208,9 +209,9 @@ def seed_summary(config: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[s
         entry: dict[str, Any] = {"model": model, "sampler": sampler, "varied": varied, "seeds": len(scores)}
         for name in ("fid", "kid"):
             values = np.array([s[name] for s in scores])
-            entry[name] = [float(v) for v in values]
-            entry[name + "_mean"] = float(values.mean()) if len(values) else None
-            entry[name + "_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
+            entry[name + "_values"] = [float(v) for v in values]
+            entry[name] = float(values.mean()) if len(values) else None
+            entry[name + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
         summary.append(entry)
     return summary
 
@@ -505,9 +506,11 @@ def cached_floor(config: StudyConfig, out: Path) -> dict[str, float]:
 
 
 def _cell(scores: dict | None, name: str, scale: float = 1.0) -> str:
-    if scores is None:
+    """"value ± std", the value alone when there is no std, or "not run yet"."""
+    if scores is None or scores[name] is None:
         return "not run yet"
-    return f"{scores[name] * scale:.2f} ± {scores[name + '_std'] * scale:.2f}"
+    std = scores.get(name + "_std")
+    return f"{scores[name] * scale:.2f}" + ("" if std is None else f" ± {std * scale:.2f}")
 
 
 def floor_line(floor: dict[str, float]) -> str:
@@ -529,15 +532,8 @@ def seed_table(summary: list[dict[str, Any]]) -> str:
     lines = ["Mean ± standard deviation over the seeds of each group (each point's own scores below).", "",
              "| model | sampler | seed varied | seeds scored | FID | KID x 10^3 |", "| --- | --- | --- | --- | --- | --- |"]
     for entry in summary:
-        cells = []
-        for name, scale in (("fid", 1.0), ("kid", 1e3)):
-            if entry[name + "_mean"] is None:
-                cells.append("not run yet")
-            elif entry[name + "_sd"] is None:
-                cells.append(f"{entry[name + '_mean'] * scale:.2f}")
-            else:
-                cells.append(f"{entry[name + '_mean'] * scale:.2f} ± {entry[name + '_sd'] * scale:.2f}")
-        lines.append(f"| {entry['model']} | {entry['sampler']} | {entry['varied']} | {entry['seeds']} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {entry['model']} | {entry['sampler']} | {entry['varied']} | {entry['seeds']} "
+                     f"| {_cell(entry, 'fid')} | {_cell(entry, 'kid', 1e3)} |")
     return "\n".join(lines)
 
 
@@ -559,7 +555,7 @@ def write_report(config: StudyConfig, out: Path) -> dict[str, Any]:
             sections += [f"## {TITLES[ablation]} (model: {best.name})", ""]
         elif ablation == "seeds":
             rows = collect(config, out, seed_points(config))
-            sections += [f"## {TITLES[ablation]}", "", seed_table(seed_summary(config, rows)), ""]
+            sections += [f"## {TITLES[ablation]}", "", seed_table(seed_summary(rows)), ""]
         else:
             rows = collect(config, out, path_points(config) if ablation == "path" else objective_points(config))
             sections += [f"## {TITLES[ablation]}", ""]
