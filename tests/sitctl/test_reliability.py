@@ -492,7 +492,7 @@ def test_a_second_run_on_the_same_out_names_the_process_holding_it(pixel_run, di
 
 
 def test_under_torchrun_a_refused_lock_is_one_line_and_no_rank_writes(pixel_run, digits_latents_dir, tmp_path):
-    from tests.torchrun import free_port
+    from tests.torchrun import torchrun
 
     out = tmp_path / "out"
     holder = subprocess.Popen(
@@ -502,10 +502,7 @@ def test_under_torchrun_a_refused_lock_is_one_line_and_no_rank_writes(pixel_run,
     try:
         assert holder.stdout.readline().strip() == "locked"
         for args in (["sample", str(pixel_run), *SMALL_SAMPLE], ["train", str(digits_latents_dir), *TRAIN_ARGS]):
-            done = subprocess.run(
-                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                 f"--master-port={free_port()}", "-m", "sitctl.cli", *args, "--out", str(out)],
-                capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            done = torchrun(["-m", "sitctl.cli", *args, "--out", str(out)], check=False)
             assert done.returncode != 0
             errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
             assert errors == [f"error: {out} is being written by sitctl process {holder.pid} on {os.uname().nodename}; "
