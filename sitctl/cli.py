@@ -78,7 +78,7 @@ def _say(line: str) -> None:
 
 def _with_defaults(config):
     """Missing inputs and --out filled from the workspace (sitctl/workspace.py), in one place."""
-    from sitctl.workspace import with_defaults
+    from sitctl.defaults import with_defaults
 
     return with_defaults(config, say=_say)
 

@@ -683,14 +683,3 @@ def plot_loss_curves(config: StudyConfig, out: Path) -> Path:
 def study_command(config: StudyConfig) -> dict[str, Any]:
     """What `sitctl study` runs: the study, or only its report (--report-only)."""
     return write_report(config, Path(config.out)) if config.report_only else run_study(config)
-
-
-def main() -> None:
-    """`python -m sitctl.study ARGS` is `sitctl study ARGS` (and its usage line says so)."""
-    from sitctl.cli import app, run_app
-
-    run_app(app, args=["study", *sys.argv[1:]], prog_name="sitctl")
-
-
-if __name__ == "__main__":
-    main()

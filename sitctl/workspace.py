@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from sitctl.artifacts import MANIFEST, Artifact, made_for, open_artifact
+from sitctl.artifacts import MANIFEST, Artifact, open_artifact
+from sitctl.checkpoint import list_checkpoints
 from sitctl.errors import ArtifactError, SitctlError
 
 MARKER = ".sitctl-workspace"
@@ -97,11 +97,9 @@ def _numbers(folder: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _open_version(kind: str, path: Path) -> Artifact | None:
+def open_version(kind: str, path: Path) -> Artifact | None:
     """The finished artifact of a version directory, or None (unfinished, failed or foreign)."""
     if kind == "checkpoint":
-        from sitctl.checkpoint import list_checkpoints
-
         found = list_checkpoints(path)
         path = found[-1][1] if found else path
     if not (path / MANIFEST).is_file():
@@ -117,7 +115,7 @@ def finished_versions(root: Path, kind: str) -> list[Version]:
     folder = FOLDERS[kind]
     found = []
     for number, path in _numbers(root / folder, VERSION):
-        artifact = _open_version(kind, path)
+        artifact = open_version(kind, path)
         if artifact is not None:
             found.append(Version(f"{folder}/v{number}", number, path, artifact))
     return found
@@ -147,14 +145,14 @@ def next_version(root: Path, kind: str) -> Path:
     return folder / f"v{max(used, default=0) + 1}"
 
 
-def _unfinished_numbers(root: Path, kind: str) -> list[int]:
+def unfinished_numbers(root: Path, kind: str) -> list[int]:
     folder = root / FOLDERS[kind]
     return [number for number, _ in _numbers(folder, PARTIAL) if not (folder / f"v{number}").exists()]
 
 
 def unfinished(root: Path, kind: str) -> list[str]:
     """Names of versions that were started and never finished (`latents/v3`), for a hint."""
-    return [f"{FOLDERS[kind]}/v{number}" for number in _unfinished_numbers(root, kind)]
+    return [f"{FOLDERS[kind]}/v{number}" for number in unfinished_numbers(root, kind)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +191,6 @@ def _by_id(prefix: str, kinds: tuple[str, ...], root: Path) -> Path:
 
 def all_artifacts(root: Path, kinds: tuple[str, ...] = tuple(FOLDERS)) -> Iterator[tuple[str, Artifact]]:
     """(name, artifact) of every finished artifact of `kinds`, every checkpoint of every run included."""
-    from sitctl.checkpoint import list_checkpoints
-
     for kind in kinds:
         folder = FOLDERS[kind]
         for number, path in _numbers(root / folder, VERSION):
@@ -294,122 +290,6 @@ def age(artifact: Artifact, now: datetime.datetime | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage defaults: fill a config's missing inputs and outputs from the workspace
-# ---------------------------------------------------------------------------------------------
-
-
-def with_defaults(config, say: Callable[[str], None] = print, root: Path | None = None):
-    """`config` with every missing input (the latest finished artifact of its kind), named input
-    (`kind/vN`, id prefix) and missing --out (the next version) filled in; each choice said in one line."""
-    from sitctl import configs
-
-    fill = {configs.EncodeConfig: _encode_defaults, configs.TrainConfig: _train_defaults,
-            configs.SampleConfig: _sample_defaults, configs.EvalConfig: _eval_defaults,
-            configs.ReferenceConfig: _reference_defaults, configs.SweepConfig: _sweep_defaults}[type(config)]
-    return fill(config, root or find_root(), say)
-
-
-def _input(root: Path, name: str | None, kind: str, say: Callable[[str], None], *, chosen: bool = False) -> str:
-    """The path of a stage's input: the latest finished `kind` when not given, else `name` resolved.
-
-    chosen: `name` was picked here, not typed, so it is said even when it is a plain path."""
-    if name is None:
-        version = latest(root, kind)
-        path, label = version.artifact.path, version.name
-    else:
-        path = resolve(name, (kind,), root)
-        if path == Path(name) and not chosen:
-            return name  # an explicit path: used exactly as typed
-        label = name_of(path, root)
-    artifact = _open_version(kind, path) if kind == "checkpoint" else None
-    artifact = artifact or (open_artifact(path, kind) if (path / MANIFEST).is_file() else None)
-    say(f"using {label} ({facts(artifact)})" if artifact is not None else f"using {label}")
-    return str(path)
-
-
-def _output(root: Path, out: str | None, kind: str, say: Callable[[str], None], request=None) -> str:
-    """`out` as given; else an interrupted version begun by this same `request` (the stage's config,
-    inputs resolved), to resume; else the workspace's next version of `kind` (the workspace is marked first)."""
-    if out is not None:
-        return out
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Ranks start apart and would each see a different "next" number.
-        raise WorkspaceError(f"under torchrun pass --out: the ranks cannot agree on the next {FOLDERS[kind]}/vN by themselves")
-    claim(root)
-    if request is not None:
-        for number in sorted(_unfinished_numbers(root, kind), reverse=True):
-            if made_for(root / FOLDERS[kind] / f".v{number}.partial", request):
-                say(f"resuming {FOLDERS[kind]}/v{number} (interrupted, begun by this same command)")
-                return str(root / FOLDERS[kind] / f"v{number}")
-    path = next_version(root, kind)
-    left = unfinished(root, kind)
-    note = f" ({', '.join(left)} unfinished: rerun with --out {left[-1]} to resume it)" if left else ""
-    say(f"writing {FOLDERS[kind]}/{path.name}{note}")
-    return str(path)
-
-
-def _encode_defaults(config, root: Path, say):
-    return replace(config, out=_output(root, config.out, "latents", say, request=config))
-
-
-def _train_defaults(config, root: Path, say):
-    out, latents = config.out, config.latents
-    if config.resume and out is None:
-        out = str(latest_run_dir(root))
-        say(f"resuming {name_of(out, root)}")
-    chosen = config.resume and latents is None and out is not None
-    if chosen:
-        latents = _latents_of_run(Path(out))  # a resumed run continues on its own latents
-    return replace(config, latents=_input(root, latents, "latents", say, chosen=chosen),
-                   out=_output(root, out, "checkpoint", say))
-
-
-def _latents_of_run(run_dir: Path) -> str | None:
-    """The latents path the run's newest checkpoint was trained on, if it still exists."""
-    checkpoint = _open_version("checkpoint", run_dir)
-    path = checkpoint.inputs[0]["path"] if checkpoint is not None and checkpoint.inputs else None
-    return path if path is not None and Path(path).is_dir() else None
-
-
-def _sample_defaults(config, root: Path, say):
-    config = replace(config, checkpoint=_input(root, config.checkpoint, "checkpoint", say))
-    return replace(config, out=_output(root, config.out, "samples", say, request=config))
-
-
-def _eval_defaults(config, root: Path, say):
-    from sitctl.evaluate import auto_reference
-    from sitctl.evaluate.registry import NEEDS_REFERENCE
-
-    samples = _input(root, config.samples, "samples", say)
-    ref = config.ref
-    if ref is not None:
-        ref = str(resolve(ref, ("reference",), root))
-        auto_reference.check_matches(open_artifact(samples, "samples"), ref)
-    elif any(metric in NEEDS_REFERENCE for metric in config.metrics):
-        ref = str(auto_reference.reference_for(open_artifact(samples, "samples"), root, config, say))
-    out = config.out
-    if out is not None or version_name(samples, root) is not None:
-        out = _output(root, out, "metrics", say)
-    # else: samples outside the workspace keep the stage's default, a folder beside them (as before)
-    return replace(config, samples=samples, ref=ref, out=out)
-
-
-def _reference_defaults(config, root: Path, say):
-    return replace(config, out=_output(root, config.out, "reference", say))
-
-
-def _sweep_defaults(config, root: Path, say):
-    from sitctl.checkpoint import latest_checkpoint
-    from sitctl.evaluate import auto_reference
-
-    run = str(resolve(config.run, ("checkpoint",), root))
-    ref = str(resolve(config.ref, ("reference",), root)) if config.ref is not None else None
-    if ref is None:
-        ref = str(auto_reference.reference_for(latest_checkpoint(run), root, config, say))
-    return replace(config, run=run, ref=ref)
-
-
-# ---------------------------------------------------------------------------------------------
 # `sitctl ls`
 # ---------------------------------------------------------------------------------------------
 
@@ -454,7 +334,7 @@ def _raw_source(artifact: Artifact) -> str:
 def resolve_any(name: str, root: Path | None = None) -> Path:
     """What `show`/`verify` open for a name: as `resolve`, with a run directory standing for its newest checkpoint."""
     path = resolve(name, tuple(FOLDERS), root)
-    newest = None if (path / MANIFEST).is_file() else _open_version("checkpoint", path)
+    newest = None if (path / MANIFEST).is_file() else open_version("checkpoint", path)
     return newest.path if newest is not None else path
 
 

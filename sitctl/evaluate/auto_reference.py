@@ -23,9 +23,12 @@ from typing import Callable
 
 import numpy as np
 
+from pipelines.sources import open_source
 from sitctl.artifacts import Artifact, ancestor, open_artifact
 from sitctl.configs import EvalConfig, ReferenceConfig
 from sitctl.errors import ReferenceError
+from sitctl.evaluate.reference import build_reference
+from sitctl.workspace import claim, facts, finished_versions, name_of, next_version
 
 MAX_REFERENCE_IMAGES = 10_000  # FID-10K against real images: stable to about 0.1 at ImageNet scale
 REFERENCE_SEED = 0
@@ -86,8 +89,6 @@ def check_matches(samples: Artifact, reference_path: str | Path) -> None:
 
 def matching_reference(root: Path, source: str, image_size: int) -> Artifact | None:
     """The newest finished reference in the workspace made from `source` at `image_size`."""
-    from sitctl.workspace import finished_versions
-
     found = [version.artifact for version in finished_versions(root, "reference")
              if version.artifact.extra["image_size"] == image_size and same_source(reference_source(version.artifact), source)]
     return found[-1] if found else None
@@ -95,8 +96,6 @@ def matching_reference(root: Path, source: str, image_size: int) -> Artifact | N
 
 def reference_for(artifact: Artifact, root: Path, config: EvalConfig, say: Callable[[str], None]) -> Path:
     """The path of the workspace reference matching `artifact`'s lineage, built now if there is none."""
-    from sitctl.workspace import facts, name_of
-
     lineage = lineage_source(artifact)
     if lineage is None:
         raise ReferenceError(f"the source images behind {artifact.path} are unknown (a published .pt file, or its latents "
@@ -111,10 +110,6 @@ def reference_for(artifact: Artifact, root: Path, config: EvalConfig, say: Calla
 
 def build_auto_reference(root: Path, source: str, image_size: int, config: EvalConfig, say: Callable[[str], None]) -> Artifact:
     """Build `references/vN` from `source` (at most MAX_REFERENCE_IMAGES images) with build_reference."""
-    from pipelines.sources import open_source
-    from sitctl.evaluate.reference import build_reference
-    from sitctl.workspace import claim, next_version
-
     claim(root)
     out = next_version(root, "reference")
     say(f"building {out.parent.name}/{out.name} from {source} (at most {MAX_REFERENCE_IMAGES:,} images, once)")

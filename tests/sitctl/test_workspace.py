@@ -157,7 +157,7 @@ def test_each_stage_records_the_version_before_it_as_its_input(chain):
 
 def test_the_automatic_reference_matches_the_lineage_and_is_reused(chain, monkeypatch):
     from sitctl.configs import EvalConfig
-    from sitctl.workspace import with_defaults
+    from sitctl.defaults import with_defaults
 
     root, _ = chain
     reference = json.loads((root / "references" / "v1" / "manifest.json").read_text())
@@ -333,7 +333,8 @@ def test_a_user_error_is_one_line_and_exit_2(workspace):
 
 def test_under_torchrun_a_missing_out_is_refused_not_guessed(workspace, monkeypatch):
     from sitctl.configs import EncodeConfig
-    from sitctl.workspace import WorkspaceError, with_defaults
+    from sitctl.defaults import with_defaults
+    from sitctl.workspace import WorkspaceError
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # each rank would count versions on its own and pick apart
     with pytest.raises(WorkspaceError, match="under torchrun pass --out"):
