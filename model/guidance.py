@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.interpolants import Interpolant, expand_like, interpolant
+from model.interpolants import Interpolant, expand_like
 from model.objectives import prediction_to_velocity
 
 
@@ -24,11 +24,11 @@ class GuidedVelocity:
     With cfg_scale == 1, or no sample inside the interval, only the conditional half is run.
     """
 
-    def __init__(self, net: nn.Module, y: Tensor, *, interp: str | Interpolant, pred: str, cfg_scale: float,
+    def __init__(self, net: nn.Module, y: Tensor, *, interp: Interpolant, pred: str, cfg_scale: float,
                  null_class: int, interval: tuple[float, float] = (0.0, 1.0), guided_channels: int | None = None):
         self.net = net
         self.y = y  # (N,) class labels
-        self.interp = interpolant(interp)
+        self.interp = interp
         self.pred = pred
         self.cfg_scale = float(cfg_scale)
         self.null_class = int(null_class)

@@ -29,7 +29,6 @@ from model.interpolants import (
     NAMES as INTERPOLANTS,
     Interpolant,
     expand_like,
-    interpolant,
     interpolate,
     noise_to_velocity,
     score_to_velocity,
@@ -43,13 +42,6 @@ def _velocity_itself(interp: Interpolant, output: Tensor, x: Tensor, t: Tensor) 
 # What the network predicts -> the conversion of its output to a velocity (model.interpolants).
 PREDICTIONS = {"velocity": _velocity_itself, "score": score_to_velocity, "noise": noise_to_velocity}
 WEIGHTS = ("none", "velocity", "likelihood")
-
-
-def default_eps(interp_name: str | Interpolant, pred: str) -> tuple[float, float]:
-    """(train_eps, sample_eps) as the reference's create_transport: a property of the interpolant."""
-    interp = interpolant(interp_name)
-    check_objective(interp.name, pred, "none")
-    return interp.default_eps(pred)
 
 
 def check_objective(interp_name: str, pred: str, weight: str) -> None:
@@ -70,11 +62,11 @@ def score_coefficient(interp: Interpolant, t: Tensor) -> Tensor:
     return interp.d_alpha(t) / alpha * sigma**2 - sigma * interp.d_sigma(t)
 
 
-def prediction_to_velocity(output: Tensor, x: Tensor, t: Tensor, *, interp: str | Interpolant, pred: str) -> Tensor:
-    """Turn a network output at (x, t), t of shape (N,), into the velocity it implies."""
-    if pred not in PREDICTIONS:
-        raise SitctlError(f"unknown prediction {pred!r}; choose one of {', '.join(PREDICTIONS)}")
-    return PREDICTIONS[pred](interpolant(interp), output, x, t)
+def prediction_to_velocity(output: Tensor, x: Tensor, t: Tensor, *, interp: Interpolant, pred: str) -> Tensor:
+    """Turn a network output at (x, t), t of shape (N,), into the velocity it implies.
+
+    `pred` was checked where it was read (check_objective), so it is a key of PREDICTIONS here."""
+    return PREDICTIONS[pred](interp, output, x, t)
 
 
 def times_from_uniform(u: Tensor, *, train_eps: float, discrete_steps: int | None = None) -> Tensor:
@@ -101,17 +93,16 @@ def sample_times(n: int, *, train_eps: float, discrete_steps: int | None = None,
 
 
 def training_loss(net: Callable[[Tensor, Tensor, Tensor], Tensor], x1: Tensor, y: Tensor, *,
-                  interp: str | Interpolant, pred: str = "velocity", weight: str = "none",
+                  interp: Interpolant, pred: str = "velocity", weight: str = "none",
                   train_eps: float | None = None, discrete_steps: int | None = None, t: Tensor | None = None,
                   x0: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Per-sample loss (N,) of net(x_t, t, y) at data x1 (N, ...); t and x0 drawn if not given.
 
-    train_eps defaults to default_eps(interp, pred)[0]. Averaged over all non-batch dimensions.
+    train_eps defaults to interp.default_eps(pred)[0]. Averaged over all non-batch dimensions.
+    The names pred and weight were checked once where they were read (check_objective), not per call.
     """
-    interp = interpolant(interp)
-    check_objective(interp.name, pred, weight)
     if train_eps is None:
-        train_eps = default_eps(interp.name, pred)[0]
+        train_eps = interp.default_eps(pred)[0]
     if t is None:
         t = sample_times(x1.shape[0], train_eps=train_eps, discrete_steps=discrete_steps,
                          generator=generator, device=x1.device).to(x1.dtype)

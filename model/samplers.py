@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.interpolants import Interpolant, expand_like, interpolant, velocity_to_score
+from model.interpolants import Interpolant, expand_like, velocity_to_score
 from model.objectives import score_coefficient
 from model.errors import SitctlError
 
@@ -324,7 +324,7 @@ def sde_last_step(velocity: Velocity, x: Tensor, t: float, *, interp: Interpolan
     return (x + sigma**2 * velocity_to_score(interp, v, x, time)) / alpha
 
 
-def sample_sde(velocity: Velocity, x0: Tensor, *, interp: str | Interpolant, method: str = "euler",
+def sample_sde(velocity: Velocity, x0: Tensor, *, interp: Interpolant, method: str = "euler",
                steps: int = 250, diffusion: str = "sigma", w: float = 1.0, last_step: str = "mean",
                last_step_size: float = 0.04, generator: Generators = None, sample_eps: float = 0.0,
                stats: dict | None = None) -> Tensor:
@@ -335,7 +335,6 @@ def sample_sde(velocity: Velocity, x0: Tensor, *, interp: str | Interpolant, met
     last_step="none", `steps` solver steps to 1 - sample_eps. "SBDM" is infinite at t = 0 for
     linear and gvp (alpha = 0), so it starts at max(sample_eps, 1e-3), as the reference's eps.
     """
-    interp = interpolant(interp)
     _check_choice(method, SDE_METHODS, "SDE method")
     _check_choice(diffusion, DIFFUSIONS, "diffusion form")
     _check_choice(last_step, LAST_STEPS, "last step")

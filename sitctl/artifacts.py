@@ -35,6 +35,7 @@ from sitctl.errors import ArtifactError, OtherRankStopped
 SCHEMA_VERSION = 1
 KINDS = ("latents", "checkpoint", "samples", "reference", "metrics", "bench")
 MANIFEST = "manifest.json"
+STAGING_SUFFIX = ".partial"  # `.NAME.partial` beside NAME: where an artifact is made before it is published
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,17 @@ class Artifact:
 def staging_dir(out: str | Path) -> Path:
     """The deterministic staging directory of `out`, so a rerun can resume into it."""
     out = Path(out)
-    return out.parent / f".{out.name}.partial"
+    return out.parent / f".{out.name}{STAGING_SUFFIX}"
+
+
+def staging_pattern(name: str) -> str:
+    """A regular expression matching the staging directory names of outputs named by `name` (a regex)."""
+    return rf"^\.{name}{re.escape(STAGING_SUFFIX)}$"
+
+
+def is_finished(path: str | Path) -> bool:
+    """Whether `path` holds a finished artifact (its manifest is written last)."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def open_artifact(path: str | Path, kind: str | Iterable[str] | None = None) -> Artifact:
@@ -196,26 +207,6 @@ def begin_artifact(out: str | Path) -> Path:
 
 
 REQUEST_FILE = "request.json"  # in a staging dir: the command's settings, for the workspace to resume it
-
-
-def request_of(config) -> dict[str, Any]:
-    """A stage config as JSON values, without its `out`: what a rerun must repeat to continue a staging dir."""
-    from dataclasses import asdict
-
-    return {key: value for key, value in json.loads(json.dumps(asdict(config), default=str)).items() if key != "out"}
-
-
-def record_request(staging: Path, config) -> None:
-    """Note in `staging` the settings it is being made with (one writer: rank 0)."""
-    write_json_atomic(staging / REQUEST_FILE, request_of(config))
-
-
-def made_for(staging: Path, config) -> bool:
-    """Whether `staging` was begun by this same request (an unreadable note is no match)."""
-    try:
-        return json.loads((staging / REQUEST_FILE).read_text()) == request_of(config)
-    except (OSError, ValueError):
-        return False
 
 
 def lock_path(out: str | Path) -> Path:

@@ -30,8 +30,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, open_artifact, staging_dir
+from model.configs import SiTConfig
+from model.interpolants import NAMES
+from model.network import SiT, load_state_dict_checked
+from model.objectives import PREDICTIONS
+from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, is_finished, open_artifact, staging_dir
 from sitctl.errors import ArtifactError
+from sitctl.records import CheckpointInfo
 
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
@@ -46,7 +51,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for path in run_dir.iterdir() if run_dir.is_dir() else ():
         match = STEP_DIR.match(path.name)
-        if match and (path / "manifest.json").is_file():
+        if match and is_finished(path):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -54,7 +59,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(path: str | Path) -> Artifact:
     """The checkpoint artifact at `path`, or the newest one in the run directory `path`."""
     path = Path(path)
-    if (path / "manifest.json").is_file():
+    if is_finished(path):
         return open_artifact(path, "checkpoint")
     found = list_checkpoints(path)
     if not found:
@@ -205,18 +210,14 @@ def _restore_rng(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None
 
 def checked_model_config(artifact: Artifact):
     """The SiTConfig a checkpoint records, after checking that what stages read from it makes sense."""
-    from model.configs import SiTConfig
-    from model.interpolants import NAMES
-    from model.objectives import PREDICTIONS
-
-    extra = artifact.extra
-    for key, allowed in (("interp", NAMES), ("pred", PREDICTIONS)):
-        if extra.get(key) not in allowed:
-            raise ArtifactError(f"{artifact.path}: checkpoint manifest has {key}={extra.get(key)!r}, not one of {', '.join(allowed)}")
-    if not isinstance(extra.get("model_config"), dict):
-        raise ArtifactError(f"{artifact.path}: checkpoint manifest lacks model_config")
+    info = CheckpointInfo.from_artifact(artifact)  # one line if a field is missing
+    for key, value, allowed in (("interp", info.interp, NAMES), ("pred", info.pred, PREDICTIONS)):
+        if value not in allowed:
+            raise ArtifactError(f"{artifact.path}: checkpoint manifest has {key}={value!r}, not one of {', '.join(allowed)}")
+    if not isinstance(info.model_config, dict):
+        raise ArtifactError(f"{artifact.path}: checkpoint manifest's model_config is not a mapping")
     try:
-        return SiTConfig(**extra["model_config"])
+        return SiTConfig(**info.model_config)
     except (TypeError, ValueError) as error:  # unknown or missing fields, or values the config refuses
         raise ArtifactError(f"{artifact.path}: checkpoint manifest's model_config is not valid: {error}") from None
 
@@ -226,12 +227,10 @@ def load_network(artifact: Artifact | str | Path, *, ema: bool = True, device: s
 
     Returns (net in eval mode on `device`, SiTConfig).
     """
-    from model.network import SiT, load_state_dict_checked
-
     if not isinstance(artifact, Artifact):
         artifact = latest_checkpoint(artifact)
     config = checked_model_config(artifact)
     net = SiT(config)
     weights = load_tensors(artifact, "ema.safetensors" if ema else "model.safetensors")
-    load_state_dict_checked(net, weights, artifact.extra.get("model", "checkpoint"))
+    load_state_dict_checked(net, weights, CheckpointInfo.from_artifact(artifact).model)
     return net.to(device).eval(), config

@@ -7,17 +7,16 @@ as one line on stderr with exit status 2; anything else is a bug and keeps its t
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from typing import Any, Callable
 
 import typer
 
-from sitctl import __version__
+from sitctl import __version__, configs
 from sitctl.errors import SitctlError
 from sitctl.evaluate.registry import ALL_WITH_REFERENCE, REGISTRY
-from sitctl.options import config_command
+from sitctl.options import config_command, given_fields
 
 app = typer.Typer(
     name="sitctl",
@@ -54,10 +53,9 @@ def _main(
 # ---------------------------------------------------------------------------------------------
 
 
-def _command(typer_app: typer.Typer, command: str, module: str, config: str, report: Callable[[Any], None],
+def _command(typer_app: typer.Typer, command: str, config_class: type, report: Callable[[Any], None],
              doc: str, **options: Any) -> None:
-    """Register `command`: its options come from the config dataclass `module.config` (declared once there)."""
-    config_class = getattr(importlib.import_module(module), config)
+    """Register `command`: its options come from the config dataclass (declared once there)."""
     typer_app.command(command)(config_command(config_class, report, doc=doc, **options))
 
 
@@ -77,22 +75,25 @@ def _say(line: str) -> None:
 
 
 def _with_defaults(config):
-    """Missing inputs and --out filled from the workspace (sitctl/workspace.py), in one place."""
+    """Missing inputs and --out filled from the workspace (sitctl/defaults.py), in one place; a
+    command that continues something takes every setting it was not given from what it continues."""
     from sitctl.defaults import with_defaults
 
-    return with_defaults(config, say=_say)
+    return with_defaults(config, say=_say, given=given_fields(type(config)))
 
 
 def _encode(config) -> None:
     from sitctl.encode import encode
 
+    from sitctl.records import LatentsInfo
+
     artifact = encode(_with_defaults(config))
     if artifact is not None:
-        extra = artifact.extra
-        typer.echo(f"wrote {artifact.path}: {extra['num_samples']} samples in {len(extra['shards'])} shards, {extra['num_errors']} skipped")
+        info = LatentsInfo.from_artifact(artifact)
+        typer.echo(f"wrote {artifact.path}: {info.num_samples} samples in {len(info.shards)} shards, {info.num_errors} skipped")
 
 
-_command(app, "encode", "sitctl.configs", "EncodeConfig", _encode, doc="""Encode images into a latents artifact: VAE moments of each image and its flip, in WebDataset shards.
+_command(app, "encode", configs.EncodeConfig, _encode, doc="""Encode images into a latents artifact: VAE moments of each image and its flip, in WebDataset shards.
 
     Runs as one process or under torchrun (shard i goes to rank i % world); rerunning after a crash
     resumes from the complete shards.
@@ -147,14 +148,15 @@ def list_workspace() -> None:
 
 
 def _train(config) -> None:
+    from sitctl.records import CheckpointInfo
     from sitctl.train import train
 
     artifact = train(_with_defaults(config))
     if artifact is not None:
-        typer.echo(f"checkpoint {artifact.path} (step {artifact.extra['step']})")
+        typer.echo(f"checkpoint {artifact.path} (step {CheckpointInfo.from_artifact(artifact).step})")
 
 
-_command(app, "train", "sitctl.configs", "TrainConfig", _train, doc="""Train a SiT on a latents artifact, as one process or under torchrun; checkpoints are artifacts.
+_command(app, "train", configs.TrainConfig, _train, doc="""Train a SiT on a latents artifact, as one process or under torchrun; checkpoints are artifacts.
 
     SIGTERM or Ctrl-C saves a checkpoint and exits; rerun with --resume to continue exactly.
     """)
@@ -166,15 +168,16 @@ _command(app, "train", "sitctl.configs", "TrainConfig", _train, doc="""Train a S
 
 
 def _sample(config) -> None:
+    from sitctl.records import SamplesInfo
     from sitctl.sample import sample_stage
 
     artifact = sample_stage(_with_defaults(config))
     if _main_rank():
-        extra = artifact.extra
-        typer.echo(f"wrote {artifact.path}: {extra['num_samples']} images of {extra['image_size']}px ({artifact.id})")
+        info = SamplesInfo.from_artifact(artifact)
+        typer.echo(f"wrote {artifact.path}: {info.num_samples} images of {info.image_size}px ({artifact.id})")
 
 
-_command(app, "sample", "sitctl.configs", "SampleConfig", _sample, doc="""Draw images from a checkpoint into a samples artifact (one process or under torchrun).
+_command(app, "sample", configs.SampleConfig, _sample, doc="""Draw images from a checkpoint into a samples artifact (one process or under torchrun).
 
     Defaults are the paper's: SDE Euler-Maruyama, 250 steps, diffusion sigma, w 1, last step mean
     0.04; ODE dopri5 with atol 1e-6, rtol 1e-3; EMA weights; no guidance. Image i is the same on
@@ -196,28 +199,30 @@ app.add_typer(eval_app, name="eval")
 
 def _evaluate(config) -> None:
     from sitctl.evaluate.stage import evaluate_stage
+    from sitctl.records import MetricsInfo
 
-    artifact = evaluate_stage(_with_defaults(config))
-    for name, value in artifact.extra["values"].items():
+    info = MetricsInfo.from_artifact(artifact := evaluate_stage(_with_defaults(config)))
+    for name, value in info.values.items():
         typer.echo(f"{name}: {value:.6g}")
-    typer.echo(f"metrics artifact: {artifact.path} ({artifact.extra['num_samples']} samples)")
+    typer.echo(f"metrics artifact: {artifact.path} ({info.num_samples} samples)")
 
 
 for _metric in REGISTRY.values():  # one `sitctl eval NAME` per registered metric
-    _command(eval_app, _metric.name, "sitctl.configs", "EvalConfig", _evaluate, doc=_metric.help,
+    _command(eval_app, _metric.name, configs.EvalConfig, _evaluate, doc=_metric.help,
              fixed={"metrics": (_metric.name,)})
-_command(eval_app, "all", "sitctl.configs", "EvalConfig", _evaluate, fixed={"metrics": ALL_WITH_REFERENCE},
+_command(eval_app, "all", configs.EvalConfig, _evaluate, fixed={"metrics": ALL_WITH_REFERENCE},
          doc="FID, KID and precision/recall in one pass (add IS with `eval is`).")
 
 
 def _reference(config) -> None:
     from sitctl.evaluate.reference import build_reference
+    from sitctl.records import ReferenceInfo
 
     artifact = build_reference(_with_defaults(config))
-    typer.echo(f"reference artifact: {artifact.path} ({artifact.extra['num_images']} images, id {artifact.id})")
+    typer.echo(f"reference artifact: {artifact.path} ({ReferenceInfo.from_artifact(artifact).num_images} images, id {artifact.id})")
 
 
-_command(eval_app, "ref", "sitctl.configs", "ReferenceConfig", _reference,
+_command(eval_app, "ref", configs.ReferenceConfig, _reference,
          doc="Make a reference artifact: real images cropped as encode crops them, their Inception features and mu/sigma.")
 
 
@@ -256,7 +261,7 @@ def _sweep(config) -> None:
     typer.echo(f"plot: {summary['plot']}")
 
 
-_command(eval_app, "sweep", "sitctl.configs", "SweepConfig", _sweep,
+_command(eval_app, "sweep", configs.SweepConfig, _sweep,
          doc="Sample and score RUN for each w and/or guidance scale (reusing finished points); plot metric vs value.")
 
 
@@ -271,7 +276,7 @@ def _demo(config) -> None:
     run_demo(config)
 
 
-_command(app, "demo", "sitctl.configs", "DemoConfig", _demo, doc="""Run encode -> train -> sample -> eval on scikit-learn's digits, on CPU, in a few minutes.
+_command(app, "demo", configs.DemoConfig, _demo, doc="""Run encode -> train -> sample -> eval on scikit-learn's digits, on CPU, in a few minutes.
 
     Prints each stage's progress, the FID against held-out real digits (real FID Inception
     network, offline) and the path of the sample grid PNG.
@@ -286,12 +291,12 @@ _command(app, "demo", "sitctl.configs", "DemoConfig", _demo, doc="""Run encode -
 def _study(config) -> None:
     import json
 
-    from sitctl.study import study_command
+    from sitctl.study.run import study_command
 
     typer.echo(json.dumps(study_command(config), indent=2))
 
 
-_command(app, "study", "sitctl.configs", "StudyConfig", _study, doc="""Run the SiT paper's ablations at small scale on Fashion-MNIST (docs/REPRODUCTION.md).
+_command(app, "study", configs.StudyConfig, _study, doc="""Run the SiT paper's ablations at small scale on Fashion-MNIST (docs/REPRODUCTION.md).
 
     DiT -> SiT path, interpolant x prediction, samplers and training seeds, one choice at a time;
     every point is an artifact reused by a rerun, so the study runs in several sittings (--max-minutes).

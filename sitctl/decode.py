@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from sitctl.sample_store import quantize
+from sitctl.vae import load_vae
 
 
 @dataclass(frozen=True)
@@ -18,10 +22,6 @@ class Decoder:
 
     def __call__(self, latents) -> np.ndarray:
         """(n, C, h, w) latents -> (n, H, W, 3) uint8, quantised as the reference: clamp(127.5 x + 128)."""
-        import torch
-
-        from sitctl.sample_store import quantize
-
         with torch.no_grad():
             pixels = latents if self.vae is None else self.vae.decode(latents / self.scale_factor).sample  # [-1, 1]
         return quantize(pixels.float().permute(0, 2, 3, 1).cpu().numpy())
@@ -29,8 +29,6 @@ class Decoder:
 
 def load_decoder(source, device) -> Decoder:
     """Load the VAE of a sample_source.Source now, so a missing one fails before any sampling."""
-    from sitctl.vae import load_vae
-
     vae, info = load_vae(source.vae, device)
     scale = source.scale_factor if source.scale_factor is not None else info["scale_factor"]
     return Decoder(vae=vae, scale_factor=scale, record={"name": info["name"], "source": info["source"]})

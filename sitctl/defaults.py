@@ -14,23 +14,47 @@ from pathlib import Path
 from typing import Callable
 
 from sitctl import configs
-from sitctl.artifacts import MANIFEST, made_for, open_artifact
+from sitctl.artifacts import MANIFEST, open_artifact, staging_dir
 from sitctl.checkpoint import latest_checkpoint
 from sitctl.evaluate import auto_reference
 from sitctl.evaluate.registry import NEEDS_REFERENCE
-from sitctl.workspace import (FOLDERS, WorkspaceError, claim, facts, find_root, latest, latest_run_dir, name_of,
-                              next_version, open_version, resolve, unfinished, unfinished_numbers, version_name)
+from sitctl.identity import REQUEST, made_for, read_request, resumed
+from sitctl.workspace import (
+    FOLDERS, WorkspaceError, claim, facts, find_root, latest, latest_run_dir, name_of, next_version, open_version,
+    resolve, unfinished, unfinished_numbers, version_name
+)
 
 
-
-
-def with_defaults(config, say: Callable[[str], None] = print, root: Path | None = None):
+def with_defaults(config, say: Callable[[str], None] = print, root: Path | None = None,
+                  given: frozenset[str] | None = None):
     """`config` with every missing input (the latest finished artifact of its kind), named input
-    (`kind/vN`, id prefix) and missing --out (the next version) filled in; each choice said in one line."""
+    (`kind/vN`, id prefix) and missing --out (the next version) filled in; each choice said in one line.
+
+    given: the fields typed on the command line. When the command continues something (train
+    --resume, or encode/sample into an interrupted --out), every other setting is taken from it.
+    """
+    root = root or find_root()
+    if given is not None:
+        config = _continued(config, root, say, given)
     fill = {configs.EncodeConfig: _encode_defaults, configs.TrainConfig: _train_defaults,
             configs.SampleConfig: _sample_defaults, configs.EvalConfig: _eval_defaults,
             configs.ReferenceConfig: _reference_defaults, configs.SweepConfig: _sweep_defaults}[type(config)]
-    return fill(config, root or find_root(), say)
+    return fill(config, root, say)
+
+
+def _continued(config, root: Path, say: Callable[[str], None], given: frozenset[str]):
+    """`config` with the untyped settings of the run or interrupted artifact it continues, if any."""
+    if isinstance(config, configs.TrainConfig):
+        if not config.resume:
+            return config
+        run_dir = Path(config.out) if config.out is not None else latest_run_dir(root)
+        newest = open_version("checkpoint", run_dir)
+        # A run continues on its own latents (found by _train_defaults), so inputs are not taken here.
+        return resumed(config, newest.config, given) if newest is not None else config
+    if isinstance(config, (configs.EncodeConfig, configs.SampleConfig)) and config.out is not None:
+        note = read_request(staging_dir(config.out))
+        return resumed(config, note, given, REQUEST) if note is not None else config
+    return config
 
 
 def _input(root: Path, name: str | None, kind: str, say: Callable[[str], None], *, chosen: bool = False) -> str:
@@ -62,7 +86,7 @@ def _output(root: Path, out: str | None, kind: str, say: Callable[[str], None], 
     claim(root)
     if request is not None:
         for number in sorted(unfinished_numbers(root, kind), reverse=True):
-            if made_for(root / FOLDERS[kind] / f".v{number}.partial", request):
+            if made_for(staging_dir(root / FOLDERS[kind] / f"v{number}"), request):
                 say(f"resuming {FOLDERS[kind]}/v{number} (interrupted, begun by this same command)")
                 return str(root / FOLDERS[kind] / f"v{number}")
     path = next_version(root, kind)

@@ -18,7 +18,6 @@ training saves a checkpoint and stops the whole demo there.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,23 +25,22 @@ from rich.console import Console
 
 from sitctl import workspace
 from sitctl.artifacts import Artifact
+from sitctl.checkpoint import list_checkpoints
 from sitctl.configs import DemoConfig, EncodeConfig, EvalConfig, ReferenceConfig, SampleConfig, TrainConfig
+from sitctl.encode import encode
 from sitctl.errors import SitctlError
-from sitctl.records import CheckpointInfo, MetricsInfo
-
-# Config fields that say where a result goes, not what it is: two runs differing only here are the same.
-_PLACE = ("out", "resume", "results")
-
-
-def _settings(config: Any) -> dict[str, Any]:
-    """A stage config as its manifest records it, without the fields that only place the result."""
-    recorded = json.loads(json.dumps(dataclasses.asdict(config)))
-    return {key: value for key, value in recorded.items() if key not in _PLACE}
+from sitctl.evaluate.metrics import frechet_distance
+from sitctl.evaluate.reference import build_reference, load_reference
+from sitctl.evaluate.stage import evaluate_stage
+from sitctl.identity import same_settings
+from sitctl.records import CheckpointInfo, MetricsInfo, ReferenceInfo
+from sitctl.sample import sample_stage
+from sitctl.train import train
 
 
 def _made_with(artifact: Artifact, config: Any) -> bool:
     """Whether `artifact` was made with the settings of `config` (wherever it was placed)."""
-    return {key: value for key, value in artifact.config.items() if key not in _PLACE} == _settings(config)
+    return same_settings(artifact.config, config)
 
 
 def _matching(root: Path, kind: str, config: Any, inputs: list[Artifact]) -> Artifact | None:
@@ -64,8 +62,6 @@ def _make(root: Path, kind: str, config: Any, inputs: list[Artifact], stage: Cal
 
 
 def encode_digits(config: DemoConfig, root: Path) -> Artifact:
-    from sitctl.encode import encode
-
     settings = EncodeConfig(src="digits:train", out="-", image_size=config.image_size, vae="none",
                             shard_size=500, batch_size=256, workers=0, device="cpu")
     return _make(root, "latents", settings, [], encode)
@@ -74,8 +70,6 @@ def encode_digits(config: DemoConfig, root: Path) -> Artifact:
 def reference_digits(config: DemoConfig, root: Path, source: str = "digits:holdout",
                      max_images: int | None = None) -> Artifact:
     """Real digits as a reference: the held-out ones for FID, or (floor) as many training digits as samples."""
-    from sitctl.evaluate.reference import build_reference
-
     settings = ReferenceConfig(source=source, out="-", image_size=config.image_size,
                                max_images=max_images or config.reference_images, device="cpu")
     return _make(root, "reference", settings, [], build_reference)
@@ -88,17 +82,11 @@ def floor_digits(config: DemoConfig, root: Path) -> Artifact:
 
 def real_vs_real_fid(floor: Artifact, reference: Artifact) -> float:
     """FID of the floor's real digits against the reference: what a perfect model would score at this n."""
-    from sitctl.evaluate.metrics import frechet_distance
-    from sitctl.evaluate.reference import load_reference
-
     return float(frechet_distance(load_reference(floor.path).statistics, load_reference(reference.path).statistics))
 
 
 def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
     """The finished run of these settings, or the one to resume, or a new run; stops the demo on a signal."""
-    from sitctl.checkpoint import list_checkpoints
-    from sitctl.train import train
-
     # A fast EMA (decay 0.99, about 100 steps) and a high lr suit a run of several hundred steps.
     settings = TrainConfig(
         latents=str(latents.path), out="-", model=config.model, steps=config.steps, global_batch=64, lr=2e-3,
@@ -124,8 +112,6 @@ def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
 
 
 def sample_digits(config: DemoConfig, root: Path, checkpoint: Artifact) -> Artifact:
-    from sitctl.sample import sample_stage
-
     settings = SampleConfig(checkpoint=str(checkpoint.path), out="-", mode="sde", w=1.0, steps=config.sample_steps,
                             cfg_scale=config.cfg_scale, num=config.num_samples, batch_size=100, seed=config.seed,
                             preview=100, device="cpu")
@@ -133,8 +119,6 @@ def sample_digits(config: DemoConfig, root: Path, checkpoint: Artifact) -> Artif
 
 
 def evaluate_digits(config: DemoConfig, root: Path, samples: Artifact, reference: Artifact) -> Artifact:
-    from sitctl.evaluate.stage import evaluate_stage
-
     settings = EvalConfig(samples=str(samples.path), ref=str(reference.path), metrics=("fid",),
                           num_expected=config.num_samples, device="cpu")
     return _make(root, "metrics", settings, [samples, reference], evaluate_stage)
@@ -162,8 +146,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         "loss_curve": str(checkpoint.path.parent / "loss.png"),
         "metrics": str(metrics.path),
     }
-    console.print(f"FID ({config.num_samples} samples vs {reference.extra['num_images']} held-out digits): "
-                  f"[bold]{result['fid']:.2f}[/]   real-vs-real floor ({floor.extra['num_images']} training digits "
+    console.print(f"FID ({config.num_samples} samples vs {ReferenceInfo.from_artifact(reference).num_images} held-out digits): "
+                  f"[bold]{result['fid']:.2f}[/]   real-vs-real floor ({ReferenceInfo.from_artifact(floor).num_images} training digits "
                   f"vs the same held-out digits): {result['floor_fid']:.2f}")
     console.print(f"sample grid: {result['grid']}")
     console.print(f"loss curve:  {result['loss_curve']}")

@@ -22,12 +22,13 @@ from pipelines.shards import PROGRESS_DIR, Sample, done_record, mark_done, shard
 from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_items, open_source
 from sitctl import distributed
 from sitctl.artifacts import (
-    Artifact, begin_artifact, disk_errors, finish_artifact, output_lock, record_request, staging_dir, write_json_atomic,
+    Artifact, begin_artifact, disk_errors, finish_artifact, output_lock, staging_dir
 )
-from sitctl.errors import ArtifactError, SitctlError
-from sitctl.records import LatentsInfo
 from sitctl.configs import EncodeConfig
+from sitctl.errors import ArtifactError, SitctlError
+from sitctl.identity import check_continues, read_request, record_request
 from sitctl.progress import progress_bar
+from sitctl.records import LatentsInfo
 from sitctl.vae import load_vae
 
 CRASH_AFTER_SHARDS_ENV = "SITCTL_TEST_CRASH_AFTER_SHARDS"  # test hook: exit hard after N shards
@@ -47,9 +48,13 @@ def encode(config: EncodeConfig) -> Artifact | None:
             raise SitctlError(f"--image-size {config.image_size} is not a multiple of the VAE's downsampling {vae_info['downsample']}")
         with output_lock(config.out, dist), disk_errors("write", staging_dir(config.out)):  # full or read-only disk: one line
             staging = begin_artifact(config.out)
-            _check_resume_settings(staging, config, record=dist.is_main)
+            note = read_request(staging)
+            if note is not None:  # a partial encode: continue it only with the settings it was begun with
+                check_continues(note, config, f"the partial encode {staging}", "rerun with the same options or delete it",
+                                error=ArtifactError)
+            distributed.barrier(dist)  # every rank has read the note before rank 0 rewrites it
             if dist.is_main:
-                record_request(staging, config)  # lets a rerun of the same command in a workspace resume it
+                record_request(staging, config)  # also lets a rerun of the same command in a workspace resume it
             shards = plan_shards(len(source), config)
             mine = {index: items for index, items in enumerate(shards) if index % dist.world_size == dist.rank}
             encode_shards(source, mine, staging, vae, config, dist.device, show_progress=dist.is_main)
@@ -66,18 +71,6 @@ def plan_shards(count: int, config: EncodeConfig) -> list[np.ndarray]:
     order = np.arange(count) if config.order_seed is None else np.random.default_rng(config.order_seed).permutation(count)
     order = order[: config.limit]
     return [order[start : start + config.shard_size] for start in range(0, len(order), config.shard_size)]
-
-
-def _check_resume_settings(staging: Path, config: EncodeConfig, *, record: bool) -> None:
-    """Refuse to resume into a staging directory left by a run with other settings; `record` ours."""
-    settings = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers do not change bytes
-    settings["out"] = os.path.abspath(config.out)  # out/x and /home/me/out/x are one run
-    path = staging / PROGRESS_DIR / "settings.json"
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        raise ArtifactError(f"{staging} holds a partial encode with other settings; rerun with the same options or delete it")
-    if record:  # one writer: ranks sharing a temporary file name would race
-        path.parent.mkdir(exist_ok=True)
-        write_json_atomic(path, settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ new field shows up on the command line with its default and help and nothing els
 from __future__ import annotations
 
 import ast
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -24,21 +25,24 @@ import typer
 from sitctl.errors import SitctlError
 
 MISSING = dataclasses.MISSING
+TYPED_SOURCES = ("COMMANDLINE", "ENVIRONMENT")  # click's ParameterSource names: a value the user gave
 
 
 def setting(default: Any = MISSING, *, flags: tuple[str, ...] = (), argument: bool = False, cli: bool = True,
             negatable: bool = False, invert: str | None = None, split: tuple[tuple[str, str], ...] = (),
-            parse: Callable[[str], Any] | None = None, shown: str | None = None, repeat: bool = False) -> Any:
+            parse: Callable[[str], Any] | None = None, shown: str | None = None, repeat: bool = False,
+            role: str = "shapes") -> Any:
     """A config field with its command-line spelling (the docstring below the field is its help).
 
     flags: option names (default `--field-name`); argument: a positional argument instead;
     cli=False: not on the command line; negatable: a bool as `--x/--no-x`; invert: a bool set
     False by this flag (`--no-fetch` for fetch_weights); split: a tuple field as one option per
     element, each (flag, help); parse: the option is text turned into the value by this function,
-    with `shown` as the default text; repeat: a tuple field given by repeating the option.
+    with `shown` as the default text; repeat: a tuple field given by repeating the option;
+    role: what the field is to the output, `shapes` unless said (sitctl/identity.py).
     """
     metadata = {"flags": flags, "argument": argument, "cli": cli, "negatable": negatable, "invert": invert,
-                "split": split, "parse": parse, "shown": shown, "repeat": repeat}
+                "split": split, "parse": parse, "shown": shown, "repeat": repeat, "role": role}
     return dataclasses.field(default=default, metadata={"sitctl": metadata})
 
 
@@ -72,50 +76,71 @@ def flag_of(field: dataclasses.Field) -> str:
     return spell["invert"] or (spell["flags"] or (_flag(field.name),))[0]
 
 
-def _parameters(cls: type, exclude: tuple[str, ...]) -> list[tuple[inspect.Parameter, Callable | None]]:
-    """(typer parameter, how its value goes into the config kwargs) for every command-line field."""
+def _option(field: str, parameter: inspect.Parameter, convert: str = "value", parse: Callable | None = None) -> dict:
+    """One command-line option as plain data: the typer parameter, and how its value becomes the
+    field's (`value` as is, `tuple` from a repeated option, `parse` from text, `invert` a --no-x
+    flag, `part` one element of a split tuple)."""
+    return {"field": field, "parameter": parameter, "convert": convert, "parse": parse}
+
+
+def _keyword(name: str, info: Any, annotation: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+
+
+def _options(cls: type, exclude: tuple[str, ...]) -> list[dict]:
+    """The options of every command-line field of `cls`, in field order."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
-    out: list[tuple[inspect.Parameter, Callable | None]] = []
+    out: list[dict] = []
     for field in dataclasses.fields(cls):
         spell = _spelling(field)
         if not spell["cli"] or field.name in exclude or not field.init:
             continue
         help_text = docs.get(field.name)
         default = ... if field.default is MISSING else field.default
-        if spell["split"]:
+        if spell["split"]:  # --beta1 --beta2 -> betas
             for index, (flag, part_help) in enumerate(spell["split"]):
                 name = flag.lstrip("-").replace("-", "_")
-                info = typer.Option(default[index], flag, help=part_help)
-                out.append((inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=float),
-                            None))  # gathered into one tuple by config_command
+                out.append(_option(field.name, _keyword(name, typer.Option(default[index], flag, help=part_help), float), "part"))
             continue
-        annotation, value_of = hints[field.name], _identity(field.name)
+        annotation, convert, parse = hints[field.name], "value", spell["parse"]
         item_type = _tuple_item(annotation)
         if spell["repeat"] and item_type is not None:  # --steps 20 --steps 50
-            annotation, default, value_of = list[item_type], list(default), _as_tuple(field.name)
-        elif spell["parse"] is None and item_type is not None:  # tuple[X, ...]: comma-separated on the command line
-            spell = {**spell, "parse": _comma_list(item_type, spell["flags"] or (_flag(field.name),)),
-                     "shown": ",".join(str(item) for item in default) or None}
-        if spell["parse"] is not None:  # typed as text on the command line, parsed into the field
-            default = spell["shown"]
+            annotation, default, convert = list[item_type], list(default), "tuple"
+        elif parse is None and item_type is not None:  # tuple[X, ...]: comma-separated on the command line
+            parse = _comma_list(item_type, spell["flags"] or (_flag(field.name),))
+            spell = {**spell, "shown": ",".join(str(item) for item in default) or None}
+        if parse is not None:  # typed as text on the command line, parsed into the field
+            default, convert = spell["shown"], "parse"
             annotation = str if default is not None else (str | None)
-            value_of = _parsed(field.name, spell["parse"])
         if spell["argument"]:
-            info = typer.Argument(default, help=help_text)
-            name = field.name
+            out.append(_option(field.name, _keyword(field.name, typer.Argument(default, help=help_text), annotation), convert, parse))
         elif spell["invert"]:
             name = spell["invert"].lstrip("-").replace("-", "_")
-            info = typer.Option(False, spell["invert"], help=help_text)
-            value_of = _inverted(field.name, name)
+            out.append(_option(field.name, _keyword(name, typer.Option(False, spell["invert"], help=help_text), annotation), "invert"))
         else:
             flags = spell["flags"] or (_flag(field.name),)
             if spell["negatable"]:
                 flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
-            info = typer.Option(default, *flags, help=help_text)
-            name = field.name
-        out.append((inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation),
-                    value_of))
+            out.append(_option(field.name, _keyword(field.name, typer.Option(default, *flags, help=help_text), annotation), convert, parse))
     return out
+
+
+def _config_kwargs(options: list[dict], values: dict[str, Any]) -> dict[str, Any]:
+    """The config's keyword arguments from the values typer parsed, option by option."""
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        field, value = option["field"], values[option["parameter"].name]
+        if option["convert"] == "part":
+            kwargs[field] = (*kwargs.get(field, ()), value)
+        elif option["convert"] == "tuple":
+            kwargs[field] = tuple(value)
+        elif option["convert"] == "parse":
+            kwargs[field] = option["parse"](value)
+        elif option["convert"] == "invert":
+            kwargs[field] = not value
+        else:
+            kwargs[field] = value
+    return kwargs
 
 
 def _tuple_item(annotation: Any) -> type | None:
@@ -135,39 +160,39 @@ def _comma_list(item_type: type, flags: tuple[str, ...]) -> Callable[[str | None
     return parse
 
 
-def _as_tuple(name: str) -> Callable:
-    return lambda values, kwargs: kwargs.__setitem__(name, tuple(values[name]))
+# The option names typed on the command line of the command now running (set by config_command).
+_TYPED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("typed_options", default=frozenset())
 
 
-def _identity(name: str) -> Callable:
-    return lambda values, kwargs: kwargs.__setitem__(name, values[name])
-
-
-def _parsed(name: str, parse: Callable[[str], Any]) -> Callable:
-    return lambda values, kwargs: kwargs.__setitem__(name, parse(values[name]))
-
-
-def _inverted(name: str, option: str) -> Callable:
-    return lambda values, kwargs: kwargs.__setitem__(name, not values[option])
+def given_fields(cls: type) -> frozenset[str]:
+    """The fields of `cls` typed on the command line of the command now running (empty outside one)."""
+    typed, given = _TYPED.get(), set()
+    for field in dataclasses.fields(cls):
+        spell = _spelling(field)
+        names = [flag.lstrip("-").replace("-", "_") for flag, _ in spell["split"]] or [field.name]
+        if spell["invert"]:
+            names = [spell["invert"].lstrip("-").replace("-", "_")]
+        if typed.intersection(names):
+            given.add(field.name)
+    return frozenset(given)
 
 
 def config_command(cls: type, run: Callable[[Any], None], *, doc: str, exclude: tuple[str, ...] = (),
                    fixed: dict[str, Any] | None = None) -> Callable:
     """A typer command function whose options are `cls`'s fields; it builds `cls` and calls `run`."""
-    parameters = _parameters(cls, exclude)
-    split_fields = {field.name: [flag.lstrip("-").replace("-", "_") for flag, _ in _spelling(field)["split"]]
-                    for field in dataclasses.fields(cls) if _spelling(field)["split"] and field.name not in exclude}
+    options = _options(cls, exclude)
 
-    def command(**values: Any) -> None:
-        kwargs: dict[str, Any] = dict(fixed or {})
-        for _, value_of in parameters:
-            if value_of is not None:
-                value_of(values, kwargs)
-        for name, parts in split_fields.items():  # --beta1 --beta2 -> betas
-            kwargs[name] = tuple(values[part] for part in parts)
-        run(cls(**kwargs))
+    def command(ctx: typer.Context, **values: Any) -> None:
+        sources = {name: ctx.get_parameter_source(name) for name in values}
+        typed = frozenset(name for name, source in sources.items() if source is not None and source.name in TYPED_SOURCES)
+        token = _TYPED.set(typed)  # read by given_fields while the command runs
+        try:
+            run(cls(**{**(fixed or {}), **_config_kwargs(options, values)}))
+        finally:
+            _TYPED.reset(token)
 
-    command.__signature__ = inspect.Signature([parameter for parameter, _ in parameters])  # type: ignore[attr-defined]
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([context] + [option["parameter"] for option in options])  # type: ignore[attr-defined]
     command.__doc__ = doc
     return command
 

@@ -108,8 +108,9 @@ class ReferenceInfo(_Record):
     KIND = "reference"
     num_images: int
     image_size: int
-    source: dict[str, Any] | None = None
-    """The real images: what encode would read (the lineage a sample must match)."""
+    source: str | None = None
+    """The real images as encode would read them: a built-in's spec, or a folder's absolute path (the
+    lineage a sample must match)."""
     inception: dict[str, Any] | None = None
     num_errors: int = 0
     errors: list[Any] = dataclasses.field(default_factory=list)

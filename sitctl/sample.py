@@ -16,31 +16,39 @@ lineage, so --model and --vae name what it needs.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
+import h5py
 import numpy as np
+import torch
 
+from model.guidance import GuidedVelocity
+from model.samplers import per_sample_generators, randn_per_sample, sample_ode, sample_sde
+from sitctl import distributed
+from sitctl.artifacts import (
+    begin_artifact, disk_errors, finish_artifact, open_artifact, output_lock, staging_dir, write_failure
+)
 from sitctl.configs import SampleConfig
 from sitctl.decode import Decoder, load_decoder
+from sitctl.distributed import barrier
 from sitctl.errors import ArtifactError, SampleError
+from sitctl.identity import check_continues, read_request, record_request
+from sitctl.plots import save_image_grid
+from sitctl.progress import progress_bar
 from sitctl.records import SamplesInfo
 from sitctl.sample_source import Source, open_source
+from sitctl.sample_store import (
+    VIRTUAL_FILE, SampleWriter, export_npz, image_shape, rank_file, repair_rank_file, stored_indices,
+    write_virtual_dataset
+)
 
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion VAE latents are scaled by this to unit variance
-SETTINGS_FILE = "sampling-settings.json"  # in the staging dir only: guards resume against changed settings
 PREVIEW_FILE = "preview.png"
 NPZ_FILE = "samples.npz"
 CRASH_HOOK = "SITCTL_TEST_SAMPLE_CRASH_AFTER_BATCHES"  # tests: exit abruptly after k batches
-
-
-# Settings that change the images: a resumed run must match them (batch size only rounds).
-_RESUME_KEYS = ("mode", "method", "steps", "atol", "rtol", "w", "diffusion", "last_step", "last_step_size",
-                "sample_eps", "cfg_scale", "guidance_interval", "guided_channels", "reference_steps", "precision", "num", "seed",
-                "labels", "ema", "model", "vae")
 
 
 # =============================================================================================
@@ -54,8 +62,6 @@ def class_labels(num: int, num_classes: int, seed: int, scheme: str) -> np.ndarr
     "balanced": the classes 0..K-1 repeated over the indices, then shuffled by the seed, so each
     class appears floor(num/K) or ceil(num/K) times; "uniform": i.i.d. draws as the reference's.
     """
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     if scheme == "balanced":
         return (torch.randperm(num, generator=generator) % num_classes).numpy().astype(np.int64)
@@ -76,12 +82,6 @@ def ode_steps(config: SampleConfig) -> int:
 def draw_latents(source: Source, config: SampleConfig, indices: list[int], labels: np.ndarray, device,
                  stats: dict | None = None):
     """Integrate from noise (t=0) to data (t=1) for the given sample indices -> (n, C, H, W) latents."""
-    import torch
-
-    from model.guidance import GuidedVelocity
-    from model.objectives import default_eps
-    from model.samplers import per_sample_generators, randn_per_sample, sample_ode, sample_sde
-
     side, channels = source.model_config.input_size, source.model_config.in_channels
     generators = per_sample_generators(config.seed, indices, device)  # drawn on the sampling device
     x0 = randn_per_sample(generators, (len(indices), channels, side, side), device=device)  # (n, C, H, W)
@@ -92,7 +92,7 @@ def draw_latents(source: Source, config: SampleConfig, indices: list[int], label
     )
     eps = config.sample_eps  # --sample-eps, else what the checkpoint recorded, else the interpolant's default
     if eps is None:
-        eps = source.sample_eps if source.sample_eps is not None else default_eps(source.interp, source.pred)[1]
+        eps = source.sample_eps if source.sample_eps is not None else source.interp.default_eps(source.pred)[1]
     if config.mode == "ode":
         return sample_ode(velocity, x0, method=config.method, steps=ode_steps(config), atol=config.atol,
                           rtol=config.rtol, sample_eps=eps, stats=stats)
@@ -107,41 +107,28 @@ def draw_latents(source: Source, config: SampleConfig, indices: list[int], label
 # =============================================================================================
 
 
-def _settings(config: SampleConfig, source: Source) -> dict[str, Any]:
-    settings = {key: getattr(config, key) for key in _RESUME_KEYS}
-    settings["guidance_interval"] = list(settings["guidance_interval"])
-    return {**settings, "source": source.identity}
-
-
-def check_resumable(staging: Path, settings: dict[str, Any]) -> None:
+def check_resumable(staging: Path, config: SampleConfig, source: Source) -> None:
     """Refuse to continue a staging dir that was drawn with other settings or other weights."""
-    recorded_path = staging / SETTINGS_FILE
-    if not recorded_path.is_file():
+    note = read_request(staging)
+    if note is None:
         return
-    recorded = json.loads(recorded_path.read_text())
-    changed = [key for key in settings if recorded.get(key) != settings[key]]
-    if changed:
-        key = changed[0]
-        raise SampleError(
-            f"{staging} holds a run interrupted with {key}={recorded.get(key)!r}, now {settings[key]!r}; "
-            "rerun with the same settings to resume, or delete it to start afresh"
-        )
+    hint = "rerun with the same settings to resume, or delete it to start afresh"
+    check_continues(note, config, f"the interrupted {staging}", hint, error=SampleError)
+    if note.get("source") not in (None, source.identity):
+        raise SampleError(f"cannot continue the interrupted {staging}: it was drawn from other weights; {hint}")
 
 
-def prepare_staging(staging: Path, settings: dict[str, Any], d) -> set[int]:
+def prepare_staging(staging: Path, config: SampleConfig, source: Source, d) -> set[int]:
     """Make the staging dir consistent and return the indices already drawn (by any rank).
 
     All ranks compare settings first (read-only), rank 0 then truncates partial batches, and
     only after a barrier does anyone read; a world size that changed between runs is fine.
     """
-    from sitctl.artifacts import write_json_atomic
-    from sitctl.distributed import barrier
-    from sitctl.sample_store import repair_rank_file, stored_indices
-
-    check_resumable(staging, settings)
+    check_resumable(staging, config, source)
     barrier(d)
     if d.is_main:
-        write_json_atomic(staging / SETTINGS_FILE, settings)
+        # Also lets a rerun of the same command in a workspace find this staging dir and resume it.
+        record_request(staging, config, source=source.identity)
         for path in sorted(staging.glob("images-rank*.h5")):
             repair_rank_file(path)
     barrier(d)
@@ -167,13 +154,6 @@ def sample_stage(config: SampleConfig):
 
     Run it as one process or under torchrun; every rank returns the finished Artifact.
     """
-    import torch
-
-    from sitctl import distributed
-    from sitctl.artifacts import (
-        begin_artifact, disk_errors, open_artifact, output_lock, record_request, staging_dir, write_failure,
-    )
-
     d = distributed.setup(config.device)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
@@ -186,9 +166,7 @@ def sample_stage(config: SampleConfig):
         # A second run on this --out stops at the lock, naming the first; a full disk is one line.
         with output_lock(config.out, d), disk_errors("write samples into", staging_dir(config.out)):
             staging = begin_artifact(config.out)
-            done = prepare_staging(staging, _settings(config, source), d)
-            if d.is_main:
-                record_request(staging, config)  # lets a rerun of the same command in a workspace resume it
+            done = prepare_staging(staging, config, source, d)
             labels = class_labels(config.num, source.model_config.num_classes, config.seed, config.labels)
             blocks = rank_blocks(config.num, config.batch_size, d.rank, d.world_size)
             draw_blocks(source, decoder, config, staging, blocks, labels, done, d)
@@ -206,10 +184,6 @@ def sample_stage(config: SampleConfig):
 
 def with_precision(source: Source, config: SampleConfig) -> Source:
     """The source's network in the requested precision (bf16: autocast, fp32 out), compiled if asked."""
-    import dataclasses
-
-    import torch
-
     class Bfloat16(torch.nn.Module):
         """The network under bf16 autocast, returning fp32 so the sampler integrates in fp32."""
 
@@ -247,11 +221,6 @@ def with_precision(source: Source, config: SampleConfig) -> Source:
 def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging: Path, blocks: list[range],
                 labels: np.ndarray, done: set[int], d) -> None:
     """Draw this rank's blocks not yet on disk and append each to the rank's HDF5 file."""
-    import torch
-
-    from sitctl.progress import progress_bar
-    from sitctl.sample_store import SampleWriter, rank_file
-
     # A block drawn before the kill is skipped whole; one cut short (batch size changed) is redrawn
     # without its finished indices.
     todo = [[i for i in block if i not in done] for block in blocks]
@@ -273,8 +242,6 @@ def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging:
 
 
 def _append(writer, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, staging: Path) -> None:
-    from sitctl.artifacts import write_failure
-
     try:
         writer.append(images, labels, indices)
     except OSError as error:  # a full disk: the committed rows stay valid, the run can resume
@@ -289,12 +256,6 @@ def _append(writer, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
 def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder: Decoder, labels: np.ndarray,
                    world_size: int):
     """Check every index is drawn exactly once, write samples.h5, preview and npz, then publish."""
-    import h5py
-
-    from sitctl.artifacts import finish_artifact
-    from sitctl.plots import save_image_grid
-    from sitctl.sample_store import VIRTUAL_FILE, export_npz, image_shape, stored_indices, write_virtual_dataset
-
     indices = np.sort(stored_indices(staging))
     if len(indices) != config.num or not np.array_equal(indices, np.arange(config.num)):
         raise ArtifactError(f"{staging} holds {len(indices)} samples, not indices 0..{config.num - 1} once each; delete it and rerun")
@@ -309,21 +270,17 @@ def finish_samples(staging: Path, config: SampleConfig, source: Source, decoder:
         num_samples=config.num, image_size=height, image_shape=[height, width, channels],
         num_classes=source.model_config.num_classes,
         class_counts=np.bincount(labels, minlength=source.model_config.num_classes).tolist(),
-        model_config=asdict(source.model_config), interp=source.interp, pred=source.pred, vae=decoder.record,
+        model_config=asdict(source.model_config), interp=source.interp.name, pred=source.pred, vae=decoder.record,
         scale_factor=decoder.scale_factor, source=source.description, world_size=world_size,
         virtual_file=VIRTUAL_FILE, npz=NPZ_FILE if config.npz else None,
     ).to_extra()
     inputs = [source.artifact] if source.artifact is not None else []
     # The settings record goes only after the rename (see finish_artifact), so a kill while
     # finishing cannot let a rerun with other settings publish these images.
-    return finish_artifact(staging, config.out, kind="samples", config=asdict(config), inputs=inputs, extra=extra,
-                           private=[SETTINGS_FILE])
+    return finish_artifact(staging, config.out, kind="samples", config=asdict(config), inputs=inputs, extra=extra)
 
 
 def export_samples_npz(samples: str | Path, path: str | Path) -> Path:
     """Write a finished samples artifact as the ADM reference evaluator's .npz (arr_0 uint8 NHWC)."""
-    from sitctl.artifacts import open_artifact
-    from sitctl.sample_store import export_npz
-
     artifact = open_artifact(samples, "samples")
     return export_npz(artifact.path, Path(path))

@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from model.configs import model_config as preset
+from model.interpolants import Interpolant, interpolant
+from model.network import DiscreteTimeInput, SiT, load_state_dict_checked
+from sitctl.artifacts import ancestor, sha256_file
+from sitctl.checkpoint import latest_checkpoint, load_network
 from sitctl.configs import SampleConfig
 from sitctl.errors import ArtifactError, SampleError
 from sitctl.records import CheckpointInfo, LatentsInfo
@@ -18,7 +25,7 @@ class Source:
 
     net: Any  # model.network.SiT in eval mode, on the device
     model_config: Any  # model.configs.SiTConfig
-    interp: str  # interpolant it was trained on
+    interp: Interpolant  # the interpolant it was trained on, an object from here on
     pred: str  # what it predicts: velocity, score or noise
     vae: str  # what sitctl.vae.load_vae is given: ema, mse, none, a hub id or a directory
     scale_factor: float | None  # latents were multiplied by this in training; None = the VAE's own
@@ -35,14 +42,13 @@ def open_source(config: SampleConfig, device) -> Source:
         return _open_published(config, path, device)
     if config.model is not None:
         raise SampleError("--model is only for bare .pt files; a checkpoint artifact records its model")
-    from sitctl.checkpoint import latest_checkpoint, load_network
 
     artifact = latest_checkpoint(path)
     info = CheckpointInfo.from_artifact(artifact)
     net, model_config = load_network(artifact, ema=config.ema, device=device)
     vae, scale_factor = _lineage_vae(artifact, config.vae)
     return Source(
-        net=net.eval(), model_config=model_config, interp=info.interp, pred=info.pred, sample_eps=info.sample_eps,
+        net=net.eval(), model_config=model_config, interp=interpolant(info.interp), pred=info.pred, sample_eps=info.sample_eps,
         vae=vae, scale_factor=scale_factor, artifact=artifact, identity=f"checkpoint:{artifact.id}",
         description={"checkpoint": str(artifact.path.resolve()), "step": info.step},
     )
@@ -50,8 +56,6 @@ def open_source(config: SampleConfig, device) -> Source:
 
 def _lineage_vae(checkpoint, override: str | None) -> tuple[str, float | None]:
     """The VAE and scale factor of the latents the checkpoint was trained on; --vae overrides the VAE."""
-    from sitctl.artifacts import ancestor
-
     latents = ancestor(checkpoint, "latents")
     info = LatentsInfo.from_artifact(latents) if latents is not None else None
     scale = float(info.scale_factor) if info is not None else None
@@ -67,12 +71,6 @@ def _lineage_vae(checkpoint, override: str | None) -> tuple[str, float | None]:
 
 def _open_published(config: SampleConfig, path: Path, device) -> Source:
     """A published SiT or DiT .pt state dict (see SampleConfig.published); shape inferred."""
-    import torch
-
-    from model.configs import model_config as preset
-    from model.network import DiscreteTimeInput, SiT, load_state_dict_checked
-    from sitctl.artifacts import sha256_file
-
     if config.model is None or config.vae is None:
         raise SampleError(f"{path} is a bare state dict with no lineage: pass --model (e.g. SiT-XL/2) and --vae")
     try:
@@ -97,7 +95,7 @@ def _open_published(config: SampleConfig, path: Path, device) -> Source:
         net, interp, pred = DiscreteTimeInput(net), "vp", "noise"
     digest = sha256_file(path)
     return Source(
-        net=net.to(device).eval(), model_config=model_config, interp=interp, pred=pred,
+        net=net.to(device).eval(), model_config=model_config, interp=interpolant(interp), pred=pred,
         vae=config.vae, scale_factor=None, artifact=None, identity=f"file:{digest}",
         description={"file": str(path.resolve()), "sha256": digest, "model": config.model, "published": config.published},
     )

@@ -28,23 +28,30 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from rich.console import Console
 from torch import nn
 
+from model.configs import ModelConfigError, model_config
+from model.guidance import GuidedVelocity
+from model.interpolants import interpolant
+from model.network import SiT
+from model.objectives import times_from_uniform, training_loss
+from model.samplers import sample_ode
 from sitctl import checkpoint as checkpoints
 from sitctl import distributed
-from sitctl.artifacts import Artifact, disk_errors, output_lock
+from sitctl.artifacts import Artifact, disk_errors, is_finished, output_lock
 from sitctl.configs import TrainConfig
 from sitctl.data import Latents, interpolant_noise, open_latents, rank_batches
+from sitctl.decode import Decoder
 from sitctl.errors import SitctlError
-from sitctl.records import CheckpointInfo
+from sitctl.identity import check_continues
+from sitctl.plots import read_metrics, save_image_grid, save_loss_curve
 from sitctl.progress import peak_memory_gib, progress
+from sitctl.records import CheckpointInfo, LatentsInfo
+from sitctl.vae import load_vae
 
 TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
 NAN_HOOK = "SITCTL_TEST_NAN_AT_STEP"  # tests plant a NaN loss at this (1-based) step
-# Settings a resumed run must share with its checkpoint, or it would not continue the same run.
-RESUME_FIXED = ("model", "interp", "pred", "loss_weight", "train_eps", "discrete_steps", "global_batch",
-                "data_lanes", "shuffle_buffer", "seed", "label_dropout", "flip", "ema_decay", "qk_norm")
-
 
 class NonFiniteLossError(SitctlError):
     """The loss became NaN or inf; the run stops before saving anything trained from it."""
@@ -83,8 +90,6 @@ class Run:
 
 def fit_model(config: TrainConfig, latents: Latents):
     """The SiTConfig of `config.model` sized to the latents; one clear line if it cannot fit."""
-    from model.configs import ModelConfigError, model_config
-
     channels, height, width = latents.latent_shape
     where = f"latents {latents.artifact.path} of shape {channels}x{height}x{width}"
     if height != width:
@@ -114,11 +119,8 @@ def find_resume_point(config: TrainConfig, latents: Latents) -> Artifact | None:
     if not found or not config.resume:
         return None
     artifact = checkpoints.latest_checkpoint(config.out)
-    saved = artifact.config
-    for name in RESUME_FIXED:
-        ours = getattr(config, name)
-        if saved.get(name) != ours:
-            raise SitctlError(f"cannot resume {artifact.path}: it was trained with {name}={saved.get(name)!r}, now {ours!r}")
+    check_continues(artifact.config, config, f"run {artifact.path}",
+                    "drop that option (a resume takes the run's settings) or choose a new --out")
     if artifact.inputs and artifact.inputs[0]["id"] != latents.artifact.id:
         raise SitctlError(f"cannot resume {artifact.path}: it was trained on latents {artifact.inputs[0]['path']}, not {latents.artifact.path}")
     return artifact
@@ -142,10 +144,7 @@ def set_precision(precision: str) -> None:
 
 def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     """Check everything a user can get wrong, then build the network, EMA, optimizer and data."""
-    from model.network import SiT
-    from model.interpolants import interpolant
-
-    if (Path(config.out) / "manifest.json").is_file():  # never write a run into another stage's artifact
+    if is_finished(config.out):  # never write a run into another stage's artifact
         raise SitctlError(f"{config.out} is a finished artifact, not a run directory; choose a new --out")
     latents = open_latents(config.latents)
     model_config = fit_model(config, latents)
@@ -208,8 +207,6 @@ def _no_sync(run: Run, last: bool):
 
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward and backward this rank's share in micro-batches; return per-sample losses and t."""
-    from model.objectives import times_from_uniform, training_loss
-
     config, device = run.config, run.dist.device
     # Loader batches are pinned on CUDA, so these copies overlap with the host's next work.
     x1 = batch["x1"].to(device, non_blocking=True)  # (n, C, H, W)
@@ -370,8 +367,6 @@ def stop_on_signals():
 
 def progress_bar(run: Run):
     """The steps bar; its console (stdout, silent off rank 0) also carries the log lines."""
-    from rich.console import Console
-
     return progress("steps", main=run.dist.is_main, console=Console(quiet=not run.dist.is_main))
 
 
@@ -427,7 +422,6 @@ def _window_from_record(record: dict[str, Any] | None, config: TrainConfig, devi
     """The restored window; its steps' time is taken at the last logged throughput (0 s if none)."""
     if not record:
         return {}
-    from sitctl.plots import read_metrics
 
     metrics = Path(config.out) / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.is_file() else []
@@ -440,7 +434,6 @@ def trim_metrics(path: Path, step: int) -> None:
     """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
     if not path.is_file():
         return
-    from sitctl.plots import read_metrics
 
     rows = [row for row in read_metrics(path) if row.get("step", 0) <= step]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -474,8 +467,6 @@ def maybe_checkpoint(run: Run, force: bool = False) -> None:
         checkpoints.prune_checkpoints(config.out, config.keep_last, config.keep_every)
         metrics = Path(config.out) / "metrics.jsonl"
         if metrics.is_file():
-            from sitctl.plots import save_loss_curve
-
             save_loss_curve(metrics, Path(config.out) / "loss.png")
     run.saved_step = run.step
     distributed.barrier(run.dist)
@@ -485,10 +476,8 @@ def load_preview_decoder(run: Run):
     """The sample stage's Decoder through the latents' VAE, loaded before the first step (rank 0, previews on)."""
     if not run.config.preview_every or not run.dist.is_main:
         return None
-    from sitctl.decode import Decoder
-    from sitctl.vae import load_vae
 
-    vae = run.latents.artifact.extra.get("vae", {"name": "none"})
+    vae = LatentsInfo.from_artifact(run.latents.artifact).vae
     network, _ = load_vae(vae.get("source") or vae["name"], run.dist.device)  # None for pixel latents
     return Decoder(vae=network, scale_factor=run.latents.scale_factor, record=vae)
 
@@ -501,9 +490,6 @@ def maybe_preview(run: Run, decoder) -> None:
     check_finite(run)  # on every rank, so that all of them stop together
     if not run.dist.is_main:
         return
-    from model.guidance import GuidedVelocity
-    from model.samplers import sample_ode
-    from sitctl.plots import save_image_grid
 
     device, n = run.dist.device, config.preview_images
     x0 = torch.randn((n, *run.latents.latent_shape), generator=torch.Generator().manual_seed(config.seed)).to(device)

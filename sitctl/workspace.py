@@ -27,9 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sitctl.artifacts import MANIFEST, Artifact, open_artifact
+from rich.table import Table
+
+from sitctl.artifacts import MANIFEST, Artifact, open_artifact, staging_pattern
 from sitctl.checkpoint import list_checkpoints
 from sitctl.errors import ArtifactError, SitctlError
+from sitctl.plots import read_metrics
 
 MARKER = ".sitctl-workspace"
 # Artifact kind -> its folder in the workspace.
@@ -41,7 +44,7 @@ SPELLINGS = {**{folder: kind for kind, folder in FOLDERS.items()}, **{kind: kind
 MAKERS = {"latents": "sitctl encode SRC", "checkpoint": "sitctl train", "samples": "sitctl sample",
           "reference": "sitctl eval ref SRC (or sitctl eval fid, which builds one)", "metrics": "sitctl eval fid"}
 VERSION = re.compile(r"^v(\d+)$")
-PARTIAL = re.compile(r"^\.v(\d+)\.partial$")
+PARTIAL = re.compile(staging_pattern(r"v(\d+)"))
 NAME = re.compile(r"^(?P<folder>[a-z]+)/v(?P<number>\d+)(?P<rest>/.*)?$")
 ID_PREFIX = re.compile(r"^[0-9a-f]{4,16}$")  # ids are 16 hex digits; 4 keeps `v1`-like words out
 
@@ -252,7 +255,6 @@ def logged_loss(run_dir: Path, step: int) -> float | None:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return None
-    from sitctl.plots import read_metrics
 
     rows = [row for row in read_metrics(metrics) if row.get("step", 0) <= step]
     return rows[-1].get("loss") if rows else None
@@ -299,8 +301,6 @@ def ls_table(root: Path):
 
     Unfinished versions are listed too (marked, never picked), so a killed run is visible.
     """
-    from rich.table import Table
-
     table = Table(title=f"workspace {root}", title_justify="left", expand=False)
     table.add_column("version", no_wrap=True)
     table.add_column("id", no_wrap=True)

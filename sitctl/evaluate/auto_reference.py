@@ -24,10 +24,12 @@ from typing import Callable
 import numpy as np
 
 from pipelines.sources import open_source
+from sitctl import sample_store
 from sitctl.artifacts import Artifact, ancestor, open_artifact
 from sitctl.configs import EvalConfig, ReferenceConfig
 from sitctl.errors import ReferenceError
 from sitctl.evaluate.reference import build_reference
+from sitctl.records import LatentsInfo, ReferenceInfo
 from sitctl.workspace import claim, facts, finished_versions, name_of, next_version
 
 MAX_REFERENCE_IMAGES = 10_000  # FID-10K against real images: stable to about 0.1 at ImageNet scale
@@ -43,21 +45,22 @@ def lineage_source(artifact: Artifact) -> tuple[str, int] | None:
     """(source, image size) of the images behind the latents `artifact` descends from; None if unknown
     (drawn from a published .pt file, latents moved or deleted, or made before they were recorded)."""
     latents = ancestor(artifact, "latents")
-    if latents is None or "source" not in latents.extra or "image_size" not in latents.extra:
+    info = LatentsInfo.from_artifact(latents) if latents is not None else None
+    if info is None or not info.source or info.image_size is None:
         return None
-    source = latents.extra["source"]
     # A folder by its absolute root (encode's SRC may have been relative); a built-in by its spec.
-    spec = source["root"] if source["name"] == "folder" else latents.config["src"]
-    return spec, int(latents.extra["image_size"])
+    spec = info.source["root"] if info.source["name"] == "folder" else latents.config["src"]
+    return spec, info.image_size
 
 
 def reference_source(reference: Artifact) -> str:
     """The source a reference's images came from (the whole source, when built from a sample of it)."""
-    return reference.config.get("sample_of") or reference.extra["source"]
+    return reference.config.get("sample_of") or ReferenceInfo.from_artifact(reference).source
 
 
 def same_source(one: str, other: str) -> bool:
     """The same folder, or two splits of the same built-in dataset."""
+
     def family(spec: str) -> str:
         return spec if Path(spec).is_absolute() else spec.partition(":")[0]
 
@@ -69,9 +72,9 @@ def check_matches(samples: Artifact, reference_path: str | Path) -> None:
     if Path(reference_path).suffix == ".npz":
         return  # an ADM batch records no source; the eval stage checks its image size
     reference = open_artifact(reference_path, "reference")
-    size = samples.extra.get("image_size")
-    if size is not None and reference.extra["image_size"] != size:
-        raise ReferenceError(f"reference {reference_path} holds {reference.extra['image_size']}px images but the samples "
+    size, held = _stored_image_size(samples), ReferenceInfo.from_artifact(reference).image_size
+    if size is not None and held != size:
+        raise ReferenceError(f"reference {reference_path} holds {held}px images but the samples "
                              f"{samples.path} are {size}px; omit --ref to use (or build) a matching one")
     lineage = lineage_source(samples)
     if lineage is None:
@@ -82,6 +85,15 @@ def check_matches(samples: Artifact, reference_path: str | Path) -> None:
                              f"{samples.path} descend from {source}; omit --ref to use (or build) a matching one")
 
 
+def _stored_image_size(samples: Artifact) -> int | None:
+    """The side of the images a samples artifact stores (read from the images, as the eval stage
+    reads them); None when it stores none (the eval stage then says so)."""
+    try:
+        return sample_store.image_shape(samples.path)[0]
+    except FileNotFoundError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding or building the matching reference
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +102,7 @@ def check_matches(samples: Artifact, reference_path: str | Path) -> None:
 def matching_reference(root: Path, source: str, image_size: int) -> Artifact | None:
     """The newest finished reference in the workspace made from `source` at `image_size`."""
     found = [version.artifact for version in finished_versions(root, "reference")
-             if version.artifact.extra["image_size"] == image_size and same_source(reference_source(version.artifact), source)]
+             if ReferenceInfo.from_artifact(version.artifact).image_size == image_size and same_source(reference_source(version.artifact), source)]
     return found[-1] if found else None
 
 

@@ -27,6 +27,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from sitctl.errors import SitctlError
+from sitctl.progress import progress_bar
 
 TORCH_FIDELITY_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -229,8 +230,6 @@ def extract_features(
     extractor, batches: Iterable[np.ndarray], *, device: torch.device, total: int | None = None, label: str = "features"
 ) -> dict[str, torch.Tensor]:
     """Run uint8 NHWC batches through the extractor; return {feature name: (N, D) float32 CPU tensor}."""
-    from sitctl.progress import progress_bar
-
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.get_requested_features_list()}
     with progress_bar(label, total) as advance, torch.inference_mode():
         for images in batches:

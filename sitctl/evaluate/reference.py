@@ -22,11 +22,14 @@ import numpy as np
 
 from pipelines.sources import CroppedImages, ImageSource, open_source
 from sitctl import sample_store
-from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, open_artifact, output_lock, staging_dir
+from sitctl.artifacts import (
+    Artifact, begin_artifact, disk_errors, finish_artifact, open_artifact, output_lock, staging_dir
+)
 from sitctl.configs import ReferenceConfig
 from sitctl.errors import ReferenceError
-from sitctl.records import ReferenceInfo
+from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_features, pick_device, resolve_weights
 from sitctl.evaluate.metrics import Gaussian, feature_statistics
+from sitctl.records import ReferenceInfo
 
 FEATURES_FILE = "features.npy"
 STATISTICS_FILE = "statistics.npz"
@@ -64,8 +67,6 @@ def cropped_batches(source: ImageSource, image_size: int, batch_size: int, error
 
 def build_reference(config: ReferenceConfig) -> Artifact:
     """Crop the real images, store them, extract their Inception features, finish the artifact."""
-    from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, pick_device, resolve_weights
-
     source = open_source(config.source).subset(slice(0, config.max_images))  # SourceError before any slow setup
     device = pick_device(config.device)
     weights = resolve_weights(config.inception_weights, fetch=config.fetch_weights)
@@ -77,8 +78,6 @@ def build_reference(config: ReferenceConfig) -> Artifact:
 
 def _write_reference(config: ReferenceConfig, source: ImageSource, weights, extractor, staging: Path, device) -> Artifact:
     """Store the crops and their features in `staging` and publish the reference artifact."""
-    from sitctl.evaluate.inception import POOL_FEATURES, extract_features
-
     images_file = sample_store.rank_file(staging, 0)
     images_file.unlink(missing_ok=True)  # a crashed earlier attempt restarts from scratch
     writer = sample_store.SampleWriter(images_file, (config.image_size, config.image_size, 3))

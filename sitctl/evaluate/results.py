@@ -8,9 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from sitctl.artifacts import Artifact, ancestor
 from sitctl.errors import SitctlError
 from sitctl.records import MetricsInfo
+from sitctl.workspace import find_root, name_of
 
 RESULTS_FILE = "results.jsonl"
 # Sampler settings worth a column, when the samples stage recorded them in its config.
@@ -71,10 +74,6 @@ def results_table(rows: list[dict[str, Any]], root: Path | None = None):
     sampler settings share one wrapped column (`sde euler 250 w1 cfg1.5`) instead of six
     truncated ones; a column per metric that appears.
     """
-    from rich.table import Table
-
-    from sitctl.workspace import find_root, name_of
-
     root = root or find_root()
     values = [key for key in (*VALUE_KEYS, "kid_std", "is_std", "f_score") if any(key in r["values"] for r in rows)]
     table = Table(title=f"{len(rows)} evaluation(s)", title_justify="left")

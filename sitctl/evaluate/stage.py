@@ -20,11 +20,16 @@ import torch
 
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact, parents
-from sitctl.errors import EvalError
-from sitctl.records import MetricsInfo
-from sitctl.evaluate.registry import REGISTRY, MetricInputs
 from sitctl.configs import EvalConfig
+from sitctl.errors import EvalError
+from sitctl.evaluate.inception import (
+    LOGITS, POOL_FEATURES, create_extractor, extract_features, pick_device, resolve_weights
+)
 from sitctl.evaluate.reference import Reference, load_reference
+from sitctl.evaluate.registry import REGISTRY, MetricInputs
+from sitctl.evaluate.results import append_result, result_row
+from sitctl.identity import REQUEST, same_settings
+from sitctl.records import MetricsInfo
 
 METRICS_FILE = "metrics.json"
 
@@ -73,8 +78,6 @@ def check_reference(reference: Reference, image_size: int) -> None:
 
 def evaluate_stage(config: EvalConfig) -> Artifact:
     """Score the samples; write the metrics artifact and append one row to the results table."""
-    from sitctl.evaluate.results import append_result, result_row
-
     needing = [name for name in config.metrics if REGISTRY[name].needs_reference]
     if config.ref is None and needing:  # the CLI fills --ref from the workspace; a script must pass one
         raise EvalError(f"{'/'.join(needing)} needs a reference: ref= a reference artifact or an ADM .npz")
@@ -95,8 +98,6 @@ def evaluate_stage(config: EvalConfig) -> Artifact:
 
 def score(config: EvalConfig, samples: Artifact, count: int, reference: Reference | None) -> tuple[dict[str, float], Any]:
     """Extract the samples' features and compute every requested metric."""
-    from sitctl.evaluate.inception import LOGITS, POOL_FEATURES, create_extractor, extract_features, pick_device, resolve_weights
-
     device = pick_device(config.device)
     weights = resolve_weights(config.inception_weights, need_logits="is" in config.metrics, fetch=config.fetch_weights)
     wanted = {REGISTRY[name].layer for name in config.metrics}
@@ -128,8 +129,6 @@ def compute_metrics(
 
 def _reference_features(reference: Reference, extractor, device, batch_size: int) -> torch.Tensor:
     """Stored features of a reference artifact; an ADM .npz has only mu/sigma, so run its arr_0."""
-    from sitctl.evaluate.inception import POOL_FEATURES, extract_features
-
     stored = reference.features()
     if stored is not None:
         return torch.from_numpy(stored)
@@ -163,7 +162,7 @@ def _finished(config: EvalConfig) -> Artifact | None:
     if not Path(config.out).exists():
         return None
     existing = open_artifact(config.out, "metrics")
-    if existing.config != json.loads(json.dumps(asdict(config))):
+    if not same_settings(existing.config, config, REQUEST):
         raise EvalError(f"{config.out} already exists with other settings; artifacts are never overwritten, choose --out")
     return existing
 

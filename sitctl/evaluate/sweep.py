@@ -12,17 +12,15 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from sitctl.artifacts import open_artifact
-from sitctl.errors import SweepError
-from sitctl.records import MetricsInfo
-from sitctl.evaluate.registry import PLOTTED_VALUE
 from sitctl.configs import SweepConfig
+from sitctl.evaluate.registry import PLOTTED_VALUE
 from sitctl.evaluate.stage import EvalConfig, evaluate_stage
-
-
-
-
-
+from sitctl.records import MetricsInfo
+from sitctl.sample import SampleConfig, sample_stage
 
 
 def _label(value: float | None) -> str:
@@ -35,10 +33,6 @@ def sample_point(config: SweepConfig, out: Path, w: float | None, cfg: float | N
     if target.exists():
         open_artifact(target, "samples")  # refuses a non-artifact squatting on the name
         return target
-    try:
-        from sitctl.sample import SampleConfig, sample_stage
-    except ImportError:
-        raise SweepError("the sample stage (sitctl.sample) is not available in this installation") from None
     settings: dict[str, Any] = {"checkpoint": config.run, "out": str(target), "num": config.num}
     mode = config.mode or ("sde" if w is not None else None)
     settings.update({k: v for k, v in (("mode", mode), ("w", w), ("cfg_scale", cfg)) if v is not None})
@@ -66,10 +60,7 @@ def sweep_stage(config: SweepConfig) -> dict[str, Any]:
 
 def plot_sweep(points: list[dict[str, Any]], config: SweepConfig, out: Path) -> Path:
     """Metric against w (one line per guidance scale), or against the guidance scale alone."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     x_key, line_key = ("w", "cfg_scale") if config.w_values else ("cfg_scale", "w")
     figure, axes = plt.subplots(figsize=(5, 3.5), dpi=120)

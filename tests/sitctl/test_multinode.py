@@ -6,6 +6,7 @@ local agents, 8 GPUs become 1 CPU process, the head node becomes 127.0.0.1) then
 with c10d rendezvous over gloo, and must give the weights of one process.
 """
 
+import pytest
 import os
 import re
 import shlex
@@ -67,6 +68,7 @@ def as_local_agent(line: list[str], port: int, train_args: list[str]) -> list[st
             "-m", "sitctl.cli", "train", *train_args]
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes_train_the_same_weights_as_one_process(digits_latents_dir, tmp_path):
     out = tmp_path / "two-nodes"
     # Micro-batches on each node too: gradient accumulation under DDP (no_sync, bucket views).

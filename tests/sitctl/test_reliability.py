@@ -353,7 +353,7 @@ def test_sampling_killed_then_rerun_gives_identical_bytes_and_never_mixes_settin
     for batches in (1, 3):  # mid-run, and after the last batch (before finishing)
         out = tmp_path / f"killed-after-{batches}"
         assert run_subprocess("sample", pixel_run, "--out", out, *SAMPLE_CLI, env={CRASH_HOOK: str(batches)}).returncode == 17
-        assert_one_error_line(*cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, "--seed", "1", capsys=capsys), "seed=0")
+        assert_one_error_line(*cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, "--seed", "1", capsys=capsys), "--seed 0, now 1")
         assert cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, capsys=capsys)[0] == 0
         tried, identical = tried + 1, identical + (sample_bytes(out) == sample_bytes(straight))
     # Killed in the finishing window, as the staging dir is renamed into place.
@@ -362,7 +362,7 @@ def test_sampling_killed_then_rerun_gives_identical_bytes_and_never_mixes_settin
         kill_at_publish(patch)
         with pytest.raises(_Killed):
             sample_stage(SampleConfig(checkpoint=str(pixel_run), out=str(out), **SAMPLE_SETTINGS))
-    assert_one_error_line(*cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, "--seed", "1", capsys=capsys), "seed=0")
+    assert_one_error_line(*cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, "--seed", "1", capsys=capsys), "--seed 0, now 1")
     assert cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, capsys=capsys)[0] == 0
     tried, identical = tried + 1, identical + (sample_bytes(out) == sample_bytes(straight))
     print(f"sample: interruptions tried {tried}, identical {identical}")
@@ -378,14 +378,14 @@ def test_encoding_killed_then_rerun_gives_identical_bytes_and_never_mixes_source
     assert cli("encode", "digits", "--out", straight, *args, capsys=capsys)[0] == 0
     killed = tmp_path / "killed"
     assert run_subprocess("encode", "digits", "--out", killed, *args, env={CRASH_AFTER_SHARDS_ENV: "1"}).returncode == 75
-    assert_one_error_line(*cli("encode", "digits:holdout", "--out", killed, *args, capsys=capsys), "other settings")
+    assert_one_error_line(*cli("encode", "digits:holdout", "--out", killed, *args, capsys=capsys), "cannot continue the partial encode")
     assert cli("encode", "digits", "--out", killed, *args, capsys=capsys)[0] == 0
     publishing = tmp_path / "publishing"
     with monkeypatch.context() as patch:
         kill_at_publish(patch)
         with pytest.raises(_Killed):
             cli("encode", "digits", "--out", publishing, *args, capsys=capsys)
-    assert_one_error_line(*cli("encode", "digits:holdout", "--out", publishing, *args, capsys=capsys), "other settings")
+    assert_one_error_line(*cli("encode", "digits:holdout", "--out", publishing, *args, capsys=capsys), "cannot continue the partial encode")
     # The same run spelled with a relative --out resumes it.
     monkeypatch.chdir(tmp_path)
     assert cli("encode", "digits", "--out", "publishing", *args, capsys=capsys)[0] == 0
@@ -491,6 +491,7 @@ def test_a_second_run_on_the_same_out_names_the_process_holding_it(pixel_run, di
     assert not lock_path(tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_refused_lock_is_one_line_and_no_rank_writes(pixel_run, digits_latents_dir, tmp_path):
     from tests.torchrun import torchrun
 

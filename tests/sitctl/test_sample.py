@@ -115,6 +115,7 @@ def test_reference_run_is_a_complete_samples_artifact(reference, pixel_run):
     assert (reference / "preview.png").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_draw_byte_identical_images_and_labels(pixel_run, reference, tmp_path):
     out = tmp_path / "two"
     torchrun(["-m", "sitctl.cli", "sample", str(pixel_run), "--out", str(out), *CLI_ARGS], nproc=2)

@@ -102,7 +102,7 @@ def test_mismatched_inputs_fail_before_any_compute(digits_latents_dir, tmp_path)
     train(tiny(digits_latents_dir, tmp_path / "d", steps=1))
     with pytest.raises(SitctlError, match="already holds checkpoints .* pass --resume"):
         train(tiny(digits_latents_dir, tmp_path / "d", steps=2))
-    with pytest.raises(SitctlError, match="trained with seed=0, now 1"):
+    with pytest.raises(SitctlError, match="made with --seed 0, now 1"):
         train(tiny(digits_latents_dir, tmp_path / "d", steps=2, resume=True, seed=1))
 
 

@@ -1,5 +1,6 @@
 """Real 2-process torchrun (gloo on CPU) runs of `sitctl train`."""
 
+import pytest
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ TINY_FLAGS = ["--model", "SiT-T/2", "--global-batch", "8", "--data-lanes", "2", 
               "--loader-workers", "0", "--log-every", "1", "--preview-every", "0", "--lr", "1e-3", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one(digits_latents_dir, tmp_path):
     torchrun(["-m", "sitctl.cli", "train", str(digits_latents_dir), "--out", str(tmp_path / "two"),
               "--steps", "3", "--ckpt-every", "3", *TINY_FLAGS])

@@ -16,6 +16,7 @@ from sitctl.train import TrainConfig, train
 STEPS, WINDOW = 60, 15
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pred", ("velocity", "noise", "score"))
 @pytest.mark.parametrize("interp", NAMES)
 def test_tiny_sit_loss_falls_through_the_trainer(digits_latents_dir, tmp_path, interp, pred):

@@ -1,0 +1,163 @@
+"""Running the study: every stage is the one the CLI runs, reused when finished, resumed when not."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, is_finished, open_artifact
+from sitctl.checkpoint import list_checkpoints
+from sitctl.configs import StudyConfig
+from sitctl.encode import EncodeConfig, encode
+from sitctl.errors import SitctlError
+from sitctl.evaluate.bootstrap import bootstrap_scores, reference_arrays, sample_features
+from sitctl.evaluate.reference import ReferenceConfig, build_reference
+from sitctl.identity import check_continues, settings_of
+from sitctl.records import CheckpointInfo
+from sitctl.sample import SampleConfig, sample_stage
+from sitctl.study.points import (
+    FEATURES_FILE, SCORES_FILE, SETTINGS_FILE, TIMINGS_FILE, ModelSpec, Point, is_scored, best_model, objective_points,
+    path_points, sampler_points, seed_points
+)
+from sitctl.study.report import write_report
+from sitctl.train import TrainConfig, train
+
+
+def _reuse(path: Path, kind: str) -> Artifact | None:
+    return open_artifact(path, kind) if is_finished(path) else None
+
+
+def _timed(out: Path, what: str, make):
+    """Run make(); append its wall time to timings.jsonl (the docs' per-part durations)."""
+    start = time.perf_counter()
+    result = make()
+    record = {"what": what, "seconds": round(time.perf_counter() - start, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(out / TIMINGS_FILE, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return result
+
+
+def encode_train_images(config: StudyConfig, out: Path) -> Artifact:
+    path = out / "latents"
+    return _reuse(path, "latents") or _timed(out, "encode", lambda: encode(EncodeConfig(
+        src=config.train_source, out=str(path), image_size=config.image_size, vae="none", limit=config.train_images,
+        shard_size=5000, batch_size=256, workers=0, device=config.device)))
+
+
+def reference(config: StudyConfig, out: Path, name: str, source: str, count: int) -> Artifact:
+    """A reference artifact (images + Inception features) of the first `count` images of `source`."""
+    path = out / name
+    return _reuse(path, "reference") or _timed(out, name, lambda: build_reference(ReferenceConfig(
+        source=source, out=str(path), image_size=config.image_size, max_images=count, device=config.device)))
+
+
+def train_model(config: StudyConfig, out: Path, latents: Artifact, spec: ModelSpec) -> Artifact:
+    """The run's checkpoint at train_steps; an interrupted run resumes from its last checkpoint."""
+    run = out / "runs" / spec.name
+    found = list_checkpoints(run)
+    if found and found[-1][0] >= config.train_steps:
+        return open_artifact(found[-1][1], "checkpoint")
+    settings = TrainConfig(
+        latents=str(latents.path), out=str(run), model=config.model, interp=spec.interp, pred=spec.pred,
+        loss_weight=spec.loss_weight, discrete_steps=spec.discrete_steps, steps=config.train_steps,
+        global_batch=config.global_batch, lr=config.lr, ema_decay=config.ema_decay, flip=False, precision=spec.precision,
+        seed=config.seed if spec.seed is None else spec.seed, data_lanes=4, shuffle_buffer=2000, loader_workers=0,
+        ckpt_every=max(1, min(500, config.train_steps)), keep_last=1, log_every=max(1, min(50, config.train_steps)),
+        preview_every=0, resume=bool(found), device=config.device,
+    )
+    checkpoint = _timed(out, f"train {spec.name}", lambda: train(settings))
+    # A SIGTERM/SIGINT makes train save and return early; sampling that checkpoint would make
+    # an under-trained point that every later sitting reuses, so the sitting ends here instead.
+    step = CheckpointInfo.from_artifact(checkpoint).step
+    if step < config.train_steps:
+        raise SitctlError(f"training {spec.name} stopped at step {step} of {config.train_steps}; "
+                          "rerun the study to resume it")
+    return checkpoint
+
+
+def sample_point(config: StudyConfig, out: Path, checkpoint: Artifact, point: Point) -> Artifact:
+    path = out / "points" / point.model.name / point.sampler.name
+    s = point.sampler
+    return _reuse(path, "samples") or _timed(out, f"sample {point.model.name} {s.name}", lambda: sample_stage(SampleConfig(
+        checkpoint=str(checkpoint.path), out=str(path), mode=s.mode, method=s.method, steps=s.steps, w=s.w,
+        diffusion=s.diffusion, cfg_scale=s.cfg_scale, num=config.num_samples, batch_size=config.sample_batch,
+        seed=config.seed if s.seed is None else s.seed, preview=64, device=config.device)))
+
+
+def score_point(config: StudyConfig, samples: Artifact, ref: Artifact) -> Artifact:
+    """The metrics artifact beside the samples: features.npy (cached) and scores.json."""
+    path = samples.path.with_name(samples.path.name + "-scores")
+    found = _reuse(path, "metrics")
+    if found is not None:
+        return found
+    staging = begin_artifact(path)
+    features = sample_features(samples, config.device)
+    np.save(staging / FEATURES_FILE, features)
+    scores = bootstrap_scores(features, *reference_arrays(ref), resamples=config.bootstrap, seed=config.seed)
+    (staging / SCORES_FILE).write_text(json.dumps(scores, indent=2) + "\n")
+    settings = {"bootstrap": config.bootstrap, "seed": config.seed, "reference": ref.id}
+    return finish_artifact(staging, path, kind="metrics", config=settings, inputs=[samples, ref], extra={"values": scores})
+
+
+def planned_points(config: StudyConfig, out: Path) -> list[Point]:
+    points: list[Point] = []
+    for ablation in config.ablations:
+        if ablation == "path":
+            points += path_points(config)
+        elif ablation == "objective":
+            points += objective_points(config)
+        elif ablation == "seeds":
+            points += seed_points(config)
+        elif (best := best_model(config, out)) is not None:
+            points += sampler_points(config, best)
+    return [p for p in points if not config.models or p.model.name in config.models]
+
+
+def run_study(config: StudyConfig) -> dict[str, Any]:
+    """Run (or continue) every planned point; rewrite the report after each. Returns the report's paths."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(config, out)
+    started = time.monotonic()
+    latents = encode_train_images(config, out)
+    ref = reference(config, out, "reference", config.reference_source, config.reference_images)
+    reference(config, out, "floor", config.train_source, config.num_samples)
+    done = 0
+    while True:  # the sampler ablation's points appear once the objective grid has chosen its model
+        todo = [p for p in planned_points(config, out) if not is_scored(out, p)]
+        if not todo or _out_of_time(config, started):
+            break
+        point = todo[0]
+        checkpoint = train_model(config, out, latents, point.model)
+        samples = sample_point(config, out, checkpoint, point)
+        _timed(out, f"score {point.model.name} {point.sampler.name}", lambda: score_point(config, samples, ref))
+        done += 1
+        write_report(config, out)
+    report = write_report(config, out)
+    return {**report, "points_this_sitting": done, "points_left": len(todo)}
+
+
+def check_settings(config: StudyConfig, out: Path) -> None:
+    """Record the shaping settings on the first sitting; refuse a later sitting that changes any of them.
+
+    Every artifact in OUT was made with them; the lists of values swept may grow freely (role free).
+    """
+    saved = out / SETTINGS_FILE
+    if not saved.is_file():
+        saved.write_text(json.dumps(settings_of(config), indent=2) + "\n")
+        return
+    check_continues(json.loads(saved.read_text()), config, f"the study in {out}",
+                    "rerun with those settings or choose another --out")
+
+
+def _out_of_time(config: StudyConfig, started: float) -> bool:
+    return config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
+
+
+def study_command(config: StudyConfig) -> dict[str, Any]:
+    """What `sitctl study` runs: the study, or only its report (--report-only)."""
+    return write_report(config, Path(config.out)) if config.report_only else run_study(config)

@@ -1,0 +1,59 @@
+"""One rule for "same settings?": each config field declares its role once (sitctl/identity.py)."""
+
+import dataclasses
+
+import pytest
+
+from sitctl import configs
+from sitctl.errors import SitctlError
+from sitctl.identity import EXTENDS, FREE, INPUT, SHAPES, check_continues, resumed, role, settings_of
+from sitctl.options import setting
+from tests.sitctl.test_reliability import cli
+from tests.sitctl.test_train import TINY, assert_same_files, tiny
+
+STAGE_CONFIGS = (configs.EncodeConfig, configs.TrainConfig, configs.SampleConfig, configs.EvalConfig,
+                 configs.ReferenceConfig, configs.SweepConfig, configs.DemoConfig, configs.StudyConfig)
+
+
+@pytest.mark.parametrize("config_class", STAGE_CONFIGS, ids=lambda c: c.__name__)
+def test_every_field_has_a_known_role_and_out_is_free(config_class):
+    roles = {field.name: role(field) for field in dataclasses.fields(config_class)}
+    assert set(roles.values()) <= {SHAPES, EXTENDS, INPUT, FREE}
+    assert roles["out"] == FREE
+
+
+def test_a_new_field_shapes_the_output_unless_declared_otherwise_and_a_resume_refuses_a_change():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Grown(configs.TrainConfig):
+        new_knob: float = 0.5
+        """A setting added later, with no list anywhere to update."""
+        new_pace: int = setting(1, role=FREE)
+        """A setting that only paces the run."""
+
+    recorded = settings_of(Grown(steps=10), (SHAPES, EXTENDS, INPUT, FREE))
+    check_continues(recorded, Grown(steps=20, new_pace=4), "run r", "hint")  # steps extend, paces are free
+    with pytest.raises(SitctlError, match=r"cannot continue run r: it was made with --new-knob 0.5, now 0.7; hint"):
+        check_continues(recorded, Grown(new_knob=0.7, steps=10), "run r", "hint")
+
+
+def test_resumed_takes_every_untyped_setting_from_the_record_and_keeps_the_typed_ones():
+    recorded = settings_of(tiny("lat", "run", steps=10, seed=3, betas=(0.8, 0.9)))
+    bare = configs.TrainConfig(resume=True, steps=20, loader_workers=2)
+    config = resumed(bare, recorded, given={"steps", "resume", "loader_workers"})
+    assert (config.steps, config.seed, config.betas, config.model) == (20, 3, (0.8, 0.9), TINY["model"])
+    assert (config.loader_workers, config.latents, config.out) == (2, None, None)  # free and input fields stay
+
+
+def test_train_resume_on_the_command_line_needs_no_setting_typed_again(digits_latents_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    typed = ["--model", "SiT-T/2", "--global-batch", "8", "--data-lanes", "2", "--shuffle-buffer", "16",
+             "--loader-workers", "0", "--lr", "1e-3", "--preview-every", "0", "--seed", "4", "--device", "cpu"]
+    assert cli("train", digits_latents_dir, "--out", run, "--steps", "2", *typed, capsys=capsys)[0] == 0
+    assert cli("train", "--out", run, "--resume", "--steps", "4", capsys=capsys)[0] == 0  # model, lr, seed... from the run
+    straight = tmp_path / "straight"
+    assert cli("train", digits_latents_dir, "--out", straight, "--steps", "4", *typed, capsys=capsys)[0] == 0
+    assert_same_files(run / "step-0000004", straight / "step-0000004")
+    status, stderr = cli("train", "--out", run, "--resume", "--steps", "6", "--seed", "5", capsys=capsys)
+    assert status == 2 and stderr.strip().splitlines() == [
+        f"error: cannot continue run {run}/step-0000004: it was made with --seed 4, now 5; "
+        "drop that option (a resume takes the run's settings) or choose a new --out"]
