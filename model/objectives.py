@@ -21,6 +21,7 @@ silently ignores a weight there, which hides a mistake).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -69,12 +70,50 @@ def prediction_to_velocity(output: Tensor, x: Tensor, t: Tensor, *, interp: Inte
     return PREDICTIONS[pred](interp, output, x, t)
 
 
-def times_from_uniform(u: Tensor, *, train_eps: float, discrete_steps: int | None = None) -> Tensor:
-    """Map uniforms u in [0, 1) to t in [eps, 1 - eps], or to a grid of `discrete_steps` points on it.
+# ---------------------------------------------------------------------------------------------
+# Training time: a distribution on [0, 1] given by its quantile function, so the loader's
+# per-sample uniforms (sitctl/data.py) become times by one monotone map
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UniformTime:
+    """t ~ U[0, 1], the SiT paper's."""
+
+    def quantile(self, u: Tensor) -> Tensor:
+        return u
+
+
+@dataclass(frozen=True)
+class LogitNormalTime:
+    """SD3's logit-normal time (Esser et al. 2024, sec. 3.1), as LightningDiT and REPA use it.
+
+    SD3 draws the noise level s = sigmoid(n), n ~ N(mean, std), with s = 1 pure noise; in this
+    project's time (noise at t = 0) that is t = 1 - s = sigmoid(-n), and -n ~ N(-mean, std). So
+    `mean` keeps SD3's meaning (mean > 0 favours the noisy end) and the quantile is
+    sigmoid(-mean + std * Phi^-1(u)).
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def quantile(self, u: Tensor) -> Tensor:
+        return torch.sigmoid(-self.mean + self.std * torch.special.ndtri(u))
+
+
+TimeDistribution = UniformTime | LogitNormalTime
+TIME_DISTRIBUTIONS = {"uniform": UniformTime, "logit-normal": LogitNormalTime}
+
+
+def times_from_uniform(u: Tensor, *, train_eps: float, discrete_steps: int | None = None,
+                       distribution: TimeDistribution = UniformTime()) -> Tensor:
+    """Map uniforms u in [0, 1) to t in [eps, 1 - eps] drawn from `distribution`, or to a grid of
+    `discrete_steps` points on it.
 
     The train loop draws its uniforms per sample (sitctl/data.py) and maps them here, so its t
     match what sample_times draws from the same generator.
     """
+    u = distribution.quantile(u)
     if discrete_steps is not None:
         if discrete_steps < 2:
             raise SitctlError(f"discrete_steps must be at least 2, got {discrete_steps}")

@@ -80,6 +80,26 @@ def uniform_grid(t0: float, t1: float, steps: int) -> list[float]:
     return torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
 
 
+def shift_time(u: float, shift: float) -> float:
+    """SD3's time shift (Esser et al. 2024, eq. 23) in this project's time (noise at 0, data at 1).
+
+    SD3 writes it for the noise level s = 1 - u as s' = shift s / (1 + (shift - 1) s); then
+    u' = 1 - s' = u / (u + shift (1 - u)). Monotone on [0, 1], fixes 0 and 1; shift > 1 spends
+    more of a grid near the noise end (LightningDiT's --timestep-shift, SD3's shift 3).
+    """
+    return u / (u + shift * (1.0 - u))
+
+
+def time_grid(t0: float, t1: float, steps: int, shift: float = 1.0) -> list[float]:
+    """steps + 1 times from t0 to t1: evenly spaced, or shifted (shift_time on the fraction of the
+    way from the noise end), so both ends are kept exactly and shift 1 is the uniform grid itself."""
+    grid = uniform_grid(t0, t1, steps)
+    if shift == 1.0:
+        return grid
+    low, high = min(t0, t1), max(t0, t1)
+    return [low + (high - low) * shift_time((t - low) / (high - low), shift) if 0 < t - low < high - low else t for t in grid]
+
+
 def _time(x: Tensor, t: float) -> Tensor:
     """The scalar time t as a per-sample tensor (N,) matching x's dtype and device."""
     return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
@@ -200,29 +220,31 @@ ODE_METHODS = (*FIXED_STEP_ODE_SOLVERS, "dopri5")  # dopri5 adapts its own steps
 
 
 def integrate_ode(drift: Velocity, x: Tensor, t0: float, t1: float, *, method: str = "heun", steps: int = 50,
-                  atol: float = 1e-6, rtol: float = 1e-3, stats: dict | None = None) -> Tensor:
-    """Solve dx/dt = drift(x, t) from t0 to t1 (either direction) with a named method."""
+                  atol: float = 1e-6, rtol: float = 1e-3, shift: float = 1.0, stats: dict | None = None) -> Tensor:
+    """Solve dx/dt = drift(x, t) from t0 to t1 (either direction) with a named method; fixed-step
+    methods step on time_grid(t0, t1, steps, shift)."""
     _check_choice(method, ODE_METHODS, "ODE method")
     if method == "dopri5":
         return ode_dopri5(drift, x, t0, t1, atol=atol, rtol=rtol, stats=stats)
     if steps < 1:
         raise SitctlError(f"steps must be at least 1, got {steps}")
-    return FIXED_STEP_ODE_SOLVERS[method](drift, x, uniform_grid(t0, t1, steps), stats)
+    return FIXED_STEP_ODE_SOLVERS[method](drift, x, time_grid(t0, t1, steps, shift), stats)
 
 
 def sample_ode(velocity: Velocity, x0: Tensor, *, method: str = "heun", steps: int = 50, atol: float = 1e-6,
-               rtol: float = 1e-3, sample_eps: float = 0.0, reverse: bool = False,
+               rtol: float = 1e-3, sample_eps: float = 0.0, reverse: bool = False, shift: float = 1.0,
                stats: dict | None = None) -> Tensor:
     """Probability-flow ODE from noise x0 at t = sample_eps to data at t = 1 - sample_eps.
 
     With reverse=True, x0 is data and the result is its noise (t runs from 1 - eps down to eps).
     `steps` counts fixed steps (euler: 1 evaluation each, heun: 2); dopri5 ignores it and
-    adapts to atol/rtol. If `stats` is a dict, it receives "nfe" (network evaluations).
+    adapts to atol/rtol. `shift` > 1 puts more fixed steps near the noise end (time_grid).
+    If `stats` is a dict, it receives "nfe" (network evaluations).
     """
     t0, t1 = sample_eps, 1.0 - sample_eps
     if reverse:
         t0, t1 = t1, t0
-    return integrate_ode(velocity, x0, t0, t1, method=method, steps=steps, atol=atol, rtol=rtol, stats=stats)
+    return integrate_ode(velocity, x0, t0, t1, method=method, steps=steps, atol=atol, rtol=rtol, shift=shift, stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,13 +349,14 @@ def sde_last_step(velocity: Velocity, x: Tensor, t: float, *, interp: Interpolan
 def sample_sde(velocity: Velocity, x0: Tensor, *, interp: Interpolant, method: str = "euler",
                steps: int = 250, diffusion: str = "sigma", w: float = 1.0, last_step: str = "mean",
                last_step_size: float = 0.04, generator: Generators = None, sample_eps: float = 0.0,
-               stats: dict | None = None) -> Tensor:
+               shift: float = 1.0, stats: dict | None = None) -> Tensor:
     """SDE from noise x0 at t = sample_eps to data at t = 1.
 
     `steps` network steps in all, as the reference's --num-sampling-steps: with a last step,
     steps - 1 solver steps to 1 - last_step_size, then the noiseless last step to 1; with
     last_step="none", `steps` solver steps to 1 - sample_eps. "SBDM" is infinite at t = 0 for
     linear and gvp (alpha = 0), so it starts at max(sample_eps, 1e-3), as the reference's eps.
+    `shift` > 1 puts more of the solver steps near the noise end (time_grid).
     """
     _check_choice(method, SDE_METHODS, "SDE method")
     _check_choice(diffusion, DIFFUSIONS, "diffusion form")
@@ -350,9 +373,9 @@ def sample_sde(velocity: Velocity, x0: Tensor, *, interp: Interpolant, method: s
     # SBDM is infinite where alpha = 0; the interpolant says where it may start.
     t0 = max(sample_eps, interp.sbdm_start) if diffusion == "SBDM" else sample_eps
     if last_step == "none":
-        grid = uniform_grid(t0, 1.0 - sample_eps, steps)
+        grid = time_grid(t0, 1.0 - sample_eps, steps, shift)
     else:
-        grid = uniform_grid(t0, 1.0 - last_step_size, steps - 1)
+        grid = time_grid(t0, 1.0 - last_step_size, steps - 1, shift)
     form = diffusion_form(diffusion)  # resolved once, not on every step
     x = SDE_SOLVERS[method](velocity, x0, grid, interp=interp, diffusion=form, w=w, generator=generator, stats=stats)
     return sde_last_step(velocity, x, grid[-1], interp=interp, kind=last_step, diffusion=form, w=w, stats=stats)

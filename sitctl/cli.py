@@ -78,8 +78,10 @@ def _with_defaults(config):
     """Missing inputs and --out filled from the workspace (sitctl/defaults.py), in one place; a
     command that continues something takes every setting it was not given from what it continues."""
     from sitctl.defaults import with_defaults
+    from sitctl.recipes import apply_recipe
 
-    return with_defaults(config, say=_say, given=given_fields(type(config)))
+    given = given_fields(type(config))
+    return with_defaults(apply_recipe(config, given), say=_say, given=given)
 
 
 def _encode(config) -> None:
@@ -160,6 +162,16 @@ _command(app, "train", configs.TrainConfig, _train, doc="""Train a SiT on a late
 
     SIGTERM or Ctrl-C saves a checkpoint and exits; rerun with --resume to continue exactly.
     """)
+
+
+@app.command("recipes")
+def recipes() -> None:
+    """List the named recipes: published setups for `sitctl train/sample --recipe NAME`."""
+    from sitctl.recipes import describe, recipe_names
+
+    for name in recipe_names():
+        entry = describe(name)
+        typer.echo(f"{name:<14} [{entry['stages']}] {entry['description']}\n{'':<15}reproduces: {entry['reproduces']} ({entry['paper']})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,6 +106,12 @@ class TrainConfig:
     """Draw t from [eps, 1-eps]; default: the paper's for --interp/--pred."""
     discrete_steps: int | None = None
     """Discrete time: t on this many grid points (default: continuous)."""
+    time_dist: str = "uniform"
+    """Training time distribution: uniform (the paper's) or logit-normal (SD3; LightningDiT and REPA offer it)."""
+    time_mean: float = 0.0
+    """Logit-normal mean, in SD3's convention (noise level sigmoid(N(mean, std))): > 0 favours the noisy end."""
+    time_std: float = 1.0
+    """Logit-normal standard deviation."""
     steps: int = setting(400_000, role="extends")
     """Optimizer steps in total."""
     global_batch: int = 256
@@ -156,6 +162,8 @@ class TrainConfig:
     """Guidance scale of preview samples."""
     resume: bool = setting(False, role="free")
     """Continue from the latest checkpoint in --out (or start if none); without --out, the workspace's latest run."""
+    recipe: str | None = setting(None, role="free")
+    """A named recipe (`sitctl recipes`) or a .toml file: its [train] settings, under any typed on the command line."""
     device: str | None = setting(None, role="free")
     """cpu or cuda (default: cuda when present)."""
 
@@ -165,6 +173,12 @@ class TrainConfig:
         from model.objectives import check_objective
 
         check_objective(self.interp, self.pred, self.loss_weight)
+        from model.objectives import TIME_DISTRIBUTIONS
+
+        if self.time_dist not in TIME_DISTRIBUTIONS:
+            raise SitctlError(f"--time-dist must be one of {', '.join(TIME_DISTRIBUTIONS)}, got {self.time_dist!r}")
+        if self.time_std <= 0:
+            raise SitctlError(f"--time-std must be positive, got {self.time_std}")
         positive = ("steps", "global_batch", "lr", "data_lanes", "shuffle_buffer", "ckpt_every", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -217,6 +231,8 @@ class SampleConfig:
     """Size in t of the SDE last step."""
     sample_eps: float | None = None
     """Integrate t over [eps, 1-eps]. Default: the reference's for the interpolant/prediction."""
+    time_shift: float = 1.0
+    """Shift of the fixed-step time grid (SD3's, in this project's time): > 1 spends more steps near the noise, 1 = evenly spaced."""
     cfg_scale: float = setting(1.0, flags=("--cfg",))
     """Classifier-free guidance scale; 1.0 = off (the paper's FID-50K uses 1.5)."""
     guidance_interval: tuple[float, float] = setting((0.0, 1.0), parse=parse_interval, shown="0,1")
@@ -255,6 +271,8 @@ class SampleConfig:
     """Replay the network as CUDA graphs (torch.compile's reduce-overhead mode; CUDA only): no launch cost per step, for small batches."""
     tf32: bool = setting(True, negatable=True)
     """TF32 matmuls on CUDA, as the reference sampler."""
+    recipe: str | None = setting(None, role="free")
+    """A named recipe (`sitctl recipes`) or a .toml file: its [sample] settings, under any typed on the command line."""
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -293,6 +311,10 @@ class SampleConfig:
             raise SampleError("--reference-steps counts grid points: an ODE needs --steps of at least 2")
         if not 0.0 < self.last_step_size < 1.0:
             raise SampleError(f"--last-step-size must be in (0, 1), got {self.last_step_size}")
+        if self.time_shift <= 0:
+            raise SampleError(f"--time-shift must be > 0, got {self.time_shift}")
+        if self.time_shift != 1.0 and self.mode == "ode" and self.method == "dopri5":
+            raise SampleError("--time-shift shapes a fixed-step grid; dopri5 chooses its own steps (use --method heun or euler)")
         if self.sample_eps is not None and not 0.0 <= self.sample_eps < 0.5:
             raise SampleError(f"--sample-eps must be in [0, 0.5), got {self.sample_eps}")
         check_device(self.device)

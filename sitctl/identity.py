@@ -51,17 +51,24 @@ def settings_of(config: Any, roles: Iterable[str] = IDENTITY) -> dict[str, Any]:
     return {field.name: as_json(getattr(config, field.name)) for field in fields_with(type(config), roles)}
 
 
+def recorded_value(recorded: Mapping[str, Any], field: dataclasses.Field) -> Any:
+    """The record's value of `field`; a record made before the field existed had its default."""
+    if field.name in recorded or field.default is dataclasses.MISSING:
+        return recorded.get(field.name)
+    return as_json(field.default)
+
+
 def same_settings(recorded: Mapping[str, Any], config: Any, roles: Iterable[str] = IDENTITY) -> bool:
     """Whether a record (a manifest's config, a note) holds exactly `config`'s settings of these roles."""
-    return {name: recorded.get(name) for name in settings_of(config, roles)} == settings_of(config, roles)
+    return changed_setting(recorded, config, roles) is None
 
 
 def changed_setting(recorded: Mapping[str, Any], config: Any, roles: Iterable[str] = (SHAPES,)) -> str | None:
     """'--flag OLD, now NEW' for the first field of these roles that differs from the record, else None."""
     for field in fields_with(type(config), roles):
-        ours = as_json(getattr(config, field.name))
-        if recorded.get(field.name) != ours:
-            return f"{flag_of(field)} {recorded.get(field.name)!r}, now {ours!r}"
+        ours, theirs = as_json(getattr(config, field.name)), recorded_value(recorded, field)
+        if theirs != ours:
+            return f"{flag_of(field)} {theirs!r}, now {ours!r}"
     return None
 
 

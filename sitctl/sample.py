@@ -95,11 +95,12 @@ def draw_latents(source: Source, config: SampleConfig, indices: list[int], label
         eps = source.sample_eps if source.sample_eps is not None else source.interp.default_eps(source.pred)[1]
     if config.mode == "ode":
         return sample_ode(velocity, x0, method=config.method, steps=ode_steps(config), atol=config.atol,
-                          rtol=config.rtol, sample_eps=eps, stats=stats)
+                          rtol=config.rtol, sample_eps=eps, shift=config.time_shift, stats=stats)
     # The SDE's noise continues each sample's own generator after its initial draw.
     return sample_sde(velocity, x0, interp=source.interp, method=config.method, steps=config.steps,
                       diffusion=config.diffusion, w=config.w, last_step=config.last_step,
-                      last_step_size=config.last_step_size, generator=generators, sample_eps=eps, stats=stats)
+                      last_step_size=config.last_step_size, generator=generators, sample_eps=eps,
+                      shift=config.time_shift, stats=stats)
 
 
 # =============================================================================================

@@ -35,7 +35,7 @@ from model.configs import ModelConfigError, model_config
 from model.guidance import GuidedVelocity
 from model.interpolants import interpolant
 from model.network import SiT
-from model.objectives import times_from_uniform, training_loss
+from model.objectives import TIME_DISTRIBUTIONS, UniformTime, times_from_uniform, training_loss
 from model.samplers import sample_ode
 from sitctl import checkpoint as checkpoints
 from sitctl import distributed
@@ -79,6 +79,7 @@ class Run:
     train_eps: float
     micro_batch: int
     interp: Any = None  # the interpolant object, resolved from config.interp once when the run is prepared
+    time_distribution: Any = UniformTime()  # resolved from --time-dist once, likewise
     step: int = 0
     saved_step: int | None = None  # step of the newest checkpoint, known on every rank
     last_saved: Artifact | None = None  # that checkpoint, opened on rank 0
@@ -126,6 +127,13 @@ def find_resume_point(config: TrainConfig, latents: Latents) -> Artifact | None:
     return artifact
 
 
+def time_distribution(config: TrainConfig):
+    """--time-dist as the object the math takes (uniform has no parameters)."""
+    if config.time_dist == "uniform":
+        return UniformTime()
+    return TIME_DISTRIBUTIONS[config.time_dist](mean=config.time_mean, std=config.time_std)
+
+
 def resolve_precision(config: TrainConfig, device: torch.device) -> TrainConfig:
     """--precision auto: bf16 autocast on CUDA (tensor cores, SDPA's flash kernels), fp32 elsewhere.
 
@@ -171,6 +179,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     interp = interpolant(config.interp)  # names become objects here, at the edge; the math gets the object
     run = Run(config=config, dist=d, latents=latents, model_config=model_config, net=net, ema=ema, forward=net,
               optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step, interp=interp,
+              time_distribution=time_distribution(config),
               train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0])
     if resume_from is not None:
         saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device)
@@ -214,7 +223,8 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                            x1.shape[1:], device)  # (n, C, H, W), drawn on the device
     null = torch.full_like(batch["labels"], run.model_config.num_classes)
     y = torch.where(batch["drop"] < config.label_dropout, null, batch["labels"]).to(device, non_blocking=True)  # (n,)
-    t = times_from_uniform(batch["time"], train_eps=run.train_eps, discrete_steps=config.discrete_steps)
+    t = times_from_uniform(batch["time"], train_eps=run.train_eps, discrete_steps=config.discrete_steps,
+                           distribution=run.time_distribution)
     t = t.to(device, non_blocking=True)  # (n,)
     n, losses = len(x1), []
     for start in range(0, n, run.micro_batch):

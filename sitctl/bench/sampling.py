@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from model.interpolants import interpolant
 from sitctl.configs import SampleConfig
-from sitctl.errors import BenchError
 from sitctl.decode import load_decoder
+from sitctl.errors import BenchError
 from sitctl.sample import class_labels, draw_latents
 from sitctl.sample_source import Source
 
@@ -47,7 +48,7 @@ def bench_sampling(model: str = "SiT-XL/2", *, batch_size: int = 16, steps: tupl
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     config = model_config(model, **overrides)
     net = _randomised(SiT(config)).to(torch_device).eval()
-    source = Source(net=net, model_config=config, interp="linear", pred="velocity", vae=vae, scale_factor=None,
+    source = Source(net=net, model_config=config, interp=interpolant("linear"), pred="velocity", vae=vae, scale_factor=None,
                     artifact=None, identity="bench")
     decoder = load_decoder(source, torch_device)
     labels = class_labels(batch_size, config.num_classes, 0, "uniform")

@@ -57,3 +57,11 @@ def test_train_resume_on_the_command_line_needs_no_setting_typed_again(digits_la
     assert status == 2 and stderr.strip().splitlines() == [
         f"error: cannot continue run {run}/step-0000004: it was made with --seed 4, now 5; "
         "drop that option (a resume takes the run's settings) or choose a new --out"]
+
+
+def test_a_record_made_before_a_field_existed_counts_as_its_default():
+    recorded = settings_of(tiny("lat", "run", steps=10))
+    del recorded["seed"]  # as if `seed` had been added to TrainConfig after this run was made
+    check_continues(recorded, tiny("lat", "run", steps=10), "run r", "hint")  # the default, 0: the same run
+    with pytest.raises(SitctlError, match="--seed 0, now 3"):
+        check_continues(recorded, tiny("lat", "run", steps=10, seed=3), "run r", "hint")
