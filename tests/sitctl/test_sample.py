@@ -150,7 +150,7 @@ def test_killed_run_resumes_to_the_images_of_an_uninterrupted_one(pixel_run, ref
         handle["indices"][4:6] = [4, 5]
     changed = run_cli("sample", str(pixel_run), "--out", str(out), *CLI_ARGS, "--seed", "1")
     assert changed.returncode == 2 and changed.stderr.count("\n") == 1  # one line: mixing runs is refused
-    assert "seed=0" in changed.stderr, changed.stderr
+    assert "--seed 0, now 1" in changed.stderr, changed.stderr
     sample_stage(SampleConfig(checkpoint=str(pixel_run), out=str(out), **SETTINGS))
     images, labels = read_samples(out)
     expected_images, expected_labels = read_samples(reference)
