@@ -60,3 +60,13 @@ def test_train_resumes_from_the_newest_checkpoint_past_the_tenth(digits_latents_
     staging_dir(checkpoint_dir(tmp_path, 13)).mkdir()  # killed while saving step 13
     assert find_resume_point(config, latents).path == checkpoint_dir(tmp_path, 12)
 
+
+def test_pruning_never_removes_the_newest_checkpoint_which_is_the_resume_point(tmp_path):
+    # --keep-last 0 --keep-every 5: only milestones are kept, but a save forced by SIGTERM at step 12
+    # is what `train --resume` continues from; deleting it right after writing it loses the steps since 10.
+    for step in (5, 10, 12):
+        save(tmp_path, step)
+    prune_checkpoints(tmp_path, keep_last=0, keep_every=5)
+    assert steps(tmp_path) == [5, 10, 12]
+    prune_checkpoints(tmp_path, keep_last=0, keep_every=0)
+    assert steps(tmp_path) == [12]
