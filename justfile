@@ -6,6 +6,20 @@ venv := ".venv/bin/"
 test *ARGS:
     {{venv}}pytest -q {{ARGS}}
 
+# Mutation testing (mutmut 3, never in CI; docs/TESTING.md) of MODULES, e.g. `just mutants sitctl/data.py model/`:
+# each mutant runs only the tests that cover its function. Prints the count per outcome, then the survivors.
+# mutmut is installed into the venv on first use; results persist in mutants/, so a rerun continues.
+mutants +MODULES:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    {{venv}}python -c "import mutmut" 2>/dev/null || {{venv}}pip install -q "mutmut>=3.8.1,<4"
+    names=()  # mutmut names a mutant `module.function__mutmut_N`: sitctl/data.py -> sitctl.data.*
+    for module in {{MODULES}}; do module="${module%/}"; module="${module%.py}"; names+=("${module//\//.}.*"); done
+    prefixes="$(printf '%s\n' "${names[@]%\*}")"
+    time {{venv}}mutmut run "${names[@]}"
+    {{venv}}mutmut results --all true | grep -F "$prefixes" | sed 's/.*: //' | sort | uniq -c
+    {{venv}}mutmut results | grep -F "$prefixes" || echo "no surviving mutants"
+
 # Run the end-to-end demo.
 demo:
     {{venv}}sitctl demo

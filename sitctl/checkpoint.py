@@ -127,9 +127,11 @@ def _write_checkpoint(staging: Path, out: Path, step: int, *, model, ema, optimi
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int) -> list[int]:
-    """Delete finished checkpoints except the last `keep_last` and every multiple of `keep_every`."""
+    """Delete finished checkpoints except the last `keep_last` (the newest always) and every multiple of `keep_every`."""
     found = list_checkpoints(run_dir)
-    recent = {step for step, _ in found[-keep_last:]} if keep_last > 0 else set()
+    # The newest is the resume point (a save forced by SIGTERM, or the run's last): even with
+    # --keep-last 0 it stays, or a resume would silently go back to an older one (or to step 0).
+    recent = {step for step, _ in found[-max(keep_last, 1):]}
     removed = []
     for step, path in found:
         if step in recent or (keep_every > 0 and step % keep_every == 0):

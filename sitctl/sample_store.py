@@ -182,7 +182,8 @@ def repair_rank_file(path: Path) -> int:
         if not all(name in handle for name in DATASETS):  # killed while creating the datasets
             kept = None
         else:
-            kept = int(handle.attrs.get("committed", min(handle[name].shape[0] for name in DATASETS)))
+            # No count yet means no append ever committed: rows there are a torn first batch (fill values).
+            kept = int(handle.attrs.get("committed", 0))
             for name in DATASETS:
                 handle[name].resize(kept, axis=0)
             handle.attrs["committed"] = kept

@@ -17,6 +17,7 @@ from sitctl.data import (
     LaneReader,
     buffer_order,
     interpolant_noise,
+    lane_epoch,
     lane_units,
     latents_from_moments,
     open_latents,
@@ -225,3 +226,104 @@ def test_interpolant_noise_is_the_same_for_any_split_of_the_lanes():
     assert torch.equal(torch.cat(halves), whole)
     assert not torch.equal(interpolant_noise(3, 6, positions, 2, shape, cpu), whole)  # a new draw every step
     assert not torch.equal(whole[:2], whole[2:4])  # and every lane
+
+
+# ---------------------------------------------------------------------------------------------
+# What a rank reads over several epochs (issue 24): samples are told apart by their stored means
+# (posterior std 0 and no flips, so a training latent is exactly its sample's mean).
+# ---------------------------------------------------------------------------------------------
+
+EPOCH_STEPS = 3  # 24 samples in 4 lanes of 6, 2 per lane a step: an epoch is 3 steps of 8
+
+
+@pytest.fixture(scope="module", params=[4, 2], ids=["lane-per-shard", "half-shards"])
+def exact(request, tmp_path_factory):
+    """24 samples in 4 shards (each lane reads one shard an epoch) or in 2 (each reads half of one)."""
+    path = make_latents(tmp_path_factory.mktemp("exact") / "latents", num_shards=request.param, std=0.0).path
+    return open_latents(path)
+
+
+def read_keys(latents, x1):
+    """The key of the sample each row of x1 (n, C, H, W) is, found by its mean among every stored sample."""
+    by_mean = {}
+    for path in latents.shard_paths:
+        index = open_shard(path, (2, 2, *latents.latent_shape))
+        for sample, key in enumerate(index.keys):
+            by_mean[index.moments(sample)[0, 0].astype(np.float32).tobytes()] = key
+    return [by_mean[row.numpy().tobytes()] for row in x1]
+
+
+def exact_stream(latents, steps, *, seed=3, start_step=0, world_size=1, workers=0):
+    """`steps` global batches from `start_step`, the ranks' slices joined in rank order (global positions)."""
+    parts = [take(rank_batches(latents, global_batch=8, num_lanes=4, rank=rank, world_size=world_size, seed=seed,
+                               buffer=3, workers=workers, start_step=start_step, flip=False), steps)
+             for rank in range(world_size)]
+    return {key: torch.stack([part[key].reshape(steps, -1, *part[key].shape[1:]) for part in parts], 1).flatten(0, 2)
+            for key in parts[0]}
+
+
+def test_every_epoch_a_rank_reads_each_sample_exactly_once_and_in_a_new_order(exact):
+    keys = read_keys(exact, exact_stream(exact, 3 * EPOCH_STEPS)["x1"])
+    epochs = [keys[e * 24 : (e + 1) * 24] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == [f"img{i:05d}" for i in range(24)]
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+
+
+def test_the_same_seed_gives_the_same_stream_and_another_seed_another_order(exact):
+    first, again, other = (exact_stream(exact, 2 * EPOCH_STEPS, seed=seed) for seed in (3, 3, 4))
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    keys, other_keys = read_keys(exact, first["x1"]), read_keys(exact, other["x1"])
+    assert keys != other_keys and sorted(keys[:24]) == sorted(other_keys[:24])
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (1, 1), (2, 0), (2, 1)])
+def test_a_resume_in_the_second_epoch_continues_the_uninterrupted_global_batches_for_any_split(exact, world_size, workers):
+    start = EPOCH_STEPS + 1  # the middle of the second epoch
+    straight = exact_stream(exact, start + 4)
+    resumed = exact_stream(exact, 4, start_step=start, world_size=world_size, workers=workers)
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value[start * 8 :]), key
+
+
+UNEVEN = (9, 8, 8)  # three shards, eight lanes: units of 3 or 2 samples, lanes of unequal epochs
+
+
+def test_each_epoch_the_lanes_share_out_every_sample_once_and_each_lane_reads_its_own_once():
+    every = sorted((shard, sample) for shard, count in enumerate(UNEVEN) for sample in range(count))
+    for epoch in range(4):
+        read = []
+        for lane in range(8):
+            shards, samples = lane_epoch(UNEVEN, 8, lane, 3, epoch, buffer=4)
+            pairs = list(zip(shards.tolist(), samples.tolist()))
+            assert len(set(pairs)) == len(pairs)  # no sample twice within a lane's epoch
+            read += pairs
+        assert sorted(read) == every
+
+
+def test_a_lane_reads_other_units_from_epoch_to_epoch():
+    # Otherwise a lane would cycle through one fixed subset for the whole run.
+    dealt = [tuple(lane_units(UNEVEN, 8, 0, 3, epoch)) for epoch in range(6)]
+    assert len(set(dealt)) > 1
+
+
+def test_a_lane_stream_is_its_epochs_back_to_back_and_resumes_at_any_sample():
+    epochs = [lane_epoch(UNEVEN, 8, 5, 3, epoch, buffer=4) for epoch in range(5)]
+    shards, samples = (np.concatenate([epoch[i] for epoch in epochs]) for i in (0, 1))
+    reader = LaneReader(UNEVEN, 8, 5, seed=3, buffer=4, consumed=0)
+    taken = [reader.take(2) for _ in range(len(shards) // 2)]
+    assert np.array_equal(np.concatenate([t[0] for t in taken]), shards[: 2 * len(taken)])
+    assert np.array_equal(np.concatenate([t[1] for t in taken]), samples[: 2 * len(taken)])
+    first_epoch = len(epochs[0][0])
+    for consumed in (first_epoch - 1, first_epoch, first_epoch + 1):  # around the first epoch's end
+        resumed = LaneReader(UNEVEN, 8, 5, seed=3, buffer=4, consumed=consumed).take(5)
+        assert np.array_equal(resumed[0], shards[consumed : consumed + 5])
+        assert np.array_equal(resumed[1], samples[consumed : consumed + 5])
+
+
+def test_a_single_shard_lane_is_reshuffled_every_epoch_and_by_every_seed():
+    # One shard and one lane: only the shuffle buffer, seeded by (seed, epoch), changes the order.
+    orders = [lane_epoch((12,), 1, 0, seed, epoch, buffer=4)[1].tolist() for seed, epoch in ((3, 0), (3, 1), (3, 2), (4, 0))]
+    assert all(sorted(order) == list(range(12)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 4

@@ -210,3 +210,45 @@ def test_cli_hub_vae_offline_says_to_download_it(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot fetch VAE 'ema' (stabilityai/sd-vae-ft-ema)")
     assert "--vae DIR" in result.stderr and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Past the tenth shard (issue 24): names, order and done markers
+# ---------------------------------------------------------------------------------------------
+
+TWELVE_SHARDS = dict(src="digits", image_size=8, vae="none", limit=24, shard_size=2, workers=0)
+
+
+def test_shards_past_the_tenth_are_listed_and_read_in_their_planned_order(tmp_path):
+    from pipelines.shards import open_shard, shard_name
+    from pipelines.sources import open_source
+    from sitctl.data import open_latents
+    from sitctl.encode import plan_shards
+
+    config = EncodeConfig(out=str(tmp_path / "latents"), **TWELVE_SHARDS)
+    artifact = encode(config)
+    assert [shard["name"] for shard in artifact.extra["shards"]] == [shard_name(index) for index in range(12)]
+    source, latents = open_source("digits"), open_latents(artifact.path)
+    for index, (path, items) in enumerate(zip(latents.shard_paths, plan_shards(len(source), config), strict=True)):
+        assert path.endswith(shard_name(index))
+        assert open_shard(path, (2, 2, *latents.latent_shape)).keys == tuple(source.keys[item] for item in items)
+
+
+def test_a_resumed_encode_keeps_the_eleven_marked_shards_and_writes_the_twelfth(tmp_path):
+    from pipelines.sources import open_source
+    from sitctl.encode import encode_shards, plan_shards
+    from sitctl.vae import load_vae
+
+    straight = encode(EncodeConfig(out=str(tmp_path / "straight"), **TWELVE_SHARDS))
+    # A run that stopped after shard 10 (the eleventh): its staging dir holds 11 marked shards.
+    config = EncodeConfig(out=str(tmp_path / "resumed"), **TWELVE_SHARDS)
+    staging, source = staging_dir(config.out), open_source("digits")
+    staging.mkdir()
+    shards = dict(enumerate(plan_shards(len(source), config)))
+    vae, _ = load_vae("none", torch.device("cpu"))
+    encode_shards(source, {index: shards[index] for index in range(11)}, staging, vae, config, torch.device("cpu"),
+                  show_progress=False)
+    kept = {path.name: path.stat().st_ino for path in staging.glob("shard-*.tar")}
+    resumed = encode(config)
+    assert len(kept) == 11 and all((resumed.path / name).stat().st_ino == inode for name, inode in kept.items())
+    assert resumed.id == straight.id

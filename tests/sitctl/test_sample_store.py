@@ -51,3 +51,32 @@ def test_virtual_dataset_presents_rank_files_in_index_order_after_a_move(tmp_pat
     exported = np.load(tmp_path / "b.npz")
     assert exported["arr_0"].dtype == np.uint8 and np.array_equal(exported["arr_0"], images)
     assert np.array_equal(exported["arr_1"], np.arange(11) % 3)
+
+
+def test_more_than_ten_rank_files_read_back_in_global_index_order(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (30, 2, 2, 3), dtype=np.uint8)
+    write_round_robin(tmp_path, images, batch=2, world_size=12)
+    assert rank_file(tmp_path, 10).name == "images-rank00010.h5" and rank_file(tmp_path, 11).is_file()
+    assert sorted(stored_indices(tmp_path).tolist()) == list(range(30))
+    ordered = [batch for batch in iter_batches(tmp_path, 7)]
+    assert np.array_equal(np.concatenate([images for images, _ in ordered]), images)
+    assert np.array_equal(np.concatenate([labels for _, labels in ordered]), np.arange(30) % 3)
+    write_virtual_dataset(tmp_path, 30)
+    with h5py.File(tmp_path / "samples.h5", "r") as handle:
+        assert np.array_equal(handle["images"][:], images) and np.array_equal(handle["indices"][:], np.arange(30))
+
+
+def test_a_rank_file_killed_in_its_first_append_keeps_nothing(tmp_path):
+    # The rows were grown but never committed (no `committed` count yet): what they hold is
+    # HDF5's fill value, index 0 over and over, not samples; they must go and be drawn again.
+    writer = SampleWriter(rank_file(tmp_path, 0), (2, 2, 3))
+    for name in ("images", "labels", "indices"):
+        writer.handle[name].resize(3, axis=0)
+    writer.close()
+    assert repair_rank_file(rank_file(tmp_path, 0)) == 0
+    assert stored_indices(tmp_path).tolist() == []
+    # The resumed rank appends after the cut, so its first batch is then row 0.
+    writer = SampleWriter(rank_file(tmp_path, 0), (2, 2, 3))
+    writer.append(np.zeros((2, 2, 2, 3), np.uint8), np.array([1, 2]), np.array([0, 1]))
+    writer.close()
+    assert stored_indices(tmp_path).tolist() == [0, 1]

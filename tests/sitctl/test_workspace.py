@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -341,3 +342,63 @@ def test_under_torchrun_a_missing_out_is_refused_not_guessed(workspace, monkeypa
         with_defaults(EncodeConfig(src="imagenet/"), say=lambda line: None)
     config = with_defaults(EncodeConfig(src="imagenet/", out="latents/in16"), say=lambda line: None)
     assert config.out == "latents/in16"
+
+
+# ---------------------------------------------------------------------------------------------
+# "latest" and "next" past v9 (issue 24): numbers compare as numbers, unfinished ones never picked
+# ---------------------------------------------------------------------------------------------
+
+
+def finished(out: Path, kind: str = "samples") -> Path:
+    """A finished artifact of `kind` at `out` holding one small file (its content differs per path)."""
+    from sitctl.artifacts import begin_artifact, finish_artifact
+
+    staging = begin_artifact(out)
+    (staging / "note.txt").write_text(str(out))
+    finish_artifact(staging, out, kind=kind, config={}, extra={})
+    return out
+
+
+def test_latest_and_resolve_take_v10_after_v9_and_v12_last(tmp_path):
+    from sitctl.workspace import finished_versions, latest, next_version, resolve
+
+    for number in range(1, 13):
+        finished(tmp_path / "samples" / f"v{number}")
+    assert [version.number for version in finished_versions(tmp_path, "samples")] == list(range(1, 13))
+    assert latest(tmp_path, "samples").name == "samples/v12"
+    assert resolve("samples/v10", ("samples",), tmp_path) == tmp_path / "samples" / "v10"
+    assert resolve("samples/v1", ("samples",), tmp_path) == tmp_path / "samples" / "v1"
+    assert next_version(tmp_path, "samples") == tmp_path / "samples" / "v13"
+    shutil.rmtree(tmp_path / "samples" / "v3")  # a deleted version: the next is still past the newest
+    assert next_version(tmp_path, "samples") == tmp_path / "samples" / "v13"
+
+
+def test_next_after_v9_is_v10_and_after_an_unfinished_v10_is_v11_which_latest_never_picks(tmp_path):
+    from sitctl.artifacts import staging_dir
+    from sitctl.workspace import latest, next_version, unfinished
+
+    for number in range(1, 10):
+        finished(tmp_path / "latents" / f"v{number}", kind="latents")
+    assert next_version(tmp_path, "latents") == tmp_path / "latents" / "v10"
+    staging_dir(tmp_path / "latents" / "v10").mkdir()  # a killed encode: .v10.partial
+    assert next_version(tmp_path, "latents") == tmp_path / "latents" / "v11"
+    assert unfinished(tmp_path, "latents") == ["latents/v10"]
+    assert latest(tmp_path, "latents").name == "latents/v9"
+    (tmp_path / "latents" / "v11").mkdir()  # a version directory without a manifest: not finished either
+    assert latest(tmp_path, "latents").name == "latents/v9"
+    assert next_version(tmp_path, "latents") == tmp_path / "latents" / "v12"
+
+
+def test_the_latest_run_is_v10_after_v9_and_its_newest_checkpoint_is_step_10_after_step_9(tmp_path):
+    from sitctl.artifacts import staging_dir
+    from sitctl.workspace import latest, latest_run_dir
+
+    runs = tmp_path / "runs"
+    finished(runs / "v9" / "step-0000012", kind="checkpoint")
+    for step in (9, 10):
+        finished(runs / "v10" / f"step-{step:07d}", kind="checkpoint")
+    staging_dir(runs / "v10" / "step-0000011").mkdir(parents=True)  # a checkpoint being written
+    staging_dir(runs / "v11" / "step-0000001").mkdir(parents=True)  # a run with no finished checkpoint yet
+    newest = latest(tmp_path, "checkpoint")
+    assert newest.name == "runs/v10" and newest.artifact.path == runs / "v10" / "step-0000010"
+    assert latest_run_dir(tmp_path) == runs / "v11"  # what `train --resume` continues, finished or not
