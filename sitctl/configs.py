@@ -194,6 +194,8 @@ class TrainConfig:
             raise SitctlError("--ema-decay and --label-dropout must be in [0, 1)")
         if self.precision not in TRAIN_PRECISIONS:
             raise SitctlError(f"unknown precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
+        if self.seed < 0:  # numpy's seed sequences refuse negative seeds, late and with a traceback
+            raise SitctlError(f"--seed must be 0 or more, got {self.seed}")
         if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers) < 0:
             raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every and --loader-workers must be >= 0")
 
@@ -303,6 +305,8 @@ class SampleConfig:
                 raise SampleError(f"--{option} must be {'> 0' if positive else '>= 0'}, got {value}")
         if len(self.guidance_interval) != 2 or not 0.0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1.0:
             raise SampleError(f"--guidance-interval must be LO,HI with 0 <= LO <= HI <= 1, got {self.guidance_interval}")
+        if self.seed < 0:
+            raise SampleError(f"--seed must be 0 or more, got {self.seed}")
         if self.precision not in ("fp32", "bf16"):
             raise SampleError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.guided_channels is not None and self.guided_channels < 1:

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from sitctl import __version__
 
 
@@ -50,3 +52,9 @@ def test_importing_the_command_line_and_its_help_load_no_torch():
     assert _heavy_modules_loaded_by(help_run) == "[]"
     train_help = help_run.replace("'--help'", "'train', '--help'")
     assert _heavy_modules_loaded_by(train_help) == "[]"
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_a_negative_seed_is_one_error_line_not_a_traceback(command):
+    done = subprocess.run([sys.executable, "-m", "sitctl", command, "--seed", "-1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == ["error: --seed must be 0 or more, got -1"]
