@@ -154,6 +154,24 @@ class TrainConfig:
     """Heun steps for preview samples."""
     preview_cfg: float = 4.0
     """Guidance scale of preview samples."""
+    tracker: str = "tensorboard"
+    """Watch the run in: tensorboard (event files in --log-dir), wandb (pip install wandb; WANDB_MODE=offline and the other WANDB_* variables apply) or none."""
+    log_dir: str | None = None
+    """Folder of the tracker's files (default: OUT/logs, so `tensorboard --logdir runs` shows every run)."""
+    eval_every: int = 25_000
+    """Measure FID every N steps with the EMA weights, as `sitctl sample` + `sitctl eval fid` would (0: never)."""
+    eval_num: int = 10_000
+    """Images per FID during training, split over the processes."""
+    eval_mode: str = "sde"
+    """Sampler of the FID during training: sde (Euler-Maruyama, w 1, as `sitctl sample`) or ode (Heun)."""
+    eval_steps: int = 50
+    """Sampling steps of the FID during training."""
+    eval_cfg: float = 1.0
+    """Guidance scale of the FID during training (1.0: off)."""
+    eval_batch: int = 64
+    """Images per sampling batch of the FID during training, on each process."""
+    eval_ref: str | None = None
+    """Reference of the FID during training (default: the workspace reference `sitctl eval fid` uses, built once if missing)."""
     resume: bool = False
     """Continue from the latest checkpoint in --out (or start if none); without --out, the workspace's latest run."""
     device: str | None = None
@@ -163,6 +181,17 @@ class TrainConfig:
         check_finite(self)
         check_device(self.device)
         from model.objectives import check_objective
+        from sitctl.trackers import TRACKERS
+
+        if self.tracker not in TRACKERS:
+            raise SitctlError(f"--tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
+        if self.eval_mode not in MODES:
+            raise SitctlError(f"--eval-mode must be one of {', '.join(MODES)}, got {self.eval_mode!r}")
+        for name in ("eval_num", "eval_steps", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_num < 2 or self.eval_cfg < 0:
+            raise SitctlError("--eval-num must be at least 2 (FID needs a covariance) and --eval-cfg >= 0")
 
         check_objective(self.interp, self.pred, self.loss_weight)
         positive = ("steps", "global_batch", "lr", "data_lanes", "shuffle_buffer", "ckpt_every", "log_every")
@@ -180,8 +209,8 @@ class TrainConfig:
             raise SitctlError("--ema-decay and --label-dropout must be in [0, 1)")
         if self.precision not in TRAIN_PRECISIONS:
             raise SitctlError(f"unknown precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
-        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers) < 0:
-            raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every and --loader-workers must be >= 0")
+        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers, self.eval_every) < 0:
+            raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every, --loader-workers and --eval-every must be >= 0")
 
 
 # =============================================================================================

@@ -42,6 +42,10 @@ def summary_table(artifact: Artifact) -> Table:
         ("files", f"{len(sizes)} files, {human_size(sum(sizes))}"),
         ("inputs", ", ".join(f"{ref['kind']} {ref['id']}" for ref in artifact.inputs) or "none"),
     ]
+    if artifact.kind == "checkpoint":  # where to watch the run: `tensorboard --logdir` this folder
+        from sitctl.trackers import logs_of
+
+        rows.append(("logs", logs_of(artifact) or "none (--tracker none)"))
     rows += [(f"config.{k}", v) for k, v in flatten(artifact.config)]
     rows += [(k, v) for k, v in flatten(artifact.extra)]
     for name, value in rows:

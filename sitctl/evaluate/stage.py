@@ -73,7 +73,8 @@ def check_reference(reference: Reference, image_size: int) -> None:
 
 def evaluate_stage(config: EvalConfig) -> Artifact:
     """Score the samples; write the metrics artifact and append one row to the results table."""
-    from sitctl.evaluate.results import append_result, result_row
+    from sitctl.evaluate.results import append_result, result_row, sampler_text
+    from sitctl.trackers import add_eval_to_run
 
     needing = [name for name in config.metrics if REGISTRY[name].needs_reference]
     if config.ref is None and needing:  # the CLI fills --ref from the workspace; a script must pass one
@@ -89,7 +90,9 @@ def evaluate_stage(config: EvalConfig) -> Artifact:
         return finished
     values, weights = score(config, samples, count, reference)
     metrics = _write_metrics(config, samples, reference, values, weights, count)
-    append_result(Path(config.results), result_row(metrics, samples))
+    row = result_row(metrics, samples)
+    append_result(Path(config.results), row)
+    add_eval_to_run(samples, values, count, sampler_text(row["sampler"]))  # on the run's charts, at its step
     return metrics
 
 
