@@ -20,9 +20,11 @@ fails later prints one warning and the run trains on without it (checkpoints nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,6 +81,14 @@ class TensorBoardTracker:
         # purge_step hides every earlier event at steps >= it: what a resumed run redoes.
         purge = start_step + 1 if start_step else None
         self.writer = SummaryWriter(str(log_dir), purge_step=purge, flush_secs=60)
+        # The writer's thread re-raises a failed write (a full disk) in this one, where Guarded
+        # turns it into one warning; its own traceback would only repeat it.
+        self.previous_hook = threading.excepthook
+        threading.excepthook = self._quiet_writer_thread
+
+    def _quiet_writer_thread(self, args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            self.previous_hook(args)
 
     def scalars(self, step, values):
         for tag, value in values.items():
@@ -102,7 +112,10 @@ class TensorBoardTracker:
         self.writer.flush()
 
     def close(self):
-        self.writer.close()
+        try:
+            self.writer.close()
+        finally:
+            threading.excepthook = self.previous_hook
 
 
 class WandbTracker:
@@ -142,7 +155,10 @@ class WandbTracker:
         pass  # the W&B service process writes as it receives
 
     def close(self):
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # stops W&B's service process, which writes the run file's last records
 
 
 TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "none": None}
@@ -161,7 +177,9 @@ class Guarded:
             try:
                 getattr(self.tracker, method)(*args, **kwargs)
             except Exception as error:  # a full disk, a dead W&B service: never stop training
-                self.tracker = None
+                failed, self.tracker = self.tracker, None
+                with contextlib.suppress(Exception):
+                    failed.close()
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 print(f"warning: the {self.name} tracker failed ({reason}); training goes on without it",
                       file=sys.stderr, flush=True)
