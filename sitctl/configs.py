@@ -160,6 +160,24 @@ class TrainConfig:
     """Heun steps for preview samples."""
     preview_cfg: float = setting(4.0, role="free")
     """Guidance scale of preview samples."""
+    tracker: str = setting("tensorboard", role="free")
+    """Watch the run in: tensorboard (event files in --log-dir), wandb (pip install wandb; WANDB_MODE=offline and the other WANDB_* variables apply) or none."""
+    log_dir: str | None = setting(None, role="free")
+    """Folder of the tracker's files (default: OUT/logs, so `tensorboard --logdir runs` shows every run)."""
+    eval_every: int = setting(25_000, role="free")
+    """Measure FID every N steps with the EMA weights, as `sitctl sample` + `sitctl eval fid` would (0: never)."""
+    eval_num: int = setting(10_000, role="free")
+    """Images per FID during training, split over the processes."""
+    eval_mode: str = setting("sde", role="free")
+    """Sampler of the FID during training: sde (Euler-Maruyama, w 1, as `sitctl sample`) or ode (Heun)."""
+    eval_steps: int = setting(50, role="free")
+    """Sampling steps of the FID during training."""
+    eval_cfg: float = setting(1.0, role="free")
+    """Guidance scale of the FID during training (1.0: off)."""
+    eval_batch: int = setting(64, role="free")
+    """Images per sampling batch of the FID during training, on each process."""
+    eval_ref: str | None = setting(None, role="free")
+    """Reference of the FID during training (default: the workspace reference `sitctl eval fid` uses, built once if missing)."""
     resume: bool = setting(False, role="free")
     """Continue from the latest checkpoint in --out (or start if none); without --out, the workspace's latest run."""
     recipe: str | None = setting(None, role="free")
@@ -171,6 +189,17 @@ class TrainConfig:
         check_finite(self)
         check_device(self.device)
         from model.objectives import check_objective
+        from sitctl.trackers import TRACKERS
+
+        if self.tracker not in TRACKERS:
+            raise SitctlError(f"--tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
+        if self.eval_mode not in MODES:
+            raise SitctlError(f"--eval-mode must be one of {', '.join(MODES)}, got {self.eval_mode!r}")
+        for name in ("eval_num", "eval_steps", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_num < 2 or self.eval_cfg < 0:
+            raise SitctlError("--eval-num must be at least 2 (FID needs a covariance) and --eval-cfg >= 0")
 
         check_objective(self.interp, self.pred, self.loss_weight)
         from model.objectives import TIME_DISTRIBUTIONS
@@ -196,8 +225,8 @@ class TrainConfig:
             raise SitctlError(f"unknown precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
         if self.seed < 0:  # numpy's seed sequences refuse negative seeds, late and with a traceback
             raise SitctlError(f"--seed must be 0 or more, got {self.seed}")
-        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers) < 0:
-            raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every and --loader-workers must be >= 0")
+        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers, self.eval_every) < 0:
+            raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every, --loader-workers and --eval-every must be >= 0")
 
 
 # =============================================================================================

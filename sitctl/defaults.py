@@ -108,8 +108,9 @@ def _train_defaults(config, root: Path, say):
     chosen = config.resume and latents is None and out is not None
     if chosen:
         latents = _latents_of_run(Path(out))  # a resumed run continues on its own latents
+    eval_ref = str(resolve(config.eval_ref, ("reference",), root)) if config.eval_ref is not None else None
     return replace(config, latents=_input(root, latents, "latents", say, chosen=chosen),
-                   out=_output(root, out, "checkpoint", say))
+                   out=_output(root, out, "checkpoint", say), eval_ref=eval_ref)
 
 
 def _latents_of_run(run_dir: Path) -> str | None:

@@ -144,6 +144,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         "floor_fid": real_vs_real_fid(floor, reference),
         "grid": str(samples.path / "preview.png"),
         "loss_curve": str(checkpoint.path.parent / "loss.png"),
+        "logs": str(checkpoint.path.parent / "logs"),  # TensorBoard event files of the training run
         "metrics": str(metrics.path),
     }
     console.print(f"FID ({config.num_samples} samples vs {ReferenceInfo.from_artifact(reference).num_images} held-out digits): "
@@ -151,6 +152,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
                   f"vs the same held-out digits): {result['floor_fid']:.2f}")
     console.print(f"sample grid: {result['grid']}")
     console.print(f"loss curve:  {result['loss_curve']}")
+    console.print(f"tensorboard: tensorboard --logdir {result['logs']}")
     console.print(f"lineage:     sitctl show {result['metrics']}")
     return result
 

@@ -78,3 +78,21 @@ def save_loss_curve(metrics_jsonl: str | Path, path: str | Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def save_metric_curve(metrics_jsonl: str | Path, path: str | Path, *, key: str, title: str) -> Path:
+    """Plot one value (e.g. the FID during training) against step, from the metrics.jsonl rows that hold it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in read_metrics(metrics_jsonl) if row.get(key) is not None]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot([r["step"] for r in rows], [r[key] for r in rows], color="black", marker="o")
+    axes.set(xlabel="step", ylabel=key, title=title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

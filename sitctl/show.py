@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from sitctl.artifacts import Artifact, open_artifact, parents, verify_artifact
+from sitctl.trackers import logs_of
 
 MAX_LIST = 8  # longer lists (class names, shard tables) are summarised by their length
 
@@ -42,6 +43,9 @@ def summary_table(artifact: Artifact) -> Table:
         ("files", f"{len(sizes)} files, {human_size(sum(sizes))}"),
         ("inputs", ", ".join(f"{ref['kind']} {ref['id']}" for ref in artifact.inputs) or "none"),
     ]
+    if artifact.kind == "checkpoint":  # where to watch the run: `tensorboard --logdir` this folder
+
+        rows.append(("logs", logs_of(artifact) or "none (--tracker none)"))
     rows += [(f"config.{k}", v) for k, v in flatten(artifact.config)]
     rows += [(k, v) for k, v in flatten(artifact.extra)]
     for name, value in rows:

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from torch import nn
 
@@ -38,8 +39,9 @@ from model.network import SiT
 from model.objectives import TIME_DISTRIBUTIONS, UniformTime, times_from_uniform, training_loss
 from model.samplers import sample_ode
 from sitctl import checkpoint as checkpoints
-from sitctl import distributed
+from sitctl import distributed, trackers, train_eval
 from sitctl.artifacts import Artifact, disk_errors, is_finished, output_lock
+from sitctl.bench.model import training_mfu
 from sitctl.configs import TrainConfig
 from sitctl.data import Latents, interpolant_noise, open_latents, rank_batches
 from sitctl.decode import Decoder
@@ -87,6 +89,8 @@ class Run:
     window: dict[str, Any] = field(default_factory=dict)
     first_bad_step: torch.Tensor | None = None  # on the device: first step whose loss was not finite (0: none)
     stop_vote: tuple | None = None  # the last step's all-reduced stop vote, on its way to the host
+    tracker: Any = None  # sitctl.trackers: TensorBoard, W&B or nothing (always nothing off rank 0)
+    evaluation: Any = None  # sitctl.train_eval.TrainingEval, when a FID is due in this run
 
 
 def fit_model(config: TrainConfig, latents: Latents):
@@ -167,6 +171,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     if d.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)
         trim_metrics(Path(config.out) / "metrics.jsonl", start_step)
+    tracker = trackers.open_run_tracker(config, d, start_step, latents.artifact.id)
     set_precision(config.precision)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every world size
     random.seed(config.seed)  # and the python/numpy states a checkpoint records are the same every run
@@ -178,7 +183,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
                                   fused=d.device.type == "cuda")
     interp = interpolant(config.interp)  # names become objects here, at the edge; the math gets the object
     run = Run(config=config, dist=d, latents=latents, model_config=model_config, net=net, ema=ema, forward=net,
-              optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step, interp=interp,
+              optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step, interp=interp, tracker=tracker,
               time_distribution=time_distribution(config),
               train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0])
     if resume_from is not None:
@@ -186,6 +191,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
         run.last_saved, run.saved_step = resume_from, start_step
         run.window.update(_window_from_record(saved.get("log_window"), config, d.device))
     run.forward = wrap_for_training(net, config, d)
+    run.evaluation = train_eval.prepare_eval(run)
     return run
 
 
@@ -322,6 +328,8 @@ def train(config: TrainConfig) -> Artifact | None:
     """Run (or resume) training; returns the last checkpoint artifact on rank 0, None elsewhere."""
     d = distributed.setup(config.device)
     config = resolve_precision(config, d.device)
+    if config.log_dir is not None:  # recorded absolute: `sitctl show` and `sitctl eval` find it from anywhere
+        config = replace(config, log_dir=os.path.abspath(config.log_dir))
     run = None
     hint = "free space (or make it writable) and rerun with --resume"
     try:
@@ -332,6 +340,7 @@ def train(config: TrainConfig) -> Artifact | None:
     finally:
         if run is not None:
             run.batches.close()  # stops the loader workers now, not at interpreter exit
+            run.tracker.close()
         distributed.teardown(d)
 
 
@@ -349,6 +358,7 @@ def train_loop(run: Run) -> None:
             run.step += 1
             progress.update(task, completed=run.step)
             maybe_log(run, stats, grad_norm, time.perf_counter() - started, progress.console)
+            maybe_evaluate(run, progress.console)
             maybe_checkpoint(run, force=stopping or run.step == config.steps)
             maybe_preview(run, decoder)
             if stopping:
@@ -410,10 +420,14 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor | None, sec
         "grad_norm": float(grad_norm),
         "memory_gib": peak_memory_gib(run.dist.device),
     }
+    row["mfu"] = training_mfu(run.model_config, row["images_per_sec"], run.dist.device, run.config.precision,
+                              run.dist.world_size)
     window.clear()
     if run.dist.is_main:
         with open(Path(run.config.out) / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
+        run.tracker.scalars(run.step, trackers.flat_scalars(row, prefix="train/"))
+        run.tracker.flush()  # as current as metrics.jsonl: a kill loses no logged step
         console.print(f"step {row['step']:>8}  loss {row['loss']:.4f}  {row['images_per_sec']:8.1f} img/s  "
                       f"lr {row['lr']:.1e}  grad {row['grad_norm']:.3f}  mem {row['memory_gib']:.2f} GiB", soft_wrap=True)
 
@@ -434,7 +448,7 @@ def _window_from_record(record: dict[str, Any] | None, config: TrainConfig, devi
         return {}
 
     metrics = Path(config.out) / "metrics.jsonl"
-    rows = read_metrics(metrics) if metrics.is_file() else []
+    rows = [row for row in read_metrics(metrics) if "loss" in row] if metrics.is_file() else []
     speed = rows[-1].get("images_per_sec") if rows else None
     seconds = record["steps"] * config.global_batch / speed if speed else 0.0
     return {"stats": torch.tensor(record["stats"], device=device), "steps": int(record["steps"]), "seconds": seconds}
@@ -474,6 +488,8 @@ def maybe_checkpoint(run: Run, force: bool = False) -> None:
             config.out, run.step, model=run.net, ema=run.ema, optimizer=run.optimizer, state=state,
             config=asdict(config), latents=run.latents.artifact, extra=checkpoint_extra(run),
         )
+        run.tracker.text(run.step, "checkpoint", f"{run.last_saved.path.resolve()} (id {run.last_saved.id}): "
+                                                 f"sitctl show {run.last_saved.id}")
         checkpoints.prune_checkpoints(config.out, config.keep_last, config.keep_every)
         metrics = Path(config.out) / "metrics.jsonl"
         if metrics.is_file():
@@ -512,3 +528,23 @@ def maybe_preview(run: Run, decoder) -> None:
         images = decoder(latents)  # (n, H, W, C) uint8
     path = Path(config.out) / "previews" / f"step-{run.step:07d}.png"
     save_image_grid(images, path)
+    run.tracker.image(run.step, "preview", read_png(path))
+
+
+def read_png(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 of a PNG, as the tracker shows it."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def maybe_evaluate(run: Run, console) -> None:
+    """Every eval_every steps: FID of the EMA weights (sitctl/train_eval.py) into metrics.jsonl, fid.png and the tracker."""
+    if run.evaluation is None or run.step % run.config.eval_every:
+        return
+    check_finite(run)  # a NaN network is not sampled, on any rank
+    row = train_eval.measure_fid(run.evaluation, run.dist)
+    if run.dist.is_main:
+        train_eval.record_fid(run.config.out, run.step, row)
+        run.tracker.scalars(run.step, {"eval/fid": row["fid"]})
+        console.print(f"step {run.step:>8}  FID {row['fid']:.4f}  ({row['fid_num']} images, {row['fid_sampler']}, "
+                      f"{row['fid_seconds']:.1f} s)", soft_wrap=True)

@@ -33,6 +33,7 @@ from sitctl.artifacts import MANIFEST, Artifact, open_artifact, staging_pattern
 from sitctl.checkpoint import list_checkpoints
 from sitctl.errors import ArtifactError, SitctlError
 from sitctl.plots import read_metrics
+from sitctl.trackers import log_dir_of
 
 MARKER = ".sitctl-workspace"
 # Artifact kind -> its folder in the workspace.
@@ -256,7 +257,7 @@ def logged_loss(run_dir: Path, step: int) -> float | None:
     if not metrics.is_file():
         return None
 
-    rows = [row for row in read_metrics(metrics) if row.get("step", 0) <= step]
+    rows = [row for row in read_metrics(metrics) if row.get("step", 0) <= step and "loss" in row]  # not FID rows
     return rows[-1].get("loss") if rows else None
 
 
@@ -317,8 +318,20 @@ def ls_table(root: Path):
                 continue
             artifact = version.artifact
             made_from = "\n".join(_input_name(ref, root) for ref in artifact.inputs) or _raw_source(artifact)
-            table.add_row(version.name, artifact.id[:8], age(artifact), made_from, facts(artifact))
+            table.add_row(version.name, artifact.id[:8], age(artifact), made_from, facts(artifact) + _logs(artifact, root))
     return table
+
+
+def _logs(artifact: Artifact, root: Path) -> str:
+    """A run's tracker folder, on a line of its own (`tensorboard --logdir` it)."""
+    log_dir = log_dir_of(artifact.config, artifact.path.parent) if artifact.kind == "checkpoint" else None
+    if log_dir is None:
+        return ""
+    try:
+        shown = str(log_dir.resolve().relative_to(root))
+    except ValueError:
+        shown = str(log_dir)
+    return f"\n{artifact.config['tracker']} logs: {shown}"
 
 
 def _input_name(ref: dict, root: Path) -> str:

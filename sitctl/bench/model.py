@@ -27,6 +27,22 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     return None
 
 
+def training_mfu(model_config, images_per_second: float, device, precision: str, world_size: int) -> float | None:
+    """Model FLOP utilisation of a training run: each device's share of the step FLOPs (model.flops)
+    per second over its dense peak; None where the peak is unknown (CPUs)."""
+    import torch
+
+    from model.flops import train_step_flops
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    peak = peak_tflops(torch.cuda.get_device_name(device), precision)
+    if peak is None:
+        return None
+    return train_step_flops(model_config, 1) * images_per_second / world_size / (peak * 1e12)
+
+
 @contextmanager
 def matmul_precision(precision: str, device_type: str):
     """Set fp32 matmuls to exact (fp32) or TF32 and autocast to bf16 (bf16), restoring on exit."""

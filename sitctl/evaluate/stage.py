@@ -27,9 +27,10 @@ from sitctl.evaluate.inception import (
 )
 from sitctl.evaluate.reference import Reference, load_reference
 from sitctl.evaluate.registry import REGISTRY, MetricInputs
-from sitctl.evaluate.results import append_result, result_row
+from sitctl.evaluate.results import append_result, result_row, sampler_text
 from sitctl.identity import REQUEST, same_settings
 from sitctl.records import MetricsInfo
+from sitctl.trackers import add_eval_to_run
 
 METRICS_FILE = "metrics.json"
 
@@ -92,7 +93,9 @@ def evaluate_stage(config: EvalConfig) -> Artifact:
         return finished
     values, weights = score(config, samples, count, reference)
     metrics = _write_metrics(config, samples, reference, values, weights, count)
-    append_result(Path(config.results), result_row(metrics, samples))
+    row = result_row(metrics, samples)
+    append_result(Path(config.results), row)
+    add_eval_to_run(samples, values, count, sampler_text(row["sampler"]))  # on the run's charts, at its step
     return metrics
 
 

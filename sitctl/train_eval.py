@@ -1,0 +1,188 @@
+"""FID measured during training: every --eval-every steps the EMA weights are sampled and scored.
+
+Nothing here is a second sampler or a second FID. The images are drawn by the sample stage's
+`draw_latents` with a `SampleConfig` made from the run's --eval-* settings and decoded by its
+`Decoder`; their features come from the eval stage's `extract_features` and the number from its
+`compute_metrics`, against the reference `sitctl eval fid` would use. So the value equals
+
+    sitctl sample CHECKPOINT --mode M --method (euler | heun) --steps S --cfg G --num N --seed SEED
+    sitctl eval fid --num-expected N
+
+on the checkpoint saved at that step (`--precision bf16` too for a bf16 run). The sample indices
+are dealt to the ranks in blocks exactly as the sample stage deals them (per-sample noise and
+labels, so the images do not depend on the number of processes); each rank extracts its own
+images' features and rank 0 gathers them in index order and computes the FID.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sitctl import distributed
+from sitctl.configs import EvalConfig, SampleConfig, TrainConfig
+from sitctl.decode import Decoder, load_decoder
+from sitctl.errors import SitctlError
+from sitctl.evaluate.auto_reference import reference_for
+from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_features, resolve_weights
+from sitctl.evaluate.reference import Reference, load_reference
+from sitctl.evaluate.stage import check_reference, compute_metrics
+from sitctl.plots import save_metric_curve
+from sitctl.records import LatentsInfo
+from sitctl.sample import class_labels, draw_latents, rank_blocks, with_precision
+from sitctl.sample_source import Source, _lineage_vae
+from sitctl.workspace import MARKER, find_root
+
+EVAL_METHOD = {"sde": "euler", "ode": "heun"}  # fixed-step solvers, so the cost is known in advance
+FID_PLOT = "fid.png"
+
+
+@dataclass
+class TrainingEval:
+    """What one rank needs to measure the FID of the EMA weights, prepared once before training."""
+
+    settings: SampleConfig  # the `sitctl sample` settings the images are drawn with
+    source: Source  # the run's EMA network (updated in place) and its lineage
+    decoder: Decoder
+    extractor: Any  # the FID Inception network on this rank's device
+    labels: np.ndarray  # (num,) class of every sample index
+    blocks: list[range]  # this rank's sample indices
+    reference: Reference | None  # on rank 0
+    eval_config: EvalConfig  # what compute_metrics is given, as `sitctl eval fid` gives it
+
+
+def sample_settings(config: TrainConfig) -> SampleConfig:
+    """The `sitctl sample` settings of the FID during training."""
+    return SampleConfig(mode=config.eval_mode, method=EVAL_METHOD[config.eval_mode], steps=config.eval_steps,
+                        cfg_scale=config.eval_cfg, num=config.eval_num, batch_size=config.eval_batch, seed=config.seed,
+                        precision="bf16" if config.precision == "bf16" else "fp32", preview=0)
+
+
+def eval_steps_ahead(config: TrainConfig, step: int) -> bool:
+    """Whether a multiple of eval_every lies in (step, config.steps]."""
+    return bool(config.eval_every) and config.steps // config.eval_every > step // config.eval_every
+
+
+# =============================================================================================
+# Before training: the reference, the Inception network, the decoder
+# =============================================================================================
+
+
+def prepare_eval(run) -> TrainingEval | None:
+    """Everything the FID needs, checked before the first step; None when no FID is due in this run.
+
+    Without a reference (the latents' source images are unknown or gone) rank 0 says so once
+    and the run trains on; a wrong --eval-ref or no Inception network is an error.
+    """
+    config, d = run.config, run.dist
+    if not eval_steps_ahead(config, run.step):
+        return None
+    reference = find_reference(run) if d.is_main else None
+    if not distributed.all_agree(d, reference is not None or not d.is_main):
+        return None
+    eval_config = EvalConfig(metrics=("fid",), num_expected=config.eval_num, device=str(d.device))
+    weights = resolve_weights(eval_config.inception_weights, fetch=eval_config.fetch_weights)
+    extractor = create_extractor(weights, [POOL_FEATURES], d.device)
+    settings = sample_settings(config)
+    vae, scale_factor = _lineage_vae(run.latents.artifact, None)
+    source = Source(net=run.ema, model_config=run.model_config, interp=config.interp, pred=config.pred, vae=vae,
+                    scale_factor=scale_factor, artifact=None, identity="training",
+                    sample_eps=run.interp.default_eps(config.pred)[1])  # what the checkpoint records
+    source = with_precision(source, settings)
+    labels = class_labels(settings.num, run.model_config.num_classes, settings.seed, settings.labels)
+    return TrainingEval(settings=settings, source=source, decoder=load_decoder(source, d.device), extractor=extractor,
+                        labels=labels, blocks=rank_blocks(settings.num, settings.batch_size, d.rank, d.world_size),
+                        reference=reference, eval_config=eval_config)
+
+
+def find_reference(run) -> Reference | None:
+    """--eval-ref, else the workspace reference of the latents' source (built once if missing), else None."""
+    config = run.config
+    image_size = LatentsInfo.from_artifact(run.latents.artifact).image_size
+    if config.eval_ref is not None:
+        reference = load_reference(config.eval_ref)
+        if image_size is not None:
+            check_reference(reference, image_size)
+        return reference
+    settings = EvalConfig(metrics=("fid",), device=str(run.dist.device))
+    try:
+        path = reference_for(run.latents.artifact, workspace_root(config.out), settings, say=print)
+    except SitctlError as error:
+        print(f"warning: no FID during training: {error}; training goes on without it", file=sys.stderr, flush=True)
+        return None
+    return load_reference(path)
+
+
+def workspace_root(out: str) -> Path:
+    """The workspace holding the run directory, else the current one (where `sitctl eval fid` would look)."""
+    root = find_root(Path(out).resolve().parent)
+    return root if (root / MARKER).is_file() else find_root()
+
+
+# =============================================================================================
+# At an eval step
+# =============================================================================================
+
+
+def measure_fid(evaluation: TrainingEval, d) -> dict[str, Any] | None:
+    """Draw this rank's images, extract their features, gather them on rank 0: its metrics row, else None."""
+    started = time.perf_counter()
+    settings = evaluation.settings
+
+    def images():
+        for block in evaluation.blocks:
+            indices = list(block)
+            with torch.no_grad():
+                yield evaluation.decoder(draw_latents(evaluation.source, settings, indices, evaluation.labels[indices], d.device))
+
+    count = sum(map(len, evaluation.blocks))
+    features = extract_features(evaluation.extractor, images(), device=d.device, total=count, label="FID samples")
+    gathered = gather_in_index_order(features[POOL_FEATURES], evaluation.blocks, settings, d)
+    if gathered is None:
+        return None
+    values = compute_metrics(evaluation.eval_config, {POOL_FEATURES: gathered}, evaluation.reference)
+    return {"fid": values["fid"], "fid_num": settings.num, "fid_sampler": sampler_text(settings),
+            "fid_seconds": time.perf_counter() - started}
+
+
+def gather_in_index_order(features: torch.Tensor, blocks: list[range], settings: SampleConfig, d) -> torch.Tensor | None:
+    """(num, 2048) features of every rank in sample-index order on rank 0 (None on the others)."""
+    if not d.active:
+        return features  # one rank's blocks are already in index order
+    # Every rank's share is known from rank_blocks, so the padding needs no exchange of sizes.
+    most = max(sum(map(len, rank_blocks(settings.num, settings.batch_size, rank, d.world_size)))
+               for rank in range(d.world_size))
+    padded = torch.zeros(most, features.shape[1], device=d.device)
+    padded[: len(features)] = features.to(d.device)
+    indices = torch.full((most,), -1, dtype=torch.long, device=d.device)
+    indices[: len(features)] = torch.tensor([i for block in blocks for i in block], dtype=torch.long)
+    all_features = [torch.empty_like(padded) for _ in range(d.world_size)]
+    all_indices = [torch.empty_like(indices) for _ in range(d.world_size)]
+    torch.distributed.all_gather(all_features, padded)
+    torch.distributed.all_gather(all_indices, indices)
+    if not d.is_main:
+        return None
+    indices, features = torch.cat(all_indices).cpu(), torch.cat(all_features).cpu()
+    kept = indices >= 0
+    order = torch.argsort(indices[kept])
+    return features[kept][order]  # (num, 2048)
+
+
+def sampler_text(settings: SampleConfig) -> str:
+    """`sde euler 50 cfg1.0`: the sampler of these FIDs, as a metrics row records it."""
+    return f"{settings.mode} {settings.method} {settings.steps} cfg{settings.cfg_scale:g}"
+
+
+def record_fid(out: str, step: int, row: dict[str, Any]) -> None:
+    """Rank 0: the row into metrics.jsonl, and fid.png redrawn beside loss.png."""
+    metrics = Path(out) / "metrics.jsonl"
+    with open(metrics, "a") as handle:
+        handle.write(json.dumps({"step": step, **row}) + "\n")
+    save_metric_curve(metrics, Path(out) / FID_PLOT, key="fid", title="FID during training (EMA)")
