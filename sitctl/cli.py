@@ -187,7 +187,7 @@ _command(app, "sample", "sitctl.configs", "SampleConfig", _sample, doc="""Draw i
 # ---------------------------------------------------------------------------------------------
 
 eval_app = typer.Typer(
-    help="Score samples against real images: FID, IS, KID, precision/recall; references, tables, sweeps.",
+    help="Score samples against real images: FID, sFID, IS, KID, precision/recall, the papers' row; references, tables, sweeps.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -195,12 +195,18 @@ app.add_typer(eval_app, name="eval")
 
 
 def _evaluate(config) -> None:
+    from sitctl.evaluate.results import paper_row
     from sitctl.evaluate.stage import evaluate_stage
 
     artifact = evaluate_stage(_with_defaults(config))
-    for name, value in artifact.extra["values"].items():
-        typer.echo(f"{name}: {value:.6g}")
-    typer.echo(f"metrics artifact: {artifact.path} ({artifact.extra['num_samples']} samples)")
+    extra = artifact.extra
+    if "paper" in config.metrics:
+        for line in paper_row(extra["values"], extra.get("unavailable", {}), extra["num_samples"]):
+            typer.echo(line)
+    else:
+        for name, value in extra["values"].items():
+            typer.echo(f"{name}: {value:.6g}")
+    typer.echo(f"metrics artifact: {artifact.path} ({extra['num_samples']} samples)")
 
 
 for _metric in REGISTRY.values():  # one `sitctl eval NAME` per registered metric
@@ -226,7 +232,7 @@ def eval_ref_npz(
     ref: str = typer.Argument(..., help="Reference artifact directory."),
     out: str = typer.Argument(..., help="The .npz file to write."),
 ) -> None:
-    """Export a reference artifact as an ADM reference batch .npz (arr_0 images, mu, sigma)."""
+    """Export a reference artifact as an ADM reference batch .npz (arr_0 images, mu, sigma, mu_s, sigma_s)."""
     from sitctl.artifacts import open_artifact
     from sitctl.evaluate.reference import write_adm_npz
 

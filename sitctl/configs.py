@@ -326,7 +326,7 @@ class EvalConfig(InceptionSettings):
     ref: str | None = None
     """Reference artifact (sitctl eval ref, references/vN) or an ADM reference .npz (default: the workspace reference of the samples' source and size, built once)."""
     metrics: tuple[str, ...] = setting(("fid",), cli=False)
-    """Which of fid, is, kid, prc to compute."""
+    """Which of fid, sfid, is, kid, prc, paper to compute."""
     out: str | None = None
     """Metrics artifact to create (default: the workspace's next metrics/vN; for samples outside a workspace, a folder beside them)."""
     results: str | None = None
@@ -402,7 +402,7 @@ class SweepConfig(InceptionSettings):
     num: int = 50_000
     """Samples per point; also the eval's --num-expected."""
     metric: str = "fid"
-    """fid, kid or is."""
+    """fid, sfid, kid or is."""
     out: str | None = None
     """Sweep folder (default: RUN/sweep)."""
 
