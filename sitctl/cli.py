@@ -285,6 +285,26 @@ _command(app, "demo", "sitctl.configs", "DemoConfig", _demo, doc="""Run encode -
 
 
 # ---------------------------------------------------------------------------------------------
+# doctor
+# ---------------------------------------------------------------------------------------------
+
+
+def _doctor(config) -> None:
+    from sitctl.doctor import run_doctor
+
+    run_doctor(config)
+
+
+_command(app, "doctor", "sitctl.configs", "DoctorConfig", _doctor, doc="""Check this machine before spending GPU hours: versions, GPUs, kernels, offline files, a measured check.
+
+    Reports torch/CUDA/cuDNN/NCCL and library versions, GPUs and memory, bf16, the attention
+    kernels available, whether torch.compile works, which offline files are present (with the
+    command that fetches each), and train-step, sampling and loader throughput against the
+    figures expected on this hardware, with a verdict.
+    """)
+
+
+# ---------------------------------------------------------------------------------------------
 # study
 # ---------------------------------------------------------------------------------------------
 

@@ -547,3 +547,25 @@ class StudyConfig:
                 raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.num_samples < 2 or self.reference_images < 2:
             raise SitctlError("--num-samples and --reference-images must be at least 2 (FID needs a covariance)")
+
+
+# =============================================================================================
+# doctor
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoctorConfig:
+    """Settings of `sitctl doctor`: what it checks and how it prints."""
+
+    as_json: bool = setting(False, flags=("--json",))
+    """Print the report as one JSON object (for scripts)."""
+    device: str | None = None
+    """Device to check and measure (default: cuda when present, else cpu)."""
+    measure: bool = setting(True, negatable=True)
+    """Run the short measured check (train step, sampling, loader: about 30 s on a GPU)."""
+    compile_on_cpu: bool = False
+    """Also try torch.compile on a CPU (its C++ build takes minutes); on a GPU it is always tried."""
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
