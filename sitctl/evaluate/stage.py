@@ -137,10 +137,13 @@ class _RealFeatures:
     def __init__(self, reference: Reference | None, extractor, device, batch_size: int) -> None:
         self.reference, self.extractor, self.device, self.batch_size = reference, extractor, device, batch_size
         self.extracted: dict[str, torch.Tensor] | None = None
+        self.stored_pool: torch.Tensor | None = None
 
     def pool(self) -> torch.Tensor:
-        stored = self.reference.features()
-        return torch.from_numpy(stored) if stored is not None else self._extract(FEATURE_NAMES["pool"])
+        if self.stored_pool is None:
+            stored = self.reference.features()  # (M, 2048), read once however many metrics ask
+            self.stored_pool = torch.from_numpy(stored) if stored is not None else self._extract(FEATURE_NAMES["pool"])
+        return self.stored_pool
 
     def spatial_statistics(self):
         from sitctl.evaluate.metrics import feature_statistics
