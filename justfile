@@ -28,6 +28,11 @@ demo:
 bench *ARGS:
     {{venv}}python -m sitctl.bench all {{ARGS}}
 
+# On a GPU node, first: doctor, `just bench` at the GPU sizes, a 200-step SiT-XL/2 training under --precision auto
+# vs tf32, 256 images sampled with bf16 + compile + CUDA graphs vs fp32; writes BENCHMARKS.md's GPU sections (< 8 min on an H100).
+gpu-check *ARGS:
+    {{venv}}python -m sitctl.bench gpu-check {{ARGS}}
+
 # Benchmark the network: forward and train-step time, images/s, FLOP/s, peak memory.
 bench-model MODEL="SiT-S/2" BATCH="8" PRECISION="fp32":
     {{venv}}python -m sitctl.bench model --model {{MODEL}} --batch {{BATCH}} --precision {{PRECISION}}

@@ -86,7 +86,6 @@ def _with_defaults(config):
 
 def _encode(config) -> None:
     from sitctl.encode import encode
-
     from sitctl.records import LatentsInfo
 
     artifact = encode(_with_defaults(config))
@@ -202,7 +201,7 @@ _command(app, "sample", configs.SampleConfig, _sample, doc="""Draw images from a
 # ---------------------------------------------------------------------------------------------
 
 eval_app = typer.Typer(
-    help="Score samples against real images: FID, IS, KID, precision/recall; references, tables, sweeps.",
+    help="Score samples against real images: FID, sFID, IS, KID, precision/recall, the papers' row; references, tables, sweeps.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -210,12 +209,17 @@ app.add_typer(eval_app, name="eval")
 
 
 def _evaluate(config) -> None:
+    from sitctl.evaluate.results import paper_row
     from sitctl.evaluate.stage import evaluate_stage
     from sitctl.records import MetricsInfo
 
     info = MetricsInfo.from_artifact(artifact := evaluate_stage(_with_defaults(config)))
-    for name, value in info.values.items():
-        typer.echo(f"{name}: {value:.6g}")
+    if "paper" in config.metrics:
+        for line in paper_row(info.values, info.unavailable, info.num_samples):
+            typer.echo(line)
+    else:
+        for name, value in info.values.items():
+            typer.echo(f"{name}: {value:.6g}")
     typer.echo(f"metrics artifact: {artifact.path} ({info.num_samples} samples)")
 
 
@@ -243,7 +247,7 @@ def eval_ref_npz(
     ref: str = typer.Argument(..., help="Reference artifact directory."),
     out: str = typer.Argument(..., help="The .npz file to write."),
 ) -> None:
-    """Export a reference artifact as an ADM reference batch .npz (arr_0 images, mu, sigma)."""
+    """Export a reference artifact as an ADM reference batch .npz (arr_0 images, mu, sigma, mu_s, sigma_s)."""
     from sitctl.artifacts import open_artifact
     from sitctl.evaluate.reference import write_adm_npz
 
@@ -292,6 +296,26 @@ _command(app, "demo", configs.DemoConfig, _demo, doc="""Run encode -> train -> s
 
     Prints each stage's progress, the FID against held-out real digits (real FID Inception
     network, offline) and the path of the sample grid PNG.
+    """)
+
+
+# ---------------------------------------------------------------------------------------------
+# doctor
+# ---------------------------------------------------------------------------------------------
+
+
+def _doctor(config) -> None:
+    from sitctl.doctor import run_doctor
+
+    run_doctor(config)
+
+
+_command(app, "doctor", "sitctl.configs", "DoctorConfig", _doctor, doc="""Check this machine before spending GPU hours: versions, GPUs, kernels, offline files, a measured check.
+
+    Reports torch/CUDA/cuDNN/NCCL and library versions, GPUs and memory, bf16, the attention
+    kernels available, whether torch.compile works, which offline files are present (with the
+    command that fetches each), and train-step, sampling and loader throughput against the
+    figures expected on this hardware, with a verdict.
     """)
 
 

@@ -381,7 +381,7 @@ class EvalConfig(InceptionSettings):
     ref: str | None = setting(None, role="input")
     """Reference artifact (sitctl eval ref, references/vN) or an ADM reference .npz (default: the workspace reference of the samples' source and size, built once)."""
     metrics: tuple[str, ...] = setting(("fid",), cli=False)
-    """Which of fid, is, kid, prc to compute."""
+    """Which of fid, sfid, is, kid, prc, paper to compute."""
     out: str | None = setting(None, role="free")
     """Metrics artifact to create (default: the workspace's next metrics/vN; for samples outside a workspace, a folder beside them)."""
     results: str | None = setting(None, role="free")
@@ -457,7 +457,7 @@ class SweepConfig(InceptionSettings):
     num: int = 50_000
     """Samples per point; also the eval's --num-expected."""
     metric: str = "fid"
-    """fid, kid or is."""
+    """fid, sfid, kid or is."""
     out: str | None = setting(None, role="free")
     """Sweep folder (default: RUN/sweep)."""
 
@@ -602,3 +602,25 @@ class StudyConfig:
                 raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.num_samples < 2 or self.reference_images < 2:
             raise SitctlError("--num-samples and --reference-images must be at least 2 (FID needs a covariance)")
+
+
+# =============================================================================================
+# doctor
+# =============================================================================================
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoctorConfig:
+    """Settings of `sitctl doctor`: what it checks and how it prints."""
+
+    as_json: bool = setting(False, flags=("--json",))
+    """Print the report as one JSON object (for scripts)."""
+    device: str | None = None
+    """Device to check and measure (default: cuda when present, else cpu)."""
+    measure: bool = setting(True, negatable=True)
+    """Run the short measured check (train step, sampling, loader: about 30 s on a GPU)."""
+    compile_on_cpu: bool = False
+    """Also try torch.compile on a CPU (its C++ build takes minutes); on a GPU it is always tried."""
+
+    def __post_init__(self) -> None:
+        check_device(self.device)

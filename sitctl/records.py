@@ -127,3 +127,5 @@ class MetricsInfo(_Record):
     reference: dict[str, Any] | None = None
     inception: dict[str, Any] | None = None
     lineage: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
+    """{value: why} for values the run could not give (the paper row's IS without a class head)."""

@@ -6,6 +6,7 @@
     sampling.py   the samplers (images/s, NFE, FLOP/s)
     inception.py  FID feature extraction
     report.py     `all`: every benchmark at device-sized settings -> a bench artifact + BENCHMARKS.md
+    gpu_check.py  `gpu-check`: doctor, `all` at GPU sizes, training and sampling precision checks (a new GPU node)
     configs.py    each command's settings, declared once; cli.py generates the commands from them
 
 Each command is a thin function around a plain `bench_*(...) -> dict`, so tests and notebooks

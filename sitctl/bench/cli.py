@@ -89,6 +89,15 @@ def _all(config: configs.AllBench) -> None:
     print(f"bench artifact {artifact.path} ({artifact.id}); {config.benchmarks_md} section '{artifact.extra['device']}' updated")
 
 
+def _gpu_check(config: configs.GpuCheck) -> None:
+    from sitctl.bench.gpu_check import gpu_check
+
+    results = gpu_check(config)
+    print(f"gpu-check done in {sum(results['seconds'].values()):.0f} s: doctor {results['doctor']['verdict']}; "
+          f"losses within {results['training']['max_relative_difference']:.2%}; sampled pixels differ by "
+          f"{results['sampling']['mean_levels']:.2f} levels on average; details in {config.out}/results.json")
+
+
 _command("model", configs.ModelBench, _model,
          "Forward time, AdamW train-step time, images/s, achieved FLOP/s, peak memory and MFU of a SiT.")
 _command("encode", configs.EncodeBench, _encode,
@@ -101,6 +110,9 @@ _command("inception", configs.InceptionBench, _inception,
          "Images/s of the FID Inception's 2048-d pool features, as `sitctl eval` extracts them.")
 _command("all", configs.AllBench, _all,
          "Every benchmark at sizes that fit this device; writes a bench artifact and updates BENCHMARKS.md.")
+_command("gpu-check", configs.GpuCheck, _gpu_check,
+         "On a new GPU node: doctor, bench at the GPU sizes, XL/2 training auto vs tf32, sampling bf16+compile+graphs vs fp32 "
+         "(under 8 minutes on an H100); writes BENCHMARKS.md's GPU sections.")
 
 
 def main() -> None:

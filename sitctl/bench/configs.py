@@ -128,3 +128,13 @@ class AllBench:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuCheck:
+    out: str = "gpu-check-out"
+    """Working folder: the random VAE, synthetic latents, both runs, both sample sets, the bench artifact, results.json."""
+    benchmarks_md: str | None = None
+    """Markdown file whose device and `GPU check` sections are rewritten (default: BENCHMARKS.md; OUT/BENCHMARKS.md in a dry run)."""
+    cpu_dry_run: bool = False
+    """Run every step at tiny sizes on the CPU (no compile, no CUDA graphs): checks the plumbing; the figures mean nothing."""

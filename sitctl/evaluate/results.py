@@ -12,13 +12,14 @@ from rich.table import Table
 
 from sitctl.artifacts import Artifact, ancestor
 from sitctl.errors import SitctlError
+from sitctl.evaluate.registry import PAPER_COLUMNS
 from sitctl.records import MetricsInfo
 from sitctl.workspace import find_root, name_of
 
 RESULTS_FILE = "results.jsonl"
 # Sampler settings worth a column, when the samples stage recorded them in its config.
 SAMPLER_KEYS = ("mode", "method", "steps", "w", "diffusion", "cfg_scale")
-VALUE_KEYS = ("fid", "is_mean", "kid_mean", "precision", "recall")
+VALUE_KEYS = ("fid", "sfid", "is_mean", "adm_is", "kid_mean", "precision", "recall", "adm_precision", "adm_recall")
 
 
 def result_row(metrics: Artifact, samples: Artifact) -> dict[str, Any]:
@@ -37,6 +38,7 @@ def result_row(metrics: Artifact, samples: Artifact) -> dict[str, Any]:
         "step": checkpoint.extra.get("step") if checkpoint is not None else None,  # shown only: any checkpoint
         "sampler": sampler,
         "values": info.values,
+        "unavailable": info.unavailable,
     }
 
 
@@ -72,10 +74,13 @@ def results_table(rows: list[dict[str, Any]], root: Path | None = None):
 
     Samples and metrics go by their workspace names (`samples/v2`) where they have one; the
     sampler settings share one wrapped column (`sde euler 250 w1 cfg1.5`) instead of six
-    truncated ones; a column per metric that appears.
+    truncated ones; a column per metric that appears. ADM's IS, precision and recall (`eval
+    paper`) have columns of their own, apart from torch-fidelity's. A value a run could not give
+    reads `n/a` and the caption says why; `n` is every row's sample count (FID-10K is not FID-50K).
     """
     root = root or find_root()
-    values = [key for key in (*VALUE_KEYS, "kid_std", "is_std", "f_score") if any(key in r["values"] for r in rows)]
+    values = [key for key in (*VALUE_KEYS, "kid_std", "is_std", "f_score")
+              if any(key in r["values"] or key in r.get("unavailable", {}) for r in rows)]
     table = Table(title=f"{len(rows)} evaluation(s)", title_justify="left")
     table.add_column("samples", no_wrap=True)
     table.add_column("step", justify="right", no_wrap=True)
@@ -87,14 +92,16 @@ def results_table(rows: list[dict[str, Any]], root: Path | None = None):
     for row in rows:
         cells = [_name(row["samples"], root, name_of), _cell(row.get("step")), str(row["num_samples"]),
                  sampler_text(row.get("sampler", {}))]
-        cells += [_cell(row["values"].get(key)) for key in values]
+        cells += ["n/a" if key in row.get("unavailable", {}) else _cell(row["values"].get(key)) for key in values]
         table.add_row(*cells, _name(row.get("metrics", "-"), root, name_of))
+    reasons = sorted({f"{SHORT_NAMES.get(key, key)} n/a: {why}" for row in rows for key, why in row.get("unavailable", {}).items()})
+    table.caption, table.caption_justify = "\n".join(reasons) or None, "left"
     return table
 
 
 # Column titles short enough for 80 columns.
 SHORT_NAMES = {"is_mean": "IS", "is_std": "IS std", "kid_mean": "KID", "kid_std": "KID std", "precision": "prec",
-               "f_score": "F"}
+               "f_score": "F", "sfid": "sFID", "adm_is": "IS adm", "adm_precision": "P adm", "adm_recall": "R adm"}
 
 
 def sampler_text(sampler: dict[str, Any]) -> str:
@@ -119,3 +126,14 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def paper_row(values: dict[str, float], unavailable: dict[str, str], count: int) -> list[str]:
+    """The papers' five columns and n as two aligned lines, plus one line per unavailable value saying why."""
+    titles = [title for _, title in PAPER_COLUMNS] + ["n"]
+    cells = ["n/a" if key in unavailable else f"{values[key]:.4f}" for key, _ in PAPER_COLUMNS] + [str(count)]
+    widths = [max(len(title), len(cell)) + 2 for title, cell in zip(titles, cells)]
+    lines = ["".join(title.rjust(width) for title, width in zip(titles, widths)),
+             "".join(cell.rjust(width) for cell, width in zip(cells, widths))]
+    titled = dict(PAPER_COLUMNS)
+    return lines + [f"{titled.get(key, key)} n/a: {why}" for key, why in unavailable.items()]

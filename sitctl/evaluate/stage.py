@@ -23,8 +23,9 @@ from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_art
 from sitctl.configs import EvalConfig
 from sitctl.errors import EvalError
 from sitctl.evaluate.inception import (
-    LOGITS, POOL_FEATURES, create_extractor, extract_features, pick_device, resolve_weights
+    FEATURE_NAMES, create_extractor, extract_features, missing_head, pick_device, resolve_weights
 )
+from sitctl.evaluate.metrics import feature_statistics
 from sitctl.evaluate.reference import Reference, load_reference
 from sitctl.evaluate.registry import REGISTRY, MetricInputs
 from sitctl.evaluate.results import append_result, result_row, sampler_text
@@ -33,10 +34,6 @@ from sitctl.records import MetricsInfo
 from sitctl.trackers import add_eval_to_run
 
 METRICS_FILE = "metrics.json"
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +62,7 @@ def check_samples(samples: Artifact, config: EvalConfig) -> tuple[int, int]:
 
 
 def check_reference(reference: Reference, image_size: int) -> None:
-    if reference.image_size != image_size:
+    if reference.image_size is not None and reference.image_size != image_size:  # None: an .npz of statistics only
         raise EvalError(
             f"reference {reference.path} is {reference.image_size}x{reference.image_size} but the samples are "
             f"{image_size}x{image_size}; make a reference with --image-size {image_size}"
@@ -91,54 +88,78 @@ def evaluate_stage(config: EvalConfig) -> Artifact:
     finished = _finished(config)
     if finished is not None:
         return finished
-    values, weights = score(config, samples, count, reference)
-    metrics = _write_metrics(config, samples, reference, values, weights, count)
+    values, weights, unavailable = score(config, samples, count, reference)
+    metrics = _write_metrics(config, samples, reference, values, weights, count, unavailable)
     row = result_row(metrics, samples)
     append_result(Path(config.results), row)
     add_eval_to_run(samples, values, count, sampler_text(row["sampler"]))  # on the run's charts, at its step
     return metrics
 
 
-def score(config: EvalConfig, samples: Artifact, count: int, reference: Reference | None) -> tuple[dict[str, float], Any]:
-    """Extract the samples' features and compute every requested metric."""
+def score(config: EvalConfig, samples: Artifact, count: int,
+          reference: Reference | None) -> tuple[dict[str, float], Any, dict[str, str]]:
+    """Extract the samples' features in one pass and compute every requested metric.
+
+    Returns the values, the Inception weights used, and {value: why} for optional values the
+    network cannot give (the paper row's IS without a class head).
+    """
     device = pick_device(config.device)
-    weights = resolve_weights(config.inception_weights, need_logits="is" in config.metrics, fetch=config.fetch_weights)
-    wanted = {REGISTRY[name].layer for name in config.metrics}
-    layers = [layer for kind, layer in (("pool", POOL_FEATURES), ("logits", LOGITS)) if kind in wanted]
-    extractor = create_extractor(weights, layers, device)
+    required = {layer for name in config.metrics for layer in REGISTRY[name].layers}
+    weights = resolve_weights(config.inception_weights, need_logits="logits" in required, fetch=config.fetch_weights)
+    optional = {(layer, value) for name in config.metrics for layer, value in REGISTRY[name].optional}
+    available = {"logits"} if weights.has_logits else set()
+    wanted = required | {layer for layer, _ in optional if layer in available}
+    unavailable = {value: missing_head(weights) for layer, value in sorted(optional) if layer not in wanted}
+    extractor = create_extractor(weights, [name for layer, name in FEATURE_NAMES.items() if layer in wanted], device)
     batches = (images for images, _ in sample_store.iter_batches(samples.path, config.batch_size))
     features = extract_features(extractor, batches, device=device, total=count, label="samples")
-    return compute_metrics(config, features, reference, extractor=extractor, device=device), weights
+    return compute_metrics(config, features, reference, extractor=extractor, device=device), weights, unavailable
 
 
 def compute_metrics(
     config: EvalConfig, features: dict[str, torch.Tensor], reference: Reference | None, *, extractor=None, device=None
 ) -> dict[str, float]:
-    """The metric values from the samples' features ({"2048": (N, 2048), "logits_unbiased": (N, 1008)})."""
-    real: list[torch.Tensor] = []  # the reference's features, extracted once whichever metric asks first
-
-    def real_pool() -> torch.Tensor:
-        if not real:
-            real.append(_reference_features(reference, extractor, device, config.batch_size))
-        return real[0]
-
-    inputs = MetricInputs(config=config, pool=features.get("2048"), logits=features.get("logits_unbiased"),
-                          reference=reference, real_pool=real_pool)
+    """The metric values from the samples' features ({"2048": (N, 2048), "spatial": (N, 2023), "logits_unbiased": (N, 1008)})."""
+    real = _RealFeatures(reference, extractor, device, config.batch_size)
+    inputs = MetricInputs(config=config, pool=features.get(FEATURE_NAMES["pool"]), logits=features.get(FEATURE_NAMES["logits"]),
+                          reference=reference, real_pool=real.pool, spatial=features.get(FEATURE_NAMES["spatial"]),
+                          real_spatial=real.spatial_statistics, device=device or "cpu")
     values: dict[str, float] = {}
     for name in config.metrics:
         values.update(REGISTRY[name].compute(inputs))
     return values
 
 
-def _reference_features(reference: Reference, extractor, device, batch_size: int) -> torch.Tensor:
-    """Stored features of a reference artifact; an ADM .npz has only mu/sigma, so run its arr_0."""
-    stored = reference.features()
-    if stored is not None:
-        return torch.from_numpy(stored)
-    if extractor is None or POOL_FEATURES not in extractor.get_requested_features_list():
-        raise ValueError("KID/PRC against an .npz reference need a pool-feature extractor")
-    found = extract_features(extractor, reference.images(batch_size), device=device, total=reference.num_images, label="reference")
-    return found[POOL_FEATURES]
+class _RealFeatures:
+    """The reference's pool features and spatial statistics, each read or extracted once, on first use.
+
+    A reference artifact stores both (one made before sFID, pool features only); an ADM .npz has
+    mu/sigma and usually mu_s/sigma_s. What is not stored is extracted from the reference's images,
+    every layer the extractor gives in the same pass.
+    """
+
+    def __init__(self, reference: Reference | None, extractor, device, batch_size: int) -> None:
+        self.reference, self.extractor, self.device, self.batch_size = reference, extractor, device, batch_size
+        self.extracted: dict[str, torch.Tensor] | None = None
+        self.stored_pool: torch.Tensor | None = None
+
+    def pool(self) -> torch.Tensor:
+        if self.stored_pool is None:
+            stored = self.reference.features()  # (M, 2048), read once however many metrics ask
+            self.stored_pool = torch.from_numpy(stored) if stored is not None else self._extract(FEATURE_NAMES["pool"])
+        return self.stored_pool
+
+    def spatial_statistics(self):
+        stored = self.reference.spatial_statistics
+        return stored if stored is not None else feature_statistics(self._extract(FEATURE_NAMES["spatial"]))
+
+    def _extract(self, name: str) -> torch.Tensor:
+        if self.extractor is None or name not in self.extractor.get_requested_features_list():
+            raise ValueError(f"the reference's {name} features are not stored and the extractor does not give them")
+        if self.extracted is None:
+            self.extracted = extract_features(self.extractor, self.reference.images(self.batch_size), device=self.device,
+                                              total=self.reference.num_images, label="reference")
+        return self.extracted[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +203,7 @@ def lineage(artifact: Artifact) -> list[dict[str, str]]:
     return found
 
 
-def _write_metrics(config, samples, reference, values, weights, count) -> Artifact:
+def _write_metrics(config, samples, reference, values, weights, count, unavailable) -> Artifact:
     staging = begin_artifact(config.out)
     (staging / METRICS_FILE).write_text(json.dumps(values, indent=2) + "\n")
     reference_record = None
@@ -191,7 +212,7 @@ def _write_metrics(config, samples, reference, values, weights, count) -> Artifa
                             "format": "artifact" if reference.artifact is not None else "adm-npz"}
     extra = MetricsInfo(
         values=values, num_samples=count, num_expected=config.num_expected, reference=reference_record,
-        inception=weights.describe(), lineage=[samples.ref(), *lineage(samples)],
+        inception=weights.describe(), lineage=[samples.ref(), *lineage(samples)], unavailable=unavailable,
     ).to_extra()
     inputs = [samples] + ([reference.artifact] if reference is not None and reference.artifact is not None else [])
     return finish_artifact(staging, config.out, kind="metrics", config=asdict(config), inputs=inputs, extra=extra)

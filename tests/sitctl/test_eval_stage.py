@@ -72,7 +72,11 @@ def world(tmp_path_factory):
         "other": evaluate(root, other, reference.path, "metrics-other", ("fid", "kid", "prc")),
         "noise": evaluate(root, static, reference.path, "metrics-noise", ("fid", "kid", "prc")),
     }
-    return {"root": root, "reference": reference, "samples": {"same": same, "other": other, "noise": static}, "scored": scored}
+    # The papers' row through the command line, offline: an empty torch hub cache, so no class head for IS.
+    paper = run_cli("eval", "paper", str(static.path), "--ref", str(reference.path), "--out", str(root / "metrics-paper"),
+                    "--num-expected", str(N_REAL), "--allow-fewer", "--no-fetch", env={"TORCH_HOME": str(root / "torch-home")})
+    return {"root": root, "reference": reference, "samples": {"same": same, "other": other, "noise": static}, "scored": scored,
+            "paper": paper}
 
 
 def test_reference_reads_a_flat_folder_and_lists_unreadable_files(tmp_path):
@@ -134,6 +138,9 @@ def test_results_table_lists_every_evaluation(world):
     console.print(results_table(rows))
     text = console.export_text()
     assert "other" in text and f"{world['scored']['other'].extra['values']['fid']:.4g}" in text
+    paper = open_artifact(world["root"] / "metrics-paper", "metrics").extra["values"]
+    assert "sFID" in text and f"{paper['sfid']:.4g}" in text and f"{paper['adm_precision']:.4g}" in text
+    assert "n/a" in text and "IS adm n/a: default_1.pt is a TorchScript export without the 1008-class head" in text
 
 
 def test_rerun_reuses_the_finished_metrics_artifact(world):
@@ -224,3 +231,75 @@ def test_fid_on_real_digits_equals_an_independent_numpy_computation_on_the_same_
     expected = frechet_distance_low_rank(generated, real)
     assert expected > 1.0  # noise against digits: a distance well away from zero
     assert world["scored"]["noise"].extra["values"]["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The papers' row (ADM's evaluator) and sFID
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_paper_prints_fid_sfid_is_precision_recall_and_n_with_is_marked_unavailable_offline(world):
+    result = world["paper"]
+    assert result.returncode == 0, result.stderr
+    titles, cells, why, *_ = result.stdout.splitlines()
+    assert titles.split() == ["FID", "sFID", "IS", "precision", "recall", "n"]
+    values = open_artifact(world["root"] / "metrics-paper", "metrics").extra
+    expected = [f"{values['values'][key]:.4f}" for key in ("fid", "sfid")] + ["n/a"]
+    expected += [f"{values['values'][key]:.4f}" for key in ("adm_precision", "adm_recall")] + ["12"]
+    assert cells.split() == expected
+    assert why.startswith("IS n/a: default_1.pt is a TorchScript export without the 1008-class head; for IS, download")
+    assert values["unavailable"] == {"adm_is": why.removeprefix("IS n/a: ")} and "adm_is" not in values["values"]
+
+
+def test_paper_row_fid_is_eval_fids_own_value(world):
+    # Pool features from the pass that also keeps mixed_6/conv are the pool-only pass's (bit for bit in one
+    # process, test_eval_adm.py; the CLI ran on one thread, hence float rounding in the last digits here).
+    paper = open_artifact(world["root"] / "metrics-paper", "metrics").extra["values"]
+    assert paper["fid"] == pytest.approx(world["scored"]["noise"].extra["values"]["fid"], rel=1e-7)
+    assert paper["adm_precision"] == 0.0  # noise is inside no real digit's ball
+
+
+def old_style_reference(new, path):
+    """`new` as a reference made before sFID: the same images and pool features, statistics without mu_s/sigma_s."""
+    import shutil
+
+    staging = begin_artifact(path)
+    for image_file in new.path.glob("images-rank*.h5"):
+        shutil.copy(image_file, staging / image_file.name)
+    shutil.copy(new.file("features.npy"), staging / "features.npy")
+    with np.load(new.file("statistics.npz")) as stats:
+        np.savez(staging / "statistics.npz", mu=stats["mu"], sigma=stats["sigma"])
+    return finish_artifact(staging, path, kind="reference", config=new.config, extra=new.extra)
+
+
+def test_sfid_on_real_digits_equals_an_independent_numpy_computation_on_the_same_features(world, tmp_path):
+    """Also: a reference made before sFID stays readable and gives its spatial statistics from its stored images."""
+    from sitctl.evaluate.inception import POOL_FEATURES, SPATIAL_FEATURES, create_extractor, extract_features, resolve_weights
+    from sitctl.evaluate.stage import _RealFeatures
+
+    old = load_reference(old_style_reference(world["reference"], tmp_path / "old").path)
+    current = load_reference(world["reference"].path)
+    assert old.spatial_statistics is None
+    np.testing.assert_array_equal(old.statistics.sigma, current.statistics.sigma)
+    extractor = create_extractor(resolve_weights(None, fetch=False), [POOL_FEATURES, SPATIAL_FEATURES], torch.device("cpu"))
+    from_images = _RealFeatures(old, extractor, torch.device("cpu"), 64)
+    rebuilt = from_images.spatial_statistics()
+    real = from_images.extracted[SPATIAL_FEATURES].numpy().astype(np.float64)  # (N_REAL, 2023), extracted just now
+    for statistics in (rebuilt, current.spatial_statistics):  # stored by `eval ref`, and remade: numpy's mean and covariance
+        np.testing.assert_allclose(statistics.mu, real.mean(0), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(statistics.sigma, np.cov(real, rowvar=False), rtol=0, atol=1e-9)
+    noise = np.concatenate([images for images, _ in sample_store.iter_batches(world["samples"]["noise"].path, N_REAL)])
+    generated = extract_features(extractor, [noise], device=torch.device("cpu"))[SPATIAL_FEATURES].numpy()
+    assert real.shape == (N_REAL, 2023) and generated.shape == (12, 2023)
+    expected = frechet_distance_low_rank(generated, real)
+    assert expected > 1.0
+    paper = open_artifact(world["root"] / "metrics-paper", "metrics").extra["values"]
+    assert paper["sfid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_adm_npz_export_carries_the_spatial_statistics(world):
+    npz = write_adm_npz(world["reference"], world["root"] / "ref-spatial.npz")
+    with np.load(npz) as data:
+        assert {"arr_0", "arr_1", "mu", "sigma", "mu_s", "sigma_s"} <= set(data.files)
+    np.testing.assert_array_equal(load_reference(npz).spatial_statistics.sigma,
+                                  load_reference(world["reference"].path).spatial_statistics.sigma)
