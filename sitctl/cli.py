@@ -310,7 +310,7 @@ def _doctor(config) -> None:
     run_doctor(config)
 
 
-_command(app, "doctor", "sitctl.configs", "DoctorConfig", _doctor, doc="""Check this machine before spending GPU hours: versions, GPUs, kernels, offline files, a measured check.
+_command(app, "doctor", configs.DoctorConfig, _doctor, doc="""Check this machine before spending GPU hours: versions, GPUs, kernels, offline files, a measured check.
 
     Reports torch/CUDA/cuDNN/NCCL and library versions, GPUs and memory, bf16, the attention
     kernels available, whether torch.compile works, which offline files are present (with the
