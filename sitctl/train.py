@@ -37,6 +37,7 @@ from model.interpolants import interpolant
 from model.network import SiT
 from model.objectives import TIME_DISTRIBUTIONS, UniformTime, times_from_uniform, training_loss
 from model.samplers import sample_ode
+from sitctl import alignment as repa
 from sitctl import checkpoint as checkpoints
 from sitctl import distributed
 from sitctl.artifacts import Artifact, disk_errors, is_finished, output_lock
@@ -87,6 +88,7 @@ class Run:
     window: dict[str, Any] = field(default_factory=dict)
     first_bad_step: torch.Tensor | None = None  # on the device: first step whose loss was not finite (0: none)
     stop_vote: tuple | None = None  # the last step's all-reduced stop vote, on its way to the host
+    alignment: repa.Alignment | None = None  # REPA's encoder and projector (--repa-encoder), else None
 
 
 def fit_model(config: TrainConfig, latents: Latents):
@@ -158,11 +160,12 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     model_config = fit_model(config, latents)
     micro = plan_micro_batch(config, d.world_size)
     resume_from = find_resume_point(config, latents)
+    alignment = repa.prepare_alignment(config, model_config, latents, d.device)  # None unless --repa-encoder
     start_step = 0 if resume_from is None else int(CheckpointInfo.from_artifact(resume_from).step)
     batches = rank_batches(
         latents, global_batch=config.global_batch, num_lanes=config.data_lanes, rank=d.rank, world_size=d.world_size,
         seed=config.seed, buffer=config.shuffle_buffer, workers=config.loader_workers, start_step=start_step,
-        flip=config.flip, pin_memory=d.device.type == "cuda",
+        flip=config.flip, pin_memory=d.device.type == "cuda", images=alignment is not None,
     )
     if d.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)
@@ -174,19 +177,26 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     net = SiT(model_config).to(d.device)
     ema = SiT(model_config).to(d.device).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+    trained = [*net.parameters(), *(alignment.projector.parameters() if alignment else ())]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
                                   fused=d.device.type == "cuda")
     interp = interpolant(config.interp)  # names become objects here, at the edge; the math gets the object
     run = Run(config=config, dist=d, latents=latents, model_config=model_config, net=net, ema=ema, forward=net,
               optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step, interp=interp,
-              time_distribution=time_distribution(config),
+              time_distribution=time_distribution(config), alignment=alignment,
               train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0])
     if resume_from is not None:
-        saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device)
+        saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device,
+                                                modules=extra_modules(run))
         run.last_saved, run.saved_step = resume_from, start_step
         run.window.update(_window_from_record(saved.get("log_window"), config, d.device))
-    run.forward = wrap_for_training(net, config, d)
+    run.forward = wrap_for_training(alignment.module(net) if alignment else net, config, d)
     return run
+
+
+def extra_modules(run: Run) -> dict[str, nn.Module]:
+    """Trained modules a checkpoint holds besides the network (REPA's projector)."""
+    return {repa.PROJECTOR_FILE: run.alignment.projector} if run.alignment else {}
 
 
 def wrap_for_training(net: nn.Module, config: TrainConfig, d: distributed.Dist) -> nn.Module:
@@ -226,20 +236,27 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     t = times_from_uniform(batch["time"], train_eps=run.train_eps, discrete_steps=config.discrete_steps,
                            distribution=run.time_distribution)
     t = t.to(device, non_blocking=True)  # (n,)
-    n, losses = len(x1), []
+    images = batch["images"].to(device, non_blocking=True) if run.alignment else None  # (n, S, S, 3) uint8
+    n, losses, aligns = len(x1), [], []
     for start in range(0, n, run.micro_batch):
         part = slice(start, start + run.micro_batch)
+        objective = dict(interp=run.interp, pred=config.pred, weight=config.loss_weight, train_eps=run.train_eps,
+                         t=t[part], x0=x0[part])
         with _no_sync(run, last=start + run.micro_batch >= n):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                loss = training_loss(run.forward, x1[part], y[part], interp=run.interp, pred=config.pred,
-                                     weight=config.loss_weight, train_eps=run.train_eps, t=t[part], x0=x0[part])
+                if run.alignment is None:
+                    loss = total = training_loss(run.forward, x1[part], y[part], **objective)
+                else:  # REPA: the encoder runs on this rank's own micro-batch
+                    loss, align = repa.aligned_loss(run.alignment, run.forward, images[part], x1[part], y[part], **objective)
+                    total = loss.float() + run.alignment.coeff * align
+                    aligns.append(align.detach())
             # Sum over the rank's share / share size; DDP then averages ranks: the global-batch mean.
-            (loss.float().sum() / n).backward()
+            (total.float().sum() / n).backward()
         losses.append(loss.detach().float())
     losses = torch.cat(losses)  # (n,)
     if os.environ.get(NAN_HOOK) == str(run.step + 1):
         losses = losses * float("nan")
-    return torch.stack([losses, t.float()])  # (2, n)
+    return torch.stack([losses, t.float(), *([torch.cat(aligns)] if aligns else [])])  # (2, n), (3, n) with REPA
 
 
 def reduce_step(run: Run, losses_and_t: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
@@ -248,17 +265,17 @@ def reduce_step(run: Run, losses_and_t: torch.Tensor, stop: bool) -> tuple[torch
     Nothing here waits for the device: a non-finite loss is noted on the device (check_finite
     reads it before anything is logged or saved), and the stop vote is read one step late.
     """
-    losses, t = losses_and_t
+    losses, t, aligned = losses_and_t[0], losses_and_t[1], losses_and_t[2:]  # aligned: REPA's row, if any
     bucket = (t * TIME_BUCKETS).long().clamp(0, TIME_BUCKETS - 1)
     sums = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, losses)
     counts = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, torch.ones_like(losses))
-    stats = torch.cat([sums, counts, torch.tensor([float(stop)], device=t.device)])
+    stats = torch.cat([sums, counts, aligned.sum(1), torch.tensor([float(stop)], device=t.device)])
     stats = distributed.all_reduce_sum(run.dist, stats)
     if run.first_bad_step is None:
         run.first_bad_step = torch.zeros((), dtype=torch.int64, device=t.device)
     bad = ~torch.isfinite(stats).all() & (run.first_bad_step == 0)
     run.first_bad_step = torch.where(bad, run.step + 1, run.first_bad_step)
-    return stats[: 2 * TIME_BUCKETS], agreed_stop(run, stats[-1:])
+    return stats[:-1], agreed_stop(run, stats[-1:])
 
 
 def agreed_stop(run: Run, vote: torch.Tensor) -> bool:
@@ -295,7 +312,7 @@ def apply_update(run: Run) -> torch.Tensor | None:
 
     The norm (a pass over every gradient) is only computed when it clips or is logged: else None.
     """
-    parameters = [p for p in run.net.parameters() if p.grad is not None]
+    parameters = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]  # REPA's projector too
     norm = None
     if run.config.grad_clip is not None:
         norm = nn.utils.clip_grad_norm_(parameters, run.config.grad_clip)
@@ -321,7 +338,7 @@ def is_log_step(run: Run, step: int) -> bool:
 def train(config: TrainConfig) -> Artifact | None:
     """Run (or resume) training; returns the last checkpoint artifact on rank 0, None elsewhere."""
     d = distributed.setup(config.device)
-    config = resolve_precision(config, d.device)
+    config = repa.resolve_depth(resolve_precision(config, d.device))
     run = None
     hint = "free space (or make it writable) and rerun with --resume"
     try:
@@ -410,6 +427,8 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor | None, sec
         "grad_norm": float(grad_norm),
         "memory_gib": peak_memory_gib(run.dist.device),
     }
+    if run.alignment is not None:  # REPA's loss (minus the mean cosine), apart from the interpolant's
+        row["align_loss"] = float(window["stats"][2 * TIME_BUCKETS] / counts.sum())
     window.clear()
     if run.dist.is_main:
         with open(Path(run.config.out) / "metrics.jsonl", "a") as handle:
@@ -472,7 +491,7 @@ def maybe_checkpoint(run: Run, force: bool = False) -> None:
         checkpoints.discard_partial(config.out, run.step)
         run.last_saved = checkpoints.save_checkpoint(
             config.out, run.step, model=run.net, ema=run.ema, optimizer=run.optimizer, state=state,
-            config=asdict(config), latents=run.latents.artifact, extra=checkpoint_extra(run),
+            config=asdict(config), latents=run.latents.artifact, extra=checkpoint_extra(run), modules=extra_modules(run),
         )
         checkpoints.prune_checkpoints(config.out, config.keep_last, config.keep_every)
         metrics = Path(config.out) / "metrics.jsonl"
