@@ -301,3 +301,22 @@ class DiscreteTimeInput(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         step = (self.num_steps * (1 - t) - 1).clamp(min=0)  # (N,) fractional DDPM step index
         return self.net(x, step, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Published REPA SiT-XL/2: the same network, trained in the opposite time direction
+# ---------------------------------------------------------------------------------------------
+# REPA (arXiv 2410.06940; its loss.py and samplers.py) trains SiT on x_s = (1 - s) x + s eps, data at
+# s = 0 and noise at s = 1, with target velocity dx_s/ds = eps - x. In this project's time (noise at
+# t = 0) that is the same path at s = 1 - t, and the velocity dx/dt = x - eps is its negative.
+
+
+class ReversedTimeVelocity(nn.Module):
+    """Wraps a velocity network trained with data at t = 0 (REPA's) so it takes our t (data at 1)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return -self.net(x, 1 - t, y)

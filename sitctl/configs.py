@@ -18,7 +18,7 @@ LABEL_SCHEMES = ("balanced", "uniform")
 # The paper's sampler settings (SiT Tables 4-5 and the reference sample scripts).
 DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
-PUBLISHED_KINDS = ("sit", "dit")
+PUBLISHED_KINDS = ("sit", "dit", "repa")
 ENCODER_TARGETS = ("none", "images", "png")  # stored precomputed features are not built (see docs/guide.md)
 ABLATIONS = ("path", "objective", "sampler", "seeds")  # the study's tables (sitctl/study/)
 
@@ -287,7 +287,7 @@ class SampleConfig:
     vae: str | None = None
     """VAE of a bare .pt file (ema, mse, none or DIR); default for artifacts: their lineage's."""
     published: str = "sit"
-    """A bare .pt file is a SiT release (linear, velocity) or a DiT one (DDPM noise model, sampled as vp)."""
+    """A bare .pt file is a SiT release (linear, velocity), a DiT one (DDPM noise model, sampled as vp) or a REPA one (linear velocity with data at t = 0, its projectors dropped)."""
     npz: bool = False
     """Also write samples.npz for the ADM evaluator (arr_0 uint8 NHWC)."""
     preview: int = 64

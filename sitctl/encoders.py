@@ -118,6 +118,10 @@ def _from_hub(name: str, repo: str) -> nn.Module:
             return timm.create_model(f"{HUB_PREFIX}{repo}", pretrained=True, num_classes=0,
                                      pretrained_cfg_overlay={"hf_hub_filename": "model.safetensors"})
     except Exception as error:  # hub, JSON, timm and state-dict errors alike
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, LocalEntryNotFoundError):
+            reason = "it is not in the cache and the hub cannot be reached"
         raise EncoderError(f"cannot load encoder {name} ({repo}) from the Hugging Face cache or hub: {reason[:200]}; "
                            f"where there is internet run `hf download {repo} config.json model.safetensors`") from None
