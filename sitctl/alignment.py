@@ -59,6 +59,9 @@ def prepare_alignment(config: TrainConfig, model_config: Any, latents: Any, devi
     Everything here runs before a run writes anything, so each mistake is one line and no file.
     """
     if config.repa_encoder is None:
+        given = [name for name in ("repa_depth", "repa_image_size") if getattr(config, name) is not None]
+        if given:
+            raise SitctlError(f"--{given[0].replace('_', '-')} needs --repa-encoder")
         return None
     if latents.encoder_targets == "none":
         raise SitctlError(f"--repa-encoder needs the images the latents were encoded from, and {latents.artifact.path} "

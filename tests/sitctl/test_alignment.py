@@ -1,6 +1,7 @@
 """REPA in training (sitctl/alignment.py, sitctl/encoders.py): encode keeps the crops, the loader pairs
 each with its latent's view, and a tiny timm ViT is loaded by the call that loads DINOv2."""
 
+import json
 import subprocess
 import sys
 
@@ -152,3 +153,25 @@ def test_two_processes_train_repa_as_one(digits_with_images, tmp_path, tiny_enco
         two_weights, one_weights = weights(tmp_path / "two" / "step-0000003", name), weights(one.path, name)
         for key, value in one_weights.items():
             torch.testing.assert_close(two_weights[key], value, rtol=0, atol=2e-6, msg=f"{name} {key}")
+
+
+def test_the_repa_recipe_encodes_trains_resumes_and_samples_in_a_tiny_workspace(tmp_path, monkeypatch, tiny_encoder):
+    from tests.sitctl.test_workspace import ok
+
+    monkeypatch.chdir(tmp_path)
+    for variable in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    quick = ["--loader-workers", "0", "--preview-every", "0", "--log-every", "1", "--device", "cpu"]
+    ok("encode", "digits", "--image-size", "8", "--vae", "none", "--limit", "64", "--shard-size", "32", "--workers", "0",
+       "--encoder-targets", "images", "--device", "cpu")
+    # REPA's recipe, made tiny on the command line (which wins): SiT-T/2 has two blocks, so align block 1.
+    ok("train", "--recipe", "repa-xl2", "--model", "SiT-T/2", "--repa-depth", "1", "--repa-projector-width", "64",
+       "--global-batch", "8", "--data-lanes", "2", "--steps", "2", "--ckpt-every", "2", *quick)
+    ok("train", "--resume", "--steps", "3", *quick)
+    (first, _), (last, resumed) = list_checkpoints(tmp_path / "runs" / "v1")
+    assert (first, last) == (2, 3)
+    recorded = json.loads((resumed / "manifest.json").read_text())["config"]  # the resume kept the recipe's settings
+    assert (recorded["repa_encoder"], recorded["repa_coeff"], recorded["repa_depth"], recorded["grad_clip"]) == \
+        ("dinov2-vitb14", 0.5, 1, 1.0)
+    ok("sample", "--recipe", "repa-xl2", "--num", "4", "--steps", "4", "--batch-size", "4", "--preview", "0", "--device", "cpu")
+    assert (tmp_path / "samples" / "v1" / "manifest.json").is_file()
