@@ -252,21 +252,19 @@ class ShardImages:
     sizes: np.ndarray  # (n,) int64: bytes of each
     side: int
 
-    def read_into(self, samples: np.ndarray, flips: np.ndarray, out: np.ndarray, where: str) -> None:
-        """Write the crops of `samples`, mirrored where `flips` is set, into `out` (n, S, S, 3) uint8."""
+    def read_into(self, samples: np.ndarray, out: np.ndarray, where: str) -> None:
+        """Write the (unflipped) crops of `samples` into `out` (n, S, S, 3) uint8."""
         from model.errors import ArtifactError
 
-        for row, (sample, flip) in enumerate(zip(samples.tolist(), flips.tolist())):
+        for row, sample in enumerate(samples.tolist()):
             start, size = int(self.offsets[sample]), int(self.sizes[sample])
-            if self.format == "npy":
+            if self.format == "npy":  # a contiguous copy out of the mapped file
                 out[row] = self.buffer[start : start + size].reshape(self.side, self.side, 3)
-            else:
-                try:
-                    decode_png(self.buffer[start : start + size], out[row])
-                except (OSError, ValueError) as error:
-                    raise ArtifactError(f"{where}: sample {sample}'s image is not a readable PNG crop ({error})") from None
-            if flip:  # the latents' flipped view is the encoder's input mirrored along its width
-                out[row] = out[row, :, ::-1]
+                continue
+            try:
+                decode_png(self.buffer[start : start + size], out[row])
+            except (OSError, ValueError) as error:
+                raise ArtifactError(f"{where}: sample {sample}'s image is not a readable PNG crop ({error})") from None
 
 
 def _index_images(data, where: str, samples: dict[str, dict[str, TarMember]]) -> ShardImages | None:

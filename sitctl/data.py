@@ -210,7 +210,7 @@ class ShardCache:
         return self.opened[shard]
 
 
-def gather_images(cache: ShardCache, shards: np.ndarray, samples: np.ndarray, flip: np.ndarray, out: np.ndarray) -> None:
+def gather_images(cache: ShardCache, shards: np.ndarray, samples: np.ndarray, flip: np.ndarray, out: torch.Tensor) -> None:
     """Write the kept crops of n samples into `out` (n, S, S, 3) uint8, mirrored where their latent's
     flipped view was chosen (the same `flip`), so the encoder sees the view the latent is of."""
     for shard in np.unique(shards).tolist():
@@ -219,11 +219,14 @@ def gather_images(cache: ShardCache, shards: np.ndarray, samples: np.ndarray, fl
         if index.images is None or index.images.side != out.shape[1]:
             raise ArtifactError(f"{index.path} holds no {out.shape[1]}-px images, though its manifest says it does")
         if len(rows) == len(out):  # the usual case: the chunk lies in one shard, read in place
-            index.images.read_into(samples, flip, out, index.path)
+            index.images.read_into(samples, out.numpy(), index.path)
             continue
         block = np.empty((len(rows), *out.shape[1:]), np.uint8)
-        index.images.read_into(samples[rows], flip[rows], block, index.path)
-        out[rows] = block
+        index.images.read_into(samples[rows], block, index.path)
+        out[torch.from_numpy(rows)] = torch.from_numpy(block)
+    mirrored = torch.from_numpy(np.flatnonzero(flip))
+    out[mirrored] = out[mirrored].flip(2)  # along the width, as encode flipped the image for the latent; torch's flip
+    # is ~10x numpy's strided copy
 
 
 def gather_views(cache: ShardCache, shards: np.ndarray, samples: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -325,7 +328,7 @@ class LaneChunks(torch.utils.data.IterableDataset):
                 shards, samples = reader.take(k)
                 views, labels = gather_views(cache, shards, samples, flip)
                 if self.images:
-                    gather_images(cache, shards, samples, flip, chunk["images"][rows].numpy())
+                    gather_images(cache, shards, samples, flip, chunk["images"][rows])
                 latents_from_moments(torch.from_numpy(views), noise, self.latents.scale_factor, out=chunk["x1"][rows])
                 chunk["labels"][rows] = torch.from_numpy(labels)
                 chunk["drop"][rows], chunk["time"][rows] = uniforms[:, 1], uniforms[:, 2]
