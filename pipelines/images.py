@@ -42,7 +42,7 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
 # Crops kept in latents shards for an alignment encoder (encode --encoder-targets images)
 # ---------------------------------------------------------------------------------------------
 
-PNG_COMPRESS_LEVEL = 1  # zlib level: measured on photos, level 6 saves a few % of disk and encodes several times slower
+PNG_COMPRESS_LEVEL = 1  # zlib level: on 256-px photos level 6 saves 9% of disk but encodes 3x slower (BENCHMARKS.md)
 
 
 def png_bytes(crop: np.ndarray) -> bytes:
