@@ -79,6 +79,10 @@ _SIZES = {
 }
 _PATCHES = {"T": (2, 4), "XS": (2, 4), "S": (2, 4, 8), "B": (2, 4, 8), "L": (2, 4, 8), "XL": (2, 4, 8)}
 
+# The block whose output REPA aligns, per size: 8 for L and XL, 4 for B (REPA, arXiv 2410.06940,
+# Sec. 4 and its scripts), 4 for S as for B; our tiny T and XS take the block a third of the way in.
+REPA_DEPTHS = {"T": 1, "XS": 2, "S": 4, "B": 4, "L": 8, "XL": 8}
+
 MODEL_NAMES: tuple[str, ...] = tuple(f"SiT-{size}/{patch}" for size, patches in _PATCHES.items() for patch in patches)
 
 
@@ -93,3 +97,10 @@ def model_config(name: str, **overrides) -> SiTConfig:
     if unknown:
         raise ModelConfigError(f"unknown model setting(s) {', '.join(sorted(unknown))}")
     return replace(base, **overrides)
+
+
+def default_repa_depth(name: str) -> int:
+    """The SiT block (counted from 1) whose output REPA aligns for the preset `name` by default."""
+    if name not in MODEL_NAMES:
+        raise ModelConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return REPA_DEPTHS[name.removeprefix("SiT-").split("/")[0]]

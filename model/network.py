@@ -193,13 +193,21 @@ class SiT(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4)  # (N, c, H/p, p, W/p, p)
         return x.reshape(n, channels, grid * p, grid * p)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """x (N, C, H, W), t (N,) in [0, 1], y (N,) long with num_classes = null -> (N, C, H, W)."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, hidden_depth: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """x (N, C, H, W), t (N,) in [0, 1], y (N,) long with num_classes = null -> (N, C, H, W).
+
+        With `hidden_depth` k (counted from 1) it also returns the tokens (N, T, D) that block k
+        outputs, for representation alignment (model/repa.py); the prediction is unchanged.
+        """
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
-        for block in self.blocks:
+        hidden = None
+        for index, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c)  # (N, T, D)
-        return self.unpatchify(self.final_layer(tokens, c))  # (N, C, H, W)
+            if index == hidden_depth:
+                hidden = tokens
+        output = self.unpatchify(self.final_layer(tokens, c))  # (N, C, H, W)
+        return output if hidden_depth is None else (output, hidden)
 
 
 # =============================================================================================
@@ -293,3 +301,22 @@ class DiscreteTimeInput(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         step = (self.num_steps * (1 - t) - 1).clamp(min=0)  # (N,) fractional DDPM step index
         return self.net(x, step, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Published REPA SiT-XL/2: the same network, trained in the opposite time direction
+# ---------------------------------------------------------------------------------------------
+# REPA (arXiv 2410.06940; its loss.py and samplers.py) trains SiT on x_s = (1 - s) x + s eps, data at
+# s = 0 and noise at s = 1, with target velocity dx_s/ds = eps - x. In this project's time (noise at
+# t = 0) that is the same path at s = 1 - t, and the velocity dx/dt = x - eps is its negative.
+
+
+class ReversedTimeVelocity(nn.Module):
+    """Wraps a velocity network trained with data at t = 0 (REPA's) so it takes our t (data at 1)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return -self.net(x, 1 - t, y)

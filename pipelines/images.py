@@ -36,3 +36,29 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     top = (array.shape[0] - image_size) // 2
     left = (array.shape[1] - image_size) // 2
     return array[top : top + image_size, left : left + image_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops kept in latents shards for an alignment encoder (encode --encoder-targets images)
+# ---------------------------------------------------------------------------------------------
+
+PNG_COMPRESS_LEVEL = 1  # zlib level: on 256-px photos level 6 saves 9% of disk but encodes 3x slower (BENCHMARKS.md)
+
+
+def png_bytes(crop: np.ndarray) -> bytes:
+    """An (S, S, 3) uint8 crop as PNG bytes: lossless, and the same bytes on every run (no metadata)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(crop)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_png(data, out: np.ndarray) -> None:
+    """Decode PNG bytes (bytes or a uint8 buffer) of an RGB crop into `out` (S, S, 3) uint8."""
+    import io
+
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode != "RGB" or image.size != (out.shape[1], out.shape[0]):
+            raise ValueError(f"a {image.mode} {image.size[0]}x{image.size[1]} image, expected RGB {out.shape[1]}x{out.shape[0]}")
+        out[...] = np.asarray(image)

@@ -2,7 +2,8 @@
 
 A shard is a plain tar named from its global index (`shard-000000.tar`). Each sample is three
 members sharing the sample's key: `KEY.cls` (label as ascii int), `KEY.moments.npy` (float16
-(2, 2, C, H, W)) and `KEY.path.txt` (source path). Member headers carry fixed mtime, owner and
+(2, 2, C, H, W)) and `KEY.path.txt` (source path), plus, when encode keeps them for an alignment
+encoder, the unflipped center crop as `KEY.image.npy` ((S, S, 3) uint8) or `KEY.image.png`. Member headers carry fixed mtime, owner and
 mode, so the bytes depend only on the samples. A shard is written as `NAME.tmp` and renamed,
 and a done marker with its sha256 is recorded after the rename, so a resumed run can keep
 complete shards and redo the rest.
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.files import sha256_file, write_json_atomic
+from pipelines.images import decode_png, png_bytes
 
 SHARD_NAME = "shard-{index:06d}.tar"
 PROGRESS_DIR = "_progress"  # done markers, inside the staging directory only
@@ -37,17 +39,30 @@ class Sample:
     label: int
     moments: np.ndarray  # (2, 2, C, H, W) float16
     path: str
+    image: np.ndarray | None = None  # (S, S, 3) uint8 unflipped crop, kept for an alignment encoder
+    image_format: str = "npy"  # how the image is stored: npy (raw, read without decoding) or png
+
+
+IMAGE_FORMATS = ("npy", "png")
+
+
+def _npy_bytes(array: np.ndarray, dtype) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
     """The tar members of one sample, in a fixed order."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(sample.moments, dtype=np.float16), allow_pickle=False)
-    return [
+    members = [
         (f"{sample.key}.cls", str(sample.label).encode()),
-        (f"{sample.key}.moments.npy", buffer.getvalue()),
+        (f"{sample.key}.moments.npy", _npy_bytes(sample.moments, np.float16)),
         (f"{sample.key}.path.txt", sample.path.encode()),
     ]
+    if sample.image is not None:
+        image = png_bytes(sample.image) if sample.image_format == "png" else _npy_bytes(sample.image, np.uint8)
+        members.append((f"{sample.key}.image.{sample.image_format}", image))
+    return members
 
 
 def write_shard(path: Path, samples: list[Sample]) -> str:
@@ -191,6 +206,7 @@ class ShardIndex:
     moments_offsets: np.ndarray  # (n,) int64: first byte of each float16 (2, 2, C, H, W) array
     moments_shape: tuple[int, ...]
     table: np.ndarray | None = None  # (n, 2 views, bytes) strided view of every sample's moments, if evenly spaced
+    images: ShardImages | None = None  # the kept crops, if the shard has them
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -210,8 +226,8 @@ class ShardIndex:
         return self.buffer[start : start + 2 * count].view(np.float16).reshape(self.moments_shape)
 
 
-def _npy_header(payload: bytes, where: str) -> tuple[int, tuple[int, ...]]:
-    """(header length, shape) of a float16, C-ordered .npy payload; parsed without unpickling anything."""
+def _npy_header(payload: bytes, where: str, what: str = "moments", expected=np.float16) -> tuple[int, tuple[int, ...]]:
+    """(header length, shape) of a C-ordered .npy payload of dtype `expected`; parsed without unpickling anything."""
     from model.errors import ArtifactError
 
     stream = io.BytesIO(payload[:4096])
@@ -220,10 +236,68 @@ def _npy_header(payload: bytes, where: str) -> tuple[int, tuple[int, ...]]:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = read(stream)
     except ValueError as error:
-        raise ArtifactError(f"{where}: moments are not a readable .npy array ({error})") from None
-    if dtype != np.float16 or fortran_order:
-        raise ArtifactError(f"{where}: moments are {dtype}{' (Fortran order)' if fortran_order else ''}, expected float16")
+        raise ArtifactError(f"{where}: {what} are not a readable .npy array ({error})") from None
+    if dtype != expected or fortran_order:
+        raise ArtifactError(f"{where}: {what} are {dtype}{' (Fortran order)' if fortran_order else ''}, expected {np.dtype(expected)}")
     return stream.tell(), tuple(shape)
+
+
+@dataclass(frozen=True)
+class ShardImages:
+    """Where each sample's kept crop lies in a shard: raw uint8 arrays (read as views) or PNG bytes."""
+
+    buffer: np.ndarray  # (file bytes,) uint8 view of the mapped shard
+    format: str  # npy or png
+    offsets: np.ndarray  # (n,) int64: first byte of each array's data (npy) or of each PNG
+    sizes: np.ndarray  # (n,) int64: bytes of each
+    side: int
+
+    def read_into(self, samples: np.ndarray, out: np.ndarray, where: str) -> None:
+        """Write the (unflipped) crops of `samples` into `out` (n, S, S, 3) uint8."""
+        from model.errors import ArtifactError
+
+        for row, sample in enumerate(samples.tolist()):
+            start, size = int(self.offsets[sample]), int(self.sizes[sample])
+            if self.format == "npy":  # a contiguous copy out of the mapped file
+                out[row] = self.buffer[start : start + size].reshape(self.side, self.side, 3)
+                continue
+            try:
+                decode_png(self.buffer[start : start + size], out[row])
+            except (OSError, ValueError) as error:
+                raise ArtifactError(f"{where}: sample {sample}'s image is not a readable PNG crop ({error})") from None
+
+
+def _index_images(data, where: str, samples: dict[str, dict[str, TarMember]]) -> ShardImages | None:
+    """The kept crops of a shard's samples (in `samples` order), or None when it has none."""
+    from model.errors import ArtifactError
+
+    formats = {suffix for members in samples.values() for suffix in members if suffix.startswith("image.")}
+    if not formats:
+        return None
+    if len(formats) > 1 or any(not formats <= set(members) for members in samples.values()):
+        raise ArtifactError(f"{where}: some samples lack their image, or images are stored in several formats")
+    suffix = formats.pop()
+    image_format = suffix.removeprefix("image.")
+    if image_format not in IMAGE_FORMATS:
+        raise ArtifactError(f"{where}: images stored as .{suffix}, expected one of {', '.join(IMAGE_FORMATS)}")
+    members = [member[suffix] for member in samples.values()]
+    offsets = np.asarray([member.offset for member in members], np.int64)
+    sizes = np.asarray([member.size for member in members], np.int64)
+    if image_format == "npy":
+        first = members[0]
+        length, shape = _npy_header(bytes(data[first.offset : first.offset + 4096]), where, "images", np.uint8)
+        if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+            raise ArtifactError(f"{where}: images have shape {shape}, expected (S, S, 3)")
+        header = bytes(data[first.offset : first.offset + length])
+        if (sizes != length + int(np.prod(shape))).any() or any(data[o : o + length] != header for o in offsets.tolist()):
+            raise ArtifactError(f"{where}: images of another shape or type than the shard's first")
+        offsets, sizes, side = offsets + length, sizes - length, shape[0]
+    else:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(bytes(data[offsets[0] : offsets[0] + sizes[0]]))) as image:
+            side = image.size[0]
+    return ShardImages(buffer=np.frombuffer(data, np.uint8), format=image_format, offsets=offsets, sizes=sizes, side=side)
 
 
 def index_shard(path: str | Path, data, moments_shape: tuple[int, ...]) -> ShardIndex:
@@ -258,7 +332,8 @@ def index_shard(path: str | Path, data, moments_shape: tuple[int, ...]) -> Shard
     buffer, offsets = np.frombuffer(data, np.uint8), np.asarray(offsets, np.int64)
     return ShardIndex(path=where, buffer=buffer, keys=tuple(keys), labels=np.asarray(labels, np.int64),
                       moments_offsets=offsets, moments_shape=tuple(moments_shape),
-                      table=_evenly_spaced_table(buffer, offsets, expected // 2))
+                      table=_evenly_spaced_table(buffer, offsets, expected // 2),
+                      images=_index_images(data, where, samples))
 
 
 def _evenly_spaced_table(buffer: np.ndarray, offsets: np.ndarray, half: int) -> np.ndarray | None:

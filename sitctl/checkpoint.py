@@ -5,6 +5,7 @@ A run directory (e.g. runs/xl2-linear) holds one artifact of kind "checkpoint" p
 
     model.safetensors      the trained weights
     ema.safetensors        the EMA weights (what sampling uses)
+    projector.safetensors  with REPA only: the alignment projector (training state, never sampled)
     optimizer.safetensors  every optimizer state tensor, keyed "state.<param index>.<name>"
     optimizer.json         the optimizer's param_groups and non-tensor state
     rng.safetensors        torch CPU / CUDA and numpy RNG states
@@ -103,20 +104,25 @@ def _rng_states() -> tuple[dict[str, torch.Tensor], Any]:
 def save_checkpoint(
     run_dir: str | Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module,
     optimizer: torch.optim.Optimizer, state: dict[str, Any], config: dict[str, Any],
-    latents: Artifact, extra: dict[str, Any],
+    latents: Artifact, extra: dict[str, Any], modules: dict[str, torch.nn.Module] | None = None,
 ) -> Artifact:
-    """Write step-NNNNNNN/ atomically (staging dir, then rename); returns the finished artifact."""
+    """Write step-NNNNNNN/ atomically (staging dir, then rename); returns the finished artifact.
+
+    `modules` are further trained modules of the run (REPA's projector), saved as NAME.safetensors.
+    """
     out = checkpoint_dir(run_dir, step)
     staging = begin_artifact(out)
     with disk_errors("write checkpoint", staging, hint="free space (or make it writable) and rerun with --resume"):
         return _write_checkpoint(staging, out, step, model=model, ema=ema, optimizer=optimizer, state=state,
-                                 config=config, latents=latents, extra=extra)
+                                 config=config, latents=latents, extra=extra, modules=modules or {})
 
 
 def _write_checkpoint(staging: Path, out: Path, step: int, *, model, ema, optimizer, state, config, latents,
-                      extra) -> Artifact:
+                      extra, modules) -> Artifact:
     save_file(_cpu_state(model), staging / "model.safetensors")
     save_file(_cpu_state(ema), staging / "ema.safetensors")
+    for name, module in modules.items():
+        save_file(_cpu_state(module), staging / f"{name}.safetensors")
     optimizer_tensors, optimizer_json = _optimizer_files(optimizer)
     save_file(optimizer_tensors, staging / "optimizer.safetensors")
     (staging / "optimizer.json").write_text(json.dumps(optimizer_json, indent=1))
@@ -180,10 +186,12 @@ def load_tensors(artifact: Artifact, name: str, device: str | torch.device = "cp
     return {key: value.to(device) for key, value in tensors.items()}
 
 
-def load_training_state(artifact: Artifact, *, model, ema, optimizer, device) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states in place; return state.json."""
+def load_training_state(artifact: Artifact, *, model, ema, optimizer, device, modules=None) -> dict[str, Any]:
+    """Restore weights (and those of `modules`, as saved), optimizer and RNG states in place; return state.json."""
     model.load_state_dict(load_tensors(artifact, "model.safetensors", device))
     ema.load_state_dict(load_tensors(artifact, "ema.safetensors", device))
+    for name, module in (modules or {}).items():
+        module.load_state_dict(load_tensors(artifact, f"{name}.safetensors", device))
     optimizer_json = json.loads(read_verified(artifact, "optimizer.json"))
     state: dict[int, dict[str, Any]] = {}
     for key, value in load_tensors(artifact, "optimizer.safetensors").items():

@@ -18,7 +18,8 @@ LABEL_SCHEMES = ("balanced", "uniform")
 # The paper's sampler settings (SiT Tables 4-5 and the reference sample scripts).
 DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
-PUBLISHED_KINDS = ("sit", "dit")
+PUBLISHED_KINDS = ("sit", "dit", "repa")
+ENCODER_TARGETS = ("none", "images", "png")  # stored precomputed features are not built (see docs/guide.md)
 ABLATIONS = ("path", "objective", "sampler", "seeds")  # the study's tables (sitctl/study/)
 
 
@@ -60,12 +61,16 @@ class EncodeConfig:
     """Seed of the permutation that orders images before sharding; None keeps the source order."""
     precision: str = "auto"
     """VAE autocast: auto, fp32, fp16, bf16."""
+    encoder_targets: str = "none"
+    """Keep what an alignment encoder (train --repa-encoder) needs: none, images (the center crop, raw uint8: read at no cost) or png (the same, lossless PNG: less disk, decoded when training)."""
     device: str | None = setting(None, role="free")
     """cpu or cuda (default: cuda when present)."""
 
     def __post_init__(self):
         check_finite(self)
         check_device(self.device)
+        if self.encoder_targets not in ENCODER_TARGETS:
+            raise SitctlError(f"--encoder-targets must be one of {', '.join(ENCODER_TARGETS)}, got {self.encoder_targets!r}")
         for name in ("image_size", "shard_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -180,6 +185,16 @@ class TrainConfig:
     """Reference of the FID during training (default: the workspace reference `sitctl eval fid` uses, built once if missing)."""
     resume: bool = setting(False, role="free")
     """Continue from the latest checkpoint in --out (or start if none); without --out, the workspace's latest run."""
+    repa_encoder: str | None = None
+    """Representation alignment (REPA): the frozen encoder whose patch features block --repa-depth learns to predict: dinov2-vits14, dinov2-vitb14 (REPA's), dinov2-vitl14, dinov2-vitg14 or hf-hub:ORG/NAME of a timm ViT (default: off). Needs latents encoded with --encoder-targets images."""
+    repa_depth: int | None = None
+    """The block (counted from 1) whose output is aligned (default: REPA's, 8 for SiT-L/XL, 4 for B and S)."""
+    repa_coeff: float = 0.5
+    """Weight of the alignment loss (REPA's lambda)."""
+    repa_projector_width: int = 2048
+    """Width of the projector MLP from block tokens to encoder features (REPA's)."""
+    repa_image_size: int | None = None
+    """Side the encoder sees images at (default: its patch size x the model's token grid, e.g. 224 for DINOv2 and SiT-XL/2 at 256 px, as REPA)."""
     recipe: str | None = setting(None, role="free")
     """A named recipe (`sitctl recipes`) or a .toml file: its [train] settings, under any typed on the command line."""
     device: str | None = setting(None, role="free")
@@ -227,6 +242,19 @@ class TrainConfig:
             raise SitctlError(f"--seed must be 0 or more, got {self.seed}")
         if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers, self.eval_every) < 0:
             raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every, --loader-workers and --eval-every must be >= 0")
+        self._check_repa()
+
+    def _check_repa(self) -> None:
+        if self.repa_encoder is None:  # a REPA setting without an encoder is refused by the stage, once a recipe has had its say
+            return
+        from sitctl.encoders import check_encoder_name
+
+        check_encoder_name(self.repa_encoder)
+        if self.repa_coeff < 0:
+            raise SitctlError(f"--repa-coeff must be 0 or more, got {self.repa_coeff}")
+        for name in ("repa_depth", "repa_projector_width", "repa_image_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 # =============================================================================================
@@ -287,7 +315,7 @@ class SampleConfig:
     vae: str | None = None
     """VAE of a bare .pt file (ema, mse, none or DIR); default for artifacts: their lineage's."""
     published: str = "sit"
-    """A bare .pt file is a SiT release (linear, velocity) or a DiT one (DDPM noise model, sampled as vp)."""
+    """A bare .pt file is a SiT release (linear, velocity), a DiT one (DDPM noise model, sampled as vp) or a REPA one (linear velocity with data at t = 0, its projectors dropped)."""
     npz: bool = False
     """Also write samples.npz for the ADM evaluator (arr_0 uint8 NHWC)."""
     preview: int = 64

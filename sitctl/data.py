@@ -56,6 +56,8 @@ class Latents:
     latent_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
     scale_factor: float
+    image_size: int | None = None  # side of the encoded crops
+    encoder_targets: str = "none"  # images or png: each sample also holds its crop (for REPA)
 
     @property
     def num_samples(self) -> int:
@@ -86,6 +88,8 @@ def open_latents(path: str | Path) -> Latents:
         latent_shape=tuple(int(n) for n in info.latent_shape),
         num_classes=int(info.num_classes),
         scale_factor=float(info.scale_factor),
+        image_size=info.image_size,
+        encoder_targets=info.encoder_targets,
     )
 
 
@@ -206,6 +210,25 @@ class ShardCache:
         return self.opened[shard]
 
 
+def gather_images(cache: ShardCache, shards: np.ndarray, samples: np.ndarray, flip: np.ndarray, out: torch.Tensor) -> None:
+    """Write the kept crops of n samples into `out` (n, S, S, 3) uint8, mirrored where their latent's
+    flipped view was chosen (the same `flip`), so the encoder sees the view the latent is of."""
+    for shard in np.unique(shards).tolist():
+        rows = np.flatnonzero(shards == shard)
+        index = cache(shard)
+        if index.images is None or index.images.side != out.shape[1]:
+            raise ArtifactError(f"{index.path} holds no {out.shape[1]}-px images, though its manifest says it does")
+        if len(rows) == len(out):  # the usual case: the chunk lies in one shard, read in place
+            index.images.read_into(samples, out.numpy(), index.path)
+            continue
+        block = np.empty((len(rows), *out.shape[1:]), np.uint8)
+        index.images.read_into(samples[rows], block, index.path)
+        out[torch.from_numpy(rows)] = torch.from_numpy(block)
+    mirrored = torch.from_numpy(np.flatnonzero(flip))
+    out[mirrored] = out[mirrored].flip(2)  # along the width, as encode flipped the image for the latent; torch's flip
+    # is ~10x numpy's strided copy
+
+
 def gather_views(cache: ShardCache, shards: np.ndarray, samples: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(moments of the chosen views (n, 2, C, H, W) float16, labels (n,) int64) of n samples.
 
@@ -265,11 +288,11 @@ class LaneChunks(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, latents: Latents, *, lanes: list[int], num_lanes: int, per_lane: int, seed: int, buffer: int,
-                 start_step: int, flip: bool = True):
+                 start_step: int, flip: bool = True, images: bool = False):
         super().__init__()
         self.latents, self.lanes, self.num_lanes = latents, lanes, num_lanes
         self.per_lane, self.seed, self.buffer, self.start_step = per_lane, seed, buffer, start_step
-        self.flip = flip
+        self.flip, self.images = flip, images
 
     def _my_lanes(self) -> list[int]:
         info = torch.utils.data.get_worker_info()
@@ -296,11 +319,16 @@ class LaneChunks(torch.utils.data.IterableDataset):
             n = len(positions)
             chunk = {"x1": torch.empty((n, *shape)), "labels": torch.empty(n, dtype=torch.int64),
                      "drop": torch.empty(n), "time": torch.empty(n), "positions": positions.clone()}
+            if self.images:  # (n, S, S, 3) uint8 crops for the alignment encoder
+                chunk["images"] = torch.empty((n, self.latents.image_size, self.latents.image_size, 3), dtype=torch.uint8)
             for row, reader in zip(range(0, n, k), readers):
                 rows = slice(row, row + k)
                 uniforms = lane_draws(self.seed, step, reader.lane, noise)
                 flip = (uniforms[:, 0] < 0.5).numpy() & self.flip
-                views, labels = gather_views(cache, *reader.take(k), flip)
+                shards, samples = reader.take(k)
+                views, labels = gather_views(cache, shards, samples, flip)
+                if self.images:
+                    gather_images(cache, shards, samples, flip, chunk["images"][rows])
                 latents_from_moments(torch.from_numpy(views), noise, self.latents.scale_factor, out=chunk["x1"][rows])
                 chunk["labels"][rows] = torch.from_numpy(labels)
                 chunk["drop"][rows], chunk["time"][rows] = uniforms[:, 1], uniforms[:, 2]
@@ -318,8 +346,12 @@ def _quiet_worker(_: int) -> None:
 def rank_batches(
     latents: Latents, *, global_batch: int, num_lanes: int, rank: int, world_size: int,
     seed: int, buffer: int, workers: int, start_step: int, flip: bool = True, pin_memory: bool = False,
+    images: bool = False,
 ) -> Iterator[dict]:
     """This rank's slice of every global batch from `start_step` on: positions [r B/W, (r+1) B/W).
+
+    With `images`, each batch also holds "images" (n, S, S, 3) uint8: the crops the latents were
+    encoded from, each in the view (original or flipped) of its latent.
 
     Raises SitctlError when lanes do not split evenly over batch, ranks and workers, and
     ArtifactError (one line, also from a worker process) when a shard is corrupt. `pin_memory`
@@ -330,7 +362,7 @@ def rank_batches(
     lanes = list(range(rank * per_rank, (rank + 1) * per_rank))
     dataset = LaneChunks(
         latents, lanes=lanes, num_lanes=num_lanes, per_lane=global_batch // num_lanes,
-        seed=seed, buffer=buffer, start_step=start_step, flip=flip,
+        seed=seed, buffer=buffer, start_step=start_step, flip=flip, images=images,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,

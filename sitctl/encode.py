@@ -118,9 +118,12 @@ def _encode_batch(batch: list, source: ImageSource, vae, config: EncodeConfig, d
     if not good:
         return [], errors
     moments = latent_moments(vae, pixels_to_tensor([crop for _, crop in good], device), config.precision)  # (n, 2, 2, C, h, w)
+    keep = config.encoder_targets != "none"  # the unflipped crop; training mirrors it with the latent's view
+    image_format = "png" if config.encoder_targets == "png" else "npy"
     samples = [
-        Sample(key=source.keys[index], label=source.labels[index], moments=moment, path=source.paths[index])
-        for (index, _), moment in zip(good, moments)
+        Sample(key=source.keys[index], label=source.labels[index], moments=moment, path=source.paths[index],
+               image=crop if keep else None, image_format=image_format)
+        for (index, crop), moment in zip(good, moments)
     ]
     return samples, errors
 
@@ -161,6 +164,7 @@ def _finish(staging: Path, config: EncodeConfig, source: ImageSource, num_shards
         class_histogram=np.sum([record["histogram"] for record in records], axis=0).tolist(),
         num_errors=len(errors),
         source={"name": source.name, "root": source.root},
+        encoder_targets=config.encoder_targets,
     ).to_extra()
     # The progress records (settings included) go only after the rename: see finish_artifact.
     return finish_artifact(staging, config.out, kind="latents", config=asdict(config), extra=extra, private=[PROGRESS_DIR])

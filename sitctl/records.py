@@ -58,6 +58,8 @@ class LatentsInfo(_Record):
     class_names: list[str] = dataclasses.field(default_factory=list)
     class_histogram: list[int] = dataclasses.field(default_factory=list)
     num_errors: int = 0
+    encoder_targets: str = "none"
+    """What each sample also holds for an alignment encoder: none, or images (`KEY.image.png`, the center crop)."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ and decode it) or a published SiT/DiT `.pt` state dict (no lineage: --model and 
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from model.configs import model_config as preset
 from model.interpolants import Interpolant, interpolant
-from model.network import DiscreteTimeInput, SiT, load_state_dict_checked
+from model.network import DiscreteTimeInput, ReversedTimeVelocity, SiT, load_state_dict_checked
 from sitctl.artifacts import ancestor, sha256_file
 from sitctl.checkpoint import latest_checkpoint, load_network
 from sitctl.configs import SampleConfig
@@ -74,7 +75,9 @@ def _open_published(config: SampleConfig, path: Path, device) -> Source:
     if config.model is None or config.vae is None:
         raise SampleError(f"{path} is a bare state dict with no lineage: pass --model (e.g. SiT-XL/2) and --vae")
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        # REPA's training checkpoints also hold its argparse.Namespace of settings: plain data, allowed by name.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # empty, truncated, not a torch file, or pickled objects beyond tensors
         # torch's own text is left out: it can be empty, or advise unpickling the file unsafely.
         raise ArtifactError(f"{path} is not a readable torch state dict of tensors "
@@ -83,6 +86,9 @@ def _open_published(config: SampleConfig, path: Path, device) -> Source:
         raise ArtifactError(f"{path} does not hold a state dict")
     # Reference training checkpoints hold {"model", "ema", "opt", "args"}; released files are bare EMA weights.
     weights = state_dict.get("ema" if config.ema else "model", state_dict)
+    if not isinstance(weights, dict):
+        raise ArtifactError(f"{path} does not hold a state dict")
+    weights = _without_projectors(weights, path, config.published)
     shape = _shape_from_state_dict(weights)
     if "input_size" not in shape:  # the releases store pos_embed; our checkpoints do not (it is rebuilt)
         raise SampleError(f"{path} holds no pos_embed, so its image size is unknown; for a file of a checkpoint "
@@ -93,12 +99,26 @@ def _open_published(config: SampleConfig, path: Path, device) -> Source:
     interp, pred = "linear", "velocity"
     if config.published == "dit":  # DDPM's schedule is the discretised VP path (model.network)
         net, interp, pred = DiscreteTimeInput(net), "vp", "noise"
+    elif config.published == "repa":  # the linear path with data at t = 0 (model.network)
+        net = ReversedTimeVelocity(net)
     digest = sha256_file(path)
     return Source(
         net=net.to(device).eval(), model_config=model_config, interp=interpolant(interp), pred=pred,
         vae=config.vae, scale_factor=None, artifact=None, identity=f"file:{digest}",
         description={"file": str(path.resolve()), "sha256": digest, "model": config.model, "published": config.published},
     )
+
+
+REPA_PROJECTORS = "projectors."  # REPA's alignment MLPs (models/sit.py): training-only, never sampled
+
+
+def _without_projectors(weights: dict, path: Path, published: str) -> dict:
+    """A REPA release without its projector keys; in a file said to be another kind they mean a mistake."""
+    projectors = [key for key in weights if isinstance(key, str) and key.startswith(REPA_PROJECTORS)]
+    if projectors and published != "repa":
+        raise SampleError(f"{path} holds REPA projector weights ({projectors[0]}, ...): it is a REPA checkpoint, "
+                          "trained with data at t = 0; pass --published repa")
+    return {key: value for key, value in weights.items() if key not in projectors}
 
 
 def _shape_from_state_dict(weights: dict) -> dict[str, int]:

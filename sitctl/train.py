@@ -38,6 +38,7 @@ from model.interpolants import interpolant
 from model.network import SiT
 from model.objectives import TIME_DISTRIBUTIONS, UniformTime, times_from_uniform, training_loss
 from model.samplers import sample_ode
+from sitctl import alignment as repa
 from sitctl import checkpoint as checkpoints
 from sitctl import distributed, trackers, train_eval
 from sitctl.artifacts import Artifact, disk_errors, is_finished, output_lock
@@ -91,6 +92,7 @@ class Run:
     stop_vote: tuple | None = None  # the last step's all-reduced stop vote, on its way to the host
     tracker: Any = None  # sitctl.trackers: TensorBoard, W&B or nothing (always nothing off rank 0)
     evaluation: Any = None  # sitctl.train_eval.TrainingEval, when a FID is due in this run
+    alignment: repa.Alignment | None = None  # REPA's encoder and projector (--repa-encoder), else None
 
 
 def fit_model(config: TrainConfig, latents: Latents):
@@ -162,11 +164,12 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     model_config = fit_model(config, latents)
     micro = plan_micro_batch(config, d.world_size)
     resume_from = find_resume_point(config, latents)
+    alignment = repa.prepare_alignment(config, model_config, latents, d.device)  # None unless --repa-encoder
     start_step = 0 if resume_from is None else int(CheckpointInfo.from_artifact(resume_from).step)
     batches = rank_batches(
         latents, global_batch=config.global_batch, num_lanes=config.data_lanes, rank=d.rank, world_size=d.world_size,
         seed=config.seed, buffer=config.shuffle_buffer, workers=config.loader_workers, start_step=start_step,
-        flip=config.flip, pin_memory=d.device.type == "cuda",
+        flip=config.flip, pin_memory=d.device.type == "cuda", images=alignment is not None,
     )
     if d.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)
@@ -179,20 +182,27 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     net = SiT(model_config).to(d.device)
     ema = SiT(model_config).to(d.device).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+    trained = [*net.parameters(), *(alignment.projector.parameters() if alignment else ())]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
                                   fused=d.device.type == "cuda")
     interp = interpolant(config.interp)  # names become objects here, at the edge; the math gets the object
     run = Run(config=config, dist=d, latents=latents, model_config=model_config, net=net, ema=ema, forward=net,
               optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step, interp=interp, tracker=tracker,
-              time_distribution=time_distribution(config),
+              time_distribution=time_distribution(config), alignment=alignment,
               train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0])
     if resume_from is not None:
-        saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device)
+        saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device,
+                                                modules=extra_modules(run))
         run.last_saved, run.saved_step = resume_from, start_step
         run.window.update(_window_from_record(saved.get("log_window"), config, d.device))
-    run.forward = wrap_for_training(net, config, d)
+    run.forward = wrap_for_training(alignment.module(net) if alignment else net, config, d)
     run.evaluation = train_eval.prepare_eval(run)
     return run
+
+
+def extra_modules(run: Run) -> dict[str, nn.Module]:
+    """Trained modules a checkpoint holds besides the network (REPA's projector)."""
+    return {repa.PROJECTOR_FILE: run.alignment.projector} if run.alignment else {}
 
 
 def wrap_for_training(net: nn.Module, config: TrainConfig, d: distributed.Dist) -> nn.Module:
@@ -232,20 +242,27 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     t = times_from_uniform(batch["time"], train_eps=run.train_eps, discrete_steps=config.discrete_steps,
                            distribution=run.time_distribution)
     t = t.to(device, non_blocking=True)  # (n,)
-    n, losses = len(x1), []
+    images = batch["images"].to(device, non_blocking=True) if run.alignment else None  # (n, S, S, 3) uint8
+    n, losses, aligns = len(x1), [], []
     for start in range(0, n, run.micro_batch):
         part = slice(start, start + run.micro_batch)
+        objective = dict(interp=run.interp, pred=config.pred, weight=config.loss_weight, train_eps=run.train_eps,
+                         t=t[part], x0=x0[part])
         with _no_sync(run, last=start + run.micro_batch >= n):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                loss = training_loss(run.forward, x1[part], y[part], interp=run.interp, pred=config.pred,
-                                     weight=config.loss_weight, train_eps=run.train_eps, t=t[part], x0=x0[part])
+                if run.alignment is None:
+                    loss = total = training_loss(run.forward, x1[part], y[part], **objective)
+                else:  # REPA: the encoder runs on this rank's own micro-batch
+                    loss, align = repa.aligned_loss(run.alignment, run.forward, images[part], x1[part], y[part], **objective)
+                    total = loss.float() + run.alignment.coeff * align
+                    aligns.append(align.detach())
             # Sum over the rank's share / share size; DDP then averages ranks: the global-batch mean.
-            (loss.float().sum() / n).backward()
+            (total.float().sum() / n).backward()
         losses.append(loss.detach().float())
     losses = torch.cat(losses)  # (n,)
     if os.environ.get(NAN_HOOK) == str(run.step + 1):
         losses = losses * float("nan")
-    return torch.stack([losses, t.float()])  # (2, n)
+    return torch.stack([losses, t.float(), *([torch.cat(aligns)] if aligns else [])])  # (2, n), (3, n) with REPA
 
 
 def reduce_step(run: Run, losses_and_t: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
@@ -254,17 +271,17 @@ def reduce_step(run: Run, losses_and_t: torch.Tensor, stop: bool) -> tuple[torch
     Nothing here waits for the device: a non-finite loss is noted on the device (check_finite
     reads it before anything is logged or saved), and the stop vote is read one step late.
     """
-    losses, t = losses_and_t
+    losses, t, aligned = losses_and_t[0], losses_and_t[1], losses_and_t[2:]  # aligned: REPA's row, if any
     bucket = (t * TIME_BUCKETS).long().clamp(0, TIME_BUCKETS - 1)
     sums = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, losses)
     counts = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, torch.ones_like(losses))
-    stats = torch.cat([sums, counts, torch.tensor([float(stop)], device=t.device)])
+    stats = torch.cat([sums, counts, aligned.sum(1), torch.tensor([float(stop)], device=t.device)])
     stats = distributed.all_reduce_sum(run.dist, stats)
     if run.first_bad_step is None:
         run.first_bad_step = torch.zeros((), dtype=torch.int64, device=t.device)
     bad = ~torch.isfinite(stats).all() & (run.first_bad_step == 0)
     run.first_bad_step = torch.where(bad, run.step + 1, run.first_bad_step)
-    return stats[: 2 * TIME_BUCKETS], agreed_stop(run, stats[-1:])
+    return stats[:-1], agreed_stop(run, stats[-1:])
 
 
 def agreed_stop(run: Run, vote: torch.Tensor) -> bool:
@@ -301,7 +318,7 @@ def apply_update(run: Run) -> torch.Tensor | None:
 
     The norm (a pass over every gradient) is only computed when it clips or is logged: else None.
     """
-    parameters = [p for p in run.net.parameters() if p.grad is not None]
+    parameters = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]  # REPA's projector too
     norm = None
     if run.config.grad_clip is not None:
         norm = nn.utils.clip_grad_norm_(parameters, run.config.grad_clip)
@@ -327,7 +344,7 @@ def is_log_step(run: Run, step: int) -> bool:
 def train(config: TrainConfig) -> Artifact | None:
     """Run (or resume) training; returns the last checkpoint artifact on rank 0, None elsewhere."""
     d = distributed.setup(config.device)
-    config = resolve_precision(config, d.device)
+    config = repa.resolve_depth(resolve_precision(config, d.device))
     if config.log_dir is not None:  # recorded absolute: `sitctl show` and `sitctl eval` find it from anywhere
         config = replace(config, log_dir=os.path.abspath(config.log_dir))
     run = None
@@ -422,6 +439,8 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor | None, sec
     }
     row["mfu"] = training_mfu(run.model_config, row["images_per_sec"], run.dist.device, run.config.precision,
                               run.dist.world_size)
+    if run.alignment is not None:  # REPA's loss (minus the mean cosine), apart from the interpolant's
+        row["align_loss"] = float(window["stats"][2 * TIME_BUCKETS] / counts.sum())
     window.clear()
     if run.dist.is_main:
         with open(Path(run.config.out) / "metrics.jsonl", "a") as handle:
@@ -486,7 +505,7 @@ def maybe_checkpoint(run: Run, force: bool = False) -> None:
         checkpoints.discard_partial(config.out, run.step)
         run.last_saved = checkpoints.save_checkpoint(
             config.out, run.step, model=run.net, ema=run.ema, optimizer=run.optimizer, state=state,
-            config=asdict(config), latents=run.latents.artifact, extra=checkpoint_extra(run),
+            config=asdict(config), latents=run.latents.artifact, extra=checkpoint_extra(run), modules=extra_modules(run),
         )
         run.tracker.text(run.step, "checkpoint", f"{run.last_saved.path.resolve()} (id {run.last_saved.id}): "
                                                  f"sitctl show {run.last_saved.id}")

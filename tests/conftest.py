@@ -37,3 +37,41 @@ def digits_latents_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("latents") / "digits"
     encode(EncodeConfig(src="digits", out=str(out), image_size=8, vae="none", limit=64, shard_size=32, workers=0))
     return out
+
+
+TINY_ENCODER_REPO = "timm/vit_base_patch14_dinov2.lvd142m"  # what --repa-encoder dinov2-vitb14 loads
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_home(tmp_path_factory):
+    """A Hugging Face home whose hub cache holds, under DINOv2-B/14's repository, a randomly
+    initialised tiny timm ViT (width 32, 4-px patches, 16 px) saved as timm saves hub models
+    (config.json + model.safetensors in snapshots/REV, refs/main naming REV): code under test
+    loads it through the very timm call that loads DINOv2."""
+    import torch
+    import timm
+    from timm.models import save_for_hf
+
+    home = tmp_path_factory.mktemp("hf-home")
+    revision = "0" * 40
+    repo = home / "hub" / ("models--" + TINY_ENCODER_REPO.replace("/", "--"))
+    model_args = dict(embed_dim=32, depth=1, num_heads=2, patch_size=4, img_size=16)
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_base_patch14_dinov2", pretrained=False, num_classes=0, **model_args)
+    save_for_hf(encoder, repo / "snapshots" / revision, model_args=model_args, safe_serialization=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return home
+
+
+@pytest.fixture
+def tiny_encoder(tiny_encoder_home, monkeypatch):
+    """Point this process and its children at the tiny encoder's cache, offline: the hub is never asked."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tiny_encoder_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tiny_encoder_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tiny_encoder_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tiny_encoder_home

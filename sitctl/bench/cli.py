@@ -52,7 +52,8 @@ def _loader(config: configs.LoaderBench) -> None:
     from sitctl.bench.report import print_result
 
     print_result(bench_loader_rate(config.latents, images=config.images, batch=config.batch, lanes=config.lanes,
-                                   buffer=config.buffer, seconds=config.seconds), config.as_json)
+                                   buffer=config.buffer, seconds=config.seconds, encoder_targets=config.encoder_targets),
+                 config.as_json)
 
 
 def _sampling(config: configs.SamplingBench) -> None:

@@ -79,6 +79,8 @@ class LoaderBench(_Printed):
     """Shuffle buffer per lane (the train default)."""
     seconds: float = 5.0
     """How long to draw batches after the first."""
+    encoder_targets: str = "none"
+    """Synthetic samples also keep a 256-px photo crop for REPA's encoder, as encode --encoder-targets: none, images (raw) or png."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,13 +8,27 @@ from pathlib import Path
 
 from sitctl.errors import BenchError
 
+def photo_crops(count: int, side: int = 256, seed: int = 0):
+    """`count` (side, side, 3) uint8 crops at random places of scikit-learn's two sample photos
+    (427x640 JPEGs): photographic content, so PNG sizes and decode times are those of real images."""
+    import numpy as np
+    from sklearn.datasets import load_sample_images
+
+    photos, rng = load_sample_images().images, np.random.default_rng(seed)
+    for _ in range(count):
+        photo = photos[rng.integers(len(photos))]
+        top, left = rng.integers(photo.shape[0] - side + 1), rng.integers(photo.shape[1] - side + 1)
+        yield np.ascontiguousarray(photo[top : top + side, left : left + side])
+
+
 def synthetic_latents(out: Path, samples: int, *, shape: tuple[int, int, int] = (4, 32, 32), shard_size: int = 512,
-                      num_classes: int = 1000, vae: dict | None = None) -> Path:
+                      num_classes: int = 1000, vae: dict | None = None, encoder_targets: str = "none") -> Path:
     """A latents artifact of `samples` random moments of `shape`, written by encode's own shard writer.
 
     The default shape is ImageNet-256's SD-VAE latent; 512 samples a shard gives 8 shards for the
     default 4096 samples, one per lane of the default 8, so lanes read whole files as on real data.
     `vae` is the {name, source} recorded as the encoder (a local VAE folder lets `sitctl sample` decode).
+    With encoder_targets images or png each sample also keeps a 256-px photo crop, as encode does for REPA.
     """
     import numpy as np
 
@@ -22,15 +36,18 @@ def synthetic_latents(out: Path, samples: int, *, shape: tuple[int, int, int] = 
     from sitctl.artifacts import begin_artifact, finish_artifact
 
     rng = np.random.default_rng(0)
+    crops = photo_crops(samples) if encoder_targets != "none" else None
     staging, shards = begin_artifact(out), []
     for index, start in enumerate(range(0, samples, shard_size)):
         batch = [Sample(key=f"{position:08d}", label=position % num_classes, path=f"synthetic/{position}",
-                        moments=rng.standard_normal((2, 2, *shape), dtype=np.float32).astype(np.float16))
+                        moments=rng.standard_normal((2, 2, *shape), dtype=np.float32).astype(np.float16),
+                        image=next(crops) if crops else None, image_format="png" if encoder_targets == "png" else "npy")
                  for position in range(start, min(start + shard_size, samples))]
         write_shard(staging / shard_name(index), batch)
         shards.append({"name": shard_name(index), "count": len(batch)})
     extra = {"shards": shards, "num_samples": samples, "num_classes": num_classes, "latent_shape": list(shape),
-             "scale_factor": 0.18215, "vae": vae or {"name": "synthetic", "source": None}, "num_errors": 0}
+             "scale_factor": 0.18215, "vae": vae or {"name": "synthetic", "source": None}, "num_errors": 0,
+             "image_size": 256, "encoder_targets": encoder_targets}
     finish_artifact(staging, out, kind="latents", config={"source": "synthetic"}, extra=extra)
     return out
 
@@ -45,7 +62,7 @@ def _single_core():
 
 
 def time_loader(latents_dir: Path, *, batch: int, lanes: int, buffer: int, seconds: float,
-                with_x0: bool = False) -> tuple[float, float, float, int]:
+                with_x0: bool = False, images: bool = False) -> tuple[float, float, float, int]:
     """(seconds to the first batch, steady-state latents/s after it and per CPU-second, latents drawn).
 
     The rate per CPU-second (process time) is what one idle core would give; it differs from the
@@ -66,7 +83,7 @@ def time_loader(latents_dir: Path, *, batch: int, lanes: int, buffer: int, secon
     try:
         started = time.perf_counter()
         stream = rank_batches(latents, global_batch=batch, num_lanes=lanes, rank=0, world_size=1, seed=0,
-                              buffer=buffer, workers=0, start_step=0)
+                              buffer=buffer, workers=0, start_step=0, images=images)
         next(stream)  # start-up: index/open the first shards and fill the shuffle buffers
         first, first_cpu = time.perf_counter(), time.process_time()
         count, step = 0, 0
@@ -95,10 +112,12 @@ def sha256_rate(latents_dir: Path) -> float:
 
 
 def bench_loader_rate(latents: str | None = None, *, images: int = 4096, batch: int = 256, lanes: int = 8,
-                      buffer: int = 1000, seconds: float = 5.0) -> dict[str, object]:
+                      buffer: int = 1000, seconds: float = 5.0, encoder_targets: str = "none") -> dict[str, object]:
     """Start-up time and steady-state latents/s of the training loader on one core.
 
-    On `latents`, or on `images` synthetic 4x32x32 latents written now (ImageNet-256's shape).
+    On `latents`, or on `images` synthetic 4x32x32 latents written now (ImageNet-256's shape),
+    keeping photo crops for REPA's encoder when `encoder_targets` says so. When the latents keep
+    crops, the loader reads (and decodes) them too, as a REPA run does.
     """
     if images < 1 or batch < 1 or lanes < 1 or buffer < 1 or seconds <= 0:
         raise BenchError(f"images, batch, lanes and buffer must be at least 1 and seconds above 0, "
@@ -106,13 +125,18 @@ def bench_loader_rate(latents: str | None = None, *, images: int = 4096, batch: 
     from sitctl.data import open_latents
 
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(latents) if latents else synthetic_latents(Path(scratch) / "latents", images)
+        path = Path(latents) if latents else synthetic_latents(Path(scratch) / "latents", images,
+                                                                encoder_targets=encoder_targets)
         opened = open_latents(path)
-        startup, rate, cpu_rate, count = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds)
+        kept = opened.encoder_targets != "none"
+        startup, rate, cpu_rate, count = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds,
+                                                     images=kept)
         _, rate_with_x0, cpu_rate_with_x0, _ = time_loader(path, batch=batch, lanes=lanes, buffer=buffer, seconds=seconds,
-                                                           with_x0=True)
+                                                           with_x0=True, images=kept)
         hashing = sha256_rate(path)
+        shard_bytes = sum(Path(shard).stat().st_size for shard in opened.shard_paths)
     return {
+        "encoder_targets": opened.encoder_targets, "bytes_per_sample": shard_bytes / opened.num_samples,
         "latents": str(latents) if latents else f"synthetic x{images}, written now",
         "num_samples": opened.num_samples, "latent_shape": list(opened.latent_shape),
         "batch": batch, "lanes": lanes, "shuffle_buffer": buffer, "seconds": seconds, "latents_drawn": count,

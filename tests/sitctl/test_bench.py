@@ -93,3 +93,11 @@ def test_compiled_models_run_with_torch_compile_and_are_labelled(monkeypatch):
     assert calls == [("SiT-T/4", False), ("SiT-B/2", True)]
     settings = [setting for name, setting, _ in figure_rows(results) if name == "model step"]
     assert settings == ["SiT-T/4, batch 2, fp32", "SiT-B/2, batch 4, bf16, compile"]
+
+
+def test_the_loader_bench_reads_kept_photo_crops_when_asked():
+    from sitctl.bench.loader import bench_loader_rate
+
+    figures = bench_loader_rate(images=16, batch=8, lanes=2, buffer=8, seconds=0.2, encoder_targets="png")
+    assert figures["encoder_targets"] == "png" and figures["latents_per_s"] > 0
+    assert figures["bytes_per_sample"] > 256 * 256  # a 256-px photo crop beside each 4x32x32 latent

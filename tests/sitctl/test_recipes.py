@@ -13,7 +13,11 @@ PAPERS = {
                           "ema_decay": 0.9999, "steps": 7_000_000},
                 "sample": {"mode": "sde", "steps": 250, "cfg_scale": 1.5, "guided_channels": 3, "w": 1.0}},
     "sit-xl2-sde": {"sample": {"mode": "sde", "steps": 250, "cfg_scale": 1.0}},
-    "repa-xl2": {"sample": {"mode": "sde", "steps": 250, "cfg_scale": 1.8, "guidance_interval": (0.3, 1.0)}},
+    "repa-xl2": {"train": {"model": "SiT-XL/2", "interp": "linear", "pred": "velocity", "global_batch": 256, "lr": 1e-4,
+                           "steps": 4_000_000, "repa_encoder": "dinov2-vitb14", "repa_depth": 8, "repa_coeff": 0.5,
+                           "repa_projector_width": 2048, "grad_clip": 1.0},
+                 "sample": {"mode": "sde", "steps": 250, "cfg_scale": 1.8, "guidance_interval": (0.3, 1.0),
+                            "published": "repa"}},
 }
 
 
@@ -44,8 +48,9 @@ def test_a_users_own_recipe_file_and_bad_recipes_are_one_line(tmp_path):
         apply_recipe(TrainConfig(recipe=str(tmp_path / "bad.toml")), frozenset())
     with pytest.raises(SitctlError, match="no recipe 'nope'"):
         apply_recipe(TrainConfig(recipe="nope"), frozenset())
+    (tmp_path / "sampler.toml").write_text('[sample]\ncfg_scale = 2.0\n')
     with pytest.raises(SitctlError, match="has no \\[train\\] settings"):
-        apply_recipe(TrainConfig(recipe="repa-xl2"), frozenset())
+        apply_recipe(TrainConfig(recipe=str(tmp_path / "sampler.toml")), frozenset())
 
 
 def test_sitctl_recipes_lists_each_with_what_it_reproduces(capsys):

@@ -247,7 +247,7 @@ def test_published_dit_file_samples_as_a_vp_noise_model_on_step_indices(tmp_path
     config = SampleConfig(checkpoint=str(published), model="SiT-T/2", vae="none", published="dit",
                           out=str(tmp_path / "dit"), mode="sde", steps=4, num=3, batch_size=3, device="cpu")
     source = open_source(config, torch.device("cpu"))
-    assert (source.interp, source.pred) == ("vp", "noise")
+    assert (source.interp.name, source.pred) == ("vp", "noise")
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
     with torch.no_grad():  # t = 0.5 reaches the DiT weights as DDPM step 499
         assert torch.equal(source.net(x, torch.full((2,), 0.5), y), net(x, torch.full((2,), 499.0), y))
@@ -278,3 +278,34 @@ def test_cuda_graphs_on_a_cpu_run_is_one_error_line_and_writes_nothing(pixel_run
     assert done.stderr.strip().splitlines() == [
         "error: --cuda-graphs needs a CUDA device; this run is on cpu (drop --cuda-graphs, or use --compile)"]
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_published_repa_checkpoints_sample_in_our_time_without_their_projectors(tmp_path):
+    import argparse
+
+    from sitctl.sample_source import open_source
+
+    net, _ = randomised_sit(input_size=8, in_channels=3)
+    release = {key: value.clone() for key, value in net.state_dict().items()}
+    release["pos_embed"] = net.pos_embed.clone()  # REPA stores it (a frozen parameter); its head has C channels
+    release |= {"projectors.0.0.weight": torch.randn(16, 64), "projectors.0.0.bias": torch.zeros(16),
+                "projectors.0.4.weight": torch.randn(8, 16)}
+    flat, training = tmp_path / "repa-flat.pt", tmp_path / "repa-0004000.pt"
+    torch.save(release, flat)
+    # REPA's train.py saves {"model", "ema", "opt", "args" (an argparse.Namespace), "steps"}.
+    torch.save({"model": release, "ema": release, "opt": {}, "args": argparse.Namespace(proj_coeff=0.5, encoder_depth=8),
+                "steps": 4000}, training)
+    x, y, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 10]), torch.tensor([0.25, 0.9])
+    for path in (flat, training):
+        config = SampleConfig(checkpoint=str(path), model="SiT-T/2", vae="none", published="repa", out=str(tmp_path / "s"))
+        source = open_source(config, torch.device("cpu"))
+        assert (source.interp.name, source.pred) == ("linear", "velocity")
+        with torch.no_grad():  # REPA's s = 1 - t runs from data to noise: the velocity turns round
+            assert torch.equal(source.net(x, t, y), -net(x, 1 - t, y))
+    with pytest.raises(SitctlError, match="holds REPA projector weights .* pass --published repa"):
+        open_source(SampleConfig(checkpoint=str(flat), model="SiT-T/2", vae="none", out=str(tmp_path / "s")), torch.device("cpu"))
+    release["decoder_blocks.0.weight"] = torch.zeros(2)  # anything else is still named
+    torch.save(release, flat)
+    with pytest.raises(SitctlError, match="unexpected key decoder_blocks.0.weight"):
+        open_source(SampleConfig(checkpoint=str(flat), model="SiT-T/2", vae="none", published="repa", out=str(tmp_path / "s")),
+                    torch.device("cpu"))
