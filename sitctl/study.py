@@ -42,6 +42,7 @@ import numpy as np
 from sitctl.configs import StudyConfig
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_artifact
 from sitctl.errors import SitctlError
+from sitctl.signals import Interrupted, StopRequest, stop_on_signals
 from sitctl.evaluate.metrics import Gaussian, feature_statistics, frechet_distance
 
 FEATURES_FILE = "features.npy"
@@ -270,13 +271,10 @@ def train_model(config: StudyConfig, out: Path, latents: Artifact, spec: ModelSp
         ckpt_every=max(1, min(500, config.train_steps)), keep_last=1, log_every=max(1, min(50, config.train_steps)),
         preview_every=0, resume=bool(found), device=config.device,
     )
-    checkpoint = _timed(out, f"train {spec.name}", lambda: train(settings))
-    # A SIGTERM/SIGINT makes train save and return early; sampling that checkpoint would make
-    # an under-trained point that every later sitting reuses, so the sitting ends here instead.
-    if checkpoint.extra["step"] < config.train_steps:
-        raise SitctlError(f"training {spec.name} stopped at step {checkpoint.extra['step']} of {config.train_steps}; "
-                          "rerun the study to resume it")
-    return checkpoint
+    try:
+        return _timed(out, f"train {spec.name}", lambda: train(settings))
+    except Interrupted as stopped:  # the sitting ends; rerun as it is, the study resumes the run itself
+        raise Interrupted(stopped.signum, f"while training {spec.name} {stopped.done}", quiet=stopped.quiet) from None
 
 
 def sample_point(config: StudyConfig, out: Path, checkpoint: Artifact, point: Point) -> Artifact:
@@ -423,6 +421,11 @@ def planned_points(config: StudyConfig, out: Path) -> list[Point]:
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
     """Run (or continue) every planned point; rewrite the report after each. Returns the report's paths."""
+    with stop_on_signals() as stop:  # every stage below shares it; between points the study itself checks
+        return _run_study(config, stop)
+
+
+def _run_study(config: StudyConfig, stop: StopRequest) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(config, out)
@@ -435,6 +438,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         todo = [p for p in planned_points(config, out) if not _scored(out, p)]
         if not todo or _out_of_time(config, started):
             break
+        if stop:
+            raise stop.interrupted(f"after {done} point(s) this sitting; every finished point is kept in {out}")
         point = todo[0]
         checkpoint = train_model(config, out, latents, point.model)
         samples = sample_point(config, out, checkpoint, point)

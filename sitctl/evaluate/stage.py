@@ -25,6 +25,7 @@ from sitctl.records import MetricsInfo
 from sitctl.evaluate.registry import REGISTRY, MetricInputs
 from sitctl.configs import EvalConfig
 from sitctl.evaluate.reference import Reference, load_reference
+from sitctl.signals import stop_on_signals
 
 METRICS_FILE = "metrics.json"
 
@@ -72,7 +73,15 @@ def check_reference(reference: Reference, image_size: int) -> None:
 
 
 def evaluate_stage(config: EvalConfig) -> Artifact:
-    """Score the samples; write the metrics artifact and append one row to the results table."""
+    """Score the samples; write the metrics artifact and append one row to the results table.
+
+    A stop signal ends it between batches of features (sitctl/signals.py); nothing is written then.
+    """
+    with stop_on_signals():  # from the start, so a signal while loading stops at the first batch
+        return _evaluate(config)
+
+
+def _evaluate(config: EvalConfig) -> Artifact:
     from sitctl.evaluate.results import append_result, result_row
 
     needing = [name for name in config.metrics if REGISTRY[name].needs_reference]
