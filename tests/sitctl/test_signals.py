@@ -95,12 +95,13 @@ def test_group_sigint_during_training_exits_130_after_saving(digits_latents_dir,
                                    + continue_line(args, ("--resume",))]
 
 
-def test_group_sigterm_during_encode_with_workers_keeps_finished_shards_and_the_rerun_is_bitwise_equal(tiny_vae_dir, tmp_path):
+def test_group_sigterm_during_encode_with_workers_keeps_finished_shards_and_the_rerun_is_bitwise_equal(tmp_path):
     from sitctl.encode import EncodeConfig, encode
 
-    settings = dict(src="digits", image_size=32, vae=str(tiny_vae_dir), limit=1536, shard_size=64, batch_size=8)
+    # 24 shards: the signal, sent as soon as the first is done, arrives long before the last.
+    settings = dict(src="digits", image_size=16, vae="none", limit=1536, shard_size=64, batch_size=8)
     out = tmp_path / "latents"
-    args = ["encode", "digits", "--out", out, "--image-size", "32", "--vae", tiny_vae_dir, "--limit", "1536",
+    args = ["encode", "digits", "--out", out, "--image-size", "16", "--vae", "none", "--limit", "1536",
             "--shard-size", "64", "--batch-size", "8", "--workers", "2"]
     markers = staging_dir(out) / "_progress"
     status, _, stderr = signal_group_after(args, lambda: any(markers.glob("shard-*")), tmp_path)
@@ -115,15 +116,15 @@ def test_group_sigterm_during_encode_with_workers_keeps_finished_shards_and_the_
 
 def test_group_sigterm_during_sampling_keeps_the_drawn_blocks_and_the_rerun_is_bitwise_equal(pixel_run, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "samples"
-    options = ["--num-samples", "400", "--batch-size", "8", "--mode", "ode", "--method", "euler", "--steps", "20",
-               "--device", "cpu", "--preview", "8"]
+    options = ["--num-samples", "64", "--batch-size", "4", "--mode", "ode", "--method", "euler", "--steps", "2",
+               "--device", "cpu", "--preview", "8"]  # 16 blocks: the signal comes after the first
     args = ["sample", pixel_run, "--out", out, *options]
     status, _, stderr = signal_group_after(args, lambda: any(staging_dir(out).glob("images-rank*.h5")), tmp_path)
     assert status == 128 + signal.SIGTERM
     [line] = stderr.splitlines()
-    drawn = int(re.fullmatch(r"stopped by SIGTERM with (\d+) of 400 images drawn into (.*); (continue with: .*)", line)[1])
-    assert line == f"stopped by SIGTERM with {drawn} of 400 images drawn into {staging_dir(out)}; " + continue_line(args)
-    assert 0 < drawn < 400 and drawn % 8 == 0  # whole blocks
+    drawn = int(re.fullmatch(r"stopped by SIGTERM with (\d+) of 64 images drawn into (.*); (continue with: .*)", line)[1])
+    assert line == f"stopped by SIGTERM with {drawn} of 64 images drawn into {staging_dir(out)}; " + continue_line(args)
+    assert 0 < drawn < 64 and drawn % 4 == 0  # whole blocks
     assert cli(*args, capsys=capsys)[0] == 0  # the same command
     assert cli("sample", pixel_run, "--out", tmp_path / "straight", *options, capsys=capsys)[0] == 0
     assert sample_bytes(out) == sample_bytes(tmp_path / "straight")

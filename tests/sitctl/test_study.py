@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import torch
 
 from sitctl.artifacts import ancestor, open_artifact
 from sitctl.errors import SitctlError
+from sitctl.signals import Interrupted
 from sitctl.evaluate.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 from sitctl.study import (
     FEATURES_FILE, StudyConfig, bootstrap_scores, frechet_distance_low_rank, path_points, run_study, sampler_points,
@@ -124,14 +126,22 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
 
 
 def test_a_training_run_stopped_by_a_signal_ends_the_sitting_instead_of_sampling_it(tiny_fashion, tmp_path, monkeypatch):
+    import signal
+
     import sitctl.train
 
     config = tiny_config(tiny_fashion, tmp_path / "study")
-    real_train = sitctl.train.train
-    # What train returns after SIGTERM at step 2: its saved checkpoint, short of the 3 asked for.
-    monkeypatch.setattr(sitctl.train, "train", lambda settings: real_train(dataclasses.replace(settings, steps=2)))
-    with pytest.raises(SitctlError, match="training linear-velocity stopped at step 2 of 3; rerun the study to resume it"):
+    real_step = sitctl.train.train_step
+
+    def signalled_in_step_1(run, batch):  # a real SIGTERM to this process, as a scheduler sends it
+        if run.step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(run, batch)
+
+    monkeypatch.setattr(sitctl.train, "train_step", signalled_in_step_1)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM while training linear-velocity at step 2 of 3; saved ") as stopped:
         run_study(config)
+    assert stopped.value.exit_code == 143 and stopped.value.resume_option is None  # rerun the study as it is
     assert not list((tmp_path / "study").glob("points/*/*"))  # nothing sampled from the short run
 
 
