@@ -46,6 +46,7 @@ INTENDED: dict[tuple[str, tuple[str, ...]], set[str]] = {
     ("sitctl verify", ("path",)): {"help"},
     # One declaration of the Inception settings for eval, eval ref and eval sweep (their help said the same in three ways).
     **{(f"sitctl eval {name}", ("--device",)): {"help"} for name in ("fid", "is", "kid", "prc", "all", "ref", "sweep")},
+    ("sitctl encode", ("--workers",)): {"default", "help"},  # issue 22: 4, or fewer on a machine with fewer usable cores
 }
 CHANGED_COMMAND_HELP = {"bench loader"}  # issue 14: it now reports start-up apart from steady state
 

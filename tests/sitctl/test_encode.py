@@ -210,3 +210,12 @@ def test_cli_hub_vae_offline_says_to_download_it(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot fetch VAE 'ema' (stabilityai/sd-vae-ft-ema)")
     assert "--vae DIR" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_default_workers_never_exceed_the_usable_cores_so_the_loader_does_not_warn(tmp_path):
+    one_core = {min(os.sched_getaffinity(0))}  # as a scheduler or taskset narrows a job
+    done = subprocess.run([sys.executable, "-m", "sitctl.cli", "encode", "digits", "--out", str(tmp_path / "latents"),
+                           "--vae", "none", "--image-size", "8", "--limit", "32", "--shard-size", "16"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, one_core),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # no "This DataLoader will create 4 worker processes"
