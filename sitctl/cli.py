@@ -2,7 +2,9 @@
 
 Each command's docstring is its --help text. Heavy imports (torch, diffusers) happen inside
 the commands, so `sitctl --help` stays fast. Errors a user can cause (SitctlError) are printed
-as one line on stderr with exit status 2; anything else is a bug and keeps its traceback.
+as one line on stderr with exit status 2; a stage stopped by SIGTERM or SIGINT (sitctl/signals.py)
+prints what it saved and how to continue, and exits 128 + the signal number. Anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sitctl import __version__, configs
 from sitctl.errors import SitctlError
 from sitctl.evaluate.registry import ALL_WITH_REFERENCE, REGISTRY
 from sitctl.options import config_command, given_fields
+from sitctl.signals import Interrupted
 
 app = typer.Typer(
     name="sitctl",
@@ -344,10 +347,15 @@ def run_app(typer_app: typer.Typer, args: list[str] | None = None, prog_name: st
 
     Standalone mode lets click print --help, usage errors and Ctrl-C itself (it vendors its own
     exception classes inside typer, so they are not caught here); a user error raised by a
-    stage is one red line; anything else is a bug and keeps its traceback.
+    stage is one red line; a stage stopped by a signal says what it saved and how to continue
+    it, and exits 128 + the signal number; anything else is a bug and keeps its traceback.
     """
     try:
         typer_app(args=args, prog_name=prog_name)
+    except Interrupted as stopped:
+        if not stopped.quiet:  # under torchrun, rank 0 speaks for every rank
+            typer.echo(stopped.line(list(sys.argv[1:] if args is None else args)), err=True)
+        sys.exit(stopped.exit_code)
     except SitctlError as error:
         if not getattr(error, "quiet", False):  # under torchrun, the rank that failed says why
             typer.secho(f"error: {error}", fg="red", err=True)

@@ -53,8 +53,8 @@ class EncodeConfig:
     """Samples per WebDataset shard."""
     batch_size: int = 32
     """Images per VAE forward."""
-    workers: int = setting(4, role="free")
-    """DataLoader processes decoding images."""
+    workers: int | None = setting(None, role="free")
+    """DataLoader processes decoding images (default: 4, or one per core this process may use if fewer)."""
     limit: int | None = None
     """Encode only the first N images (demos, tests)."""
     order_seed: int | None = setting(0, cli=False)
@@ -74,7 +74,7 @@ class EncodeConfig:
         for name in ("image_size", "shard_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise SitctlError(f"--workers must be 0 or more, got {self.workers}")
         if self.limit is not None and self.limit < 1:
             raise SitctlError(f"--limit must be at least 1, got {self.limit}")

@@ -27,7 +27,6 @@ the first time a reader process opens it; its arrays are then views into the map
 from __future__ import annotations
 
 import math
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +38,7 @@ from pipelines.shards import ShardIndex, open_shard
 from sitctl.artifacts import Artifact, open_artifact
 from sitctl.errors import ArtifactError, SitctlError
 from sitctl.records import LatentsInfo
+from sitctl.signals import ignore_stop_signals
 
 # ---------------------------------------------------------------------------------------------
 # The latents artifact
@@ -336,13 +336,6 @@ class LaneChunks(torch.utils.data.IterableDataset):
             step += 1
 
 
-def _quiet_worker(_: int) -> None:
-    # Ctrl-C reaches the whole process group; only the training process should act on it (it
-    # saves a checkpoint at the next step boundary). SIGTERM stays fatal: it is how the loader
-    # and multiprocessing stop workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def rank_batches(
     latents: Latents, *, global_batch: int, num_lanes: int, rank: int, world_size: int,
     seed: int, buffer: int, workers: int, start_step: int, flip: bool = True, pin_memory: bool = False,
@@ -366,7 +359,7 @@ def rank_batches(
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-        worker_init_fn=_quiet_worker if workers else None, in_order=True, pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals if workers else None, in_order=True, pin_memory=pin_memory,
     )
     return _join_workers(iter(loader), max(workers, 1))
 

@@ -11,8 +11,9 @@ the gap between the two numbers says how far the model is from the data.
 The demo folder is a workspace (`sitctl ls` inside it lists latents/v1, runs/v1, samples/v1,
 references/v1 and v2, metrics/v1). A rerun reuses a finished version only if its settings and its inputs
 are exactly what the demo would make now, resumes an interrupted training run, and otherwise
-writes the next version, so nothing already done is lost or silently reused. A signal during
-training saves a checkpoint and stops the whole demo there.
+writes the next version, so nothing already done is lost or silently reused. A SIGTERM or
+SIGINT stops the stage running at its next unit of work, after saving what it keeps, and ends the
+whole demo there (exit 128 + the signal): a rerun continues, and nothing half-trained is sampled.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from sitctl.artifacts import Artifact
 from sitctl.checkpoint import list_checkpoints
 from sitctl.configs import DemoConfig, EncodeConfig, EvalConfig, ReferenceConfig, SampleConfig, TrainConfig
 from sitctl.encode import encode
-from sitctl.errors import SitctlError
 from sitctl.evaluate.metrics import frechet_distance
 from sitctl.evaluate.reference import build_reference, load_reference
 from sitctl.evaluate.stage import evaluate_stage
 from sitctl.identity import same_settings
-from sitctl.records import CheckpointInfo, MetricsInfo, ReferenceInfo
+from sitctl.records import MetricsInfo, ReferenceInfo
 from sitctl.sample import sample_stage
+from sitctl.signals import Interrupted, stop_on_signals
 from sitctl.train import train
 
 
@@ -103,12 +104,10 @@ def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
             run_dir = version.path  # interrupted: resume it
             break
     out = run_dir or workspace.next_version(root, "checkpoint")
-    checkpoint = train(dataclasses.replace(settings, out=str(out), resume=run_dir is not None))
-    step = CheckpointInfo.from_artifact(checkpoint).step
-    if step < config.steps:  # SIGTERM / Ctrl-C: a checkpoint was saved; sampling it would mislead
-        raise SitctlError(f"training stopped at step {step} of {config.steps} (checkpoint saved in {out}); "
-                          "rerun `sitctl demo` to resume it")
-    return checkpoint
+    try:
+        return train(dataclasses.replace(settings, out=str(out), resume=run_dir is not None))
+    except Interrupted as stopped:  # the demo resumes the run when rerun as it is: no --resume to add
+        raise Interrupted(stopped.signum, f"while training {stopped.done}", quiet=stopped.quiet) from None
 
 
 def sample_digits(config: DemoConfig, root: Path, checkpoint: Artifact) -> Artifact:
@@ -126,7 +125,11 @@ def evaluate_digits(config: DemoConfig, root: Path, samples: Artifact, reference
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     """Run (or finish) the four stages; return the paths, the FID and the real-vs-real floor FID."""
-    console = console or Console()
+    with stop_on_signals():  # one request for every stage, so a signal between two stops the next
+        return _run_demo(config, console or Console())
+
+
+def _run_demo(config: DemoConfig, console: Console) -> dict:
     root = Path(config.out).resolve()
     workspace.claim(root)
     console.rule("[bold]1/4 encode[/] digits -> pixel-space latents")

@@ -69,6 +69,23 @@ def all_agree(d: Dist, ok: bool) -> bool:
     return all_reduce_sum(d, refusals).item() == 0.0
 
 
+def stop_signal(d: Dist, signum: int | None, finished: bool) -> int:
+    """The signal every rank stops on (the highest number any rank received: SIGTERM over SIGINT), or 0.
+
+    0 also when every rank has `finished` its share: a signal after the last unit of work loses
+    nothing, so the stage completes. A collective: every rank calls it at the same point.
+    """
+    state = torch.tensor([float(signum or 0), 0.0 if finished else 1.0], device=d.device)
+    if d.active:
+        dist.all_reduce(state, op=dist.ReduceOp.MAX)
+    return int(state[0]) if state[1] > 0 else 0
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which a scheduler or taskset narrows)."""
+    return len(os.sched_getaffinity(0))
+
+
 def teardown(d: Dist) -> None:
     if d.active and dist.is_initialized():
         dist.destroy_process_group()

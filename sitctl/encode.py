@@ -5,6 +5,8 @@ shards of `shard_size`, and shard i is encoded by rank i % world_size. A shard's
 only on its items, so the output is the same for 1 or N processes and for a run resumed after a
 crash: complete shards in the staging directory are kept (their done marker's sha256 still
 matches), the rest are redone. Rank 0 writes the manifest once every rank has finished.
+A SIGTERM or SIGINT stops the stage after the batch in hand (sitctl/signals.py); the finished
+shards stay, and the same command continues.
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ from pipelines.moments import latent_moments, pixels_to_tensor
 from pipelines.shards import PROGRESS_DIR, Sample, done_record, mark_done, shard_name, write_shard
 from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_items, open_source
 from sitctl import distributed
-from sitctl.artifacts import (
-    Artifact, begin_artifact, disk_errors, finish_artifact, output_lock, staging_dir
-)
+from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, output_lock, staging_dir
 from sitctl.configs import EncodeConfig
+from sitctl.distributed import usable_cores
 from sitctl.errors import ArtifactError, SitctlError
 from sitctl.identity import check_continues, read_request, record_request
 from sitctl.progress import progress_bar
 from sitctl.records import LatentsInfo
+from sitctl.signals import Interrupted, ignore_stop_signals, stop_on_signals
 from sitctl.vae import load_vae
 
 CRASH_AFTER_SHARDS_ENV = "SITCTL_TEST_CRASH_AFTER_SHARDS"  # test hook: exit hard after N shards
 ERRORS_FILE = "errors.jsonl"
+DEFAULT_WORKERS = 4  # decoding processes when --workers is not given, at most one per usable core
 
 
 
@@ -46,7 +49,7 @@ def encode(config: EncodeConfig) -> Artifact | None:
         vae, vae_info = load_vae(config.vae, dist.device)
         if config.image_size % vae_info["downsample"]:
             raise SitctlError(f"--image-size {config.image_size} is not a multiple of the VAE's downsampling {vae_info['downsample']}")
-        with output_lock(config.out, dist), disk_errors("write", staging_dir(config.out)):  # full or read-only disk: one line
+        with stop_on_signals() as stop, output_lock(config.out, dist), disk_errors("write", staging_dir(config.out)):  # full or read-only disk: one line
             staging = begin_artifact(config.out)
             note = read_request(staging)
             if note is not None:  # a partial encode: continue it only with the settings it was begun with
@@ -57,7 +60,11 @@ def encode(config: EncodeConfig) -> Artifact | None:
                 record_request(staging, config)  # also lets a rerun of the same command in a workspace resume it
             shards = plan_shards(len(source), config)
             mine = {index: items for index, items in enumerate(shards) if index % dist.world_size == dist.rank}
-            encode_shards(source, mine, staging, vae, config, dist.device, show_progress=dist.is_main)
+            finished = encode_shards(source, mine, staging, vae, config, dist.device, show_progress=dist.is_main)
+            signum = distributed.stop_signal(dist, stop.signum, finished)  # every rank stops, or none
+            if signum:
+                done = sum(done_record(staging, index) is not None for index in range(len(shards)))
+                raise Interrupted(signum, f"with {done} of {len(shards)} shards finished in {staging}", quiet=not dist.is_main)
             distributed.barrier(dist)
             if not dist.is_main:
                 return None
@@ -80,8 +87,11 @@ def plan_shards(count: int, config: EncodeConfig) -> list[np.ndarray]:
 
 def encode_shards(
     source: ImageSource, shards: dict[int, np.ndarray], staging: Path, vae, config: EncodeConfig, device, *, show_progress: bool
-) -> None:
-    """Encode every shard in `shards` (global index -> item indices) not already done in `staging`."""
+) -> bool:
+    """Encode every shard in `shards` (global index -> item indices) not already done in `staging`; True when all are.
+
+    A stop signal returns False after the batch in hand: the shard in progress is redone by the rerun.
+    """
     pending = {index: items for index, items in shards.items() if done_record(staging, index) is None}
     # Batches never straddle two shards, and are the same whichever rank encodes the shard.
     batches, owners = [], []
@@ -89,14 +99,16 @@ def encode_shards(
         for start in range(0, len(items), config.batch_size):
             batches.append(items[start : start + config.batch_size].tolist())
             owners.append((index, start + config.batch_size >= len(items)))
+    workers = config.workers if config.workers is not None else min(DEFAULT_WORKERS, usable_cores())
     loader = DataLoader(
-        CroppedImages(source, config.image_size), batch_sampler=batches, num_workers=config.workers, collate_fn=collate_items
+        CroppedImages(source, config.image_size), batch_sampler=batches, num_workers=workers, collate_fn=collate_items,
+        worker_init_fn=ignore_stop_signals if workers else None,
     )
     crash_after = int(os.environ.get(CRASH_AFTER_SHARDS_ENV, "0"))
     written, samples, errors = 0, [], []
     total = sum(len(items) for items in pending.values())
-    with progress_bar("encode", total, unit="images", main=show_progress) as advance:
-        for (index, last), batch in zip(owners, loader):
+    with stop_on_signals() as stop, progress_bar("encode", total, unit="images", main=show_progress) as advance:
+        for position, ((index, last), batch) in enumerate(zip(owners, loader), start=1):
             batch_samples, batch_errors = _encode_batch(batch, source, vae, config, device)
             samples += batch_samples
             errors += batch_errors
@@ -106,6 +118,9 @@ def encode_shards(
                 written, samples, errors = written + 1, [], []
                 if written == crash_after:
                     os._exit(75)  # simulate a kill: no cleanup, no finally blocks
+            if stop and position < len(owners):
+                return False
+    return True
 
 
 def _encode_batch(batch: list, source: ImageSource, vae, config: EncodeConfig, device) -> tuple[list[Sample], list[dict]]:

@@ -4,7 +4,8 @@ One code path serves one process or any number under torchrun. Sample i's noise 
 depend on (seed, i) alone, and the indices are cut into blocks of `batch_size` dealt to the
 ranks round-robin (block b -> rank b % world), so the same batches form whatever the world size
 and an image is byte-identical on 1 or N processes. Each rank appends its blocks to its own HDF5
-file in the staging directory; a killed run resumes there, redrawing only missing blocks. Rank 0
+file in the staging directory; a killed run resumes there, redrawing only missing blocks (a
+SIGTERM or SIGINT stops it after the block in hand, sitctl/signals.py). Rank 0
 then writes `samples.h5` (a virtual dataset presenting the rank files in index order), a preview
 grid and optionally the ADM evaluator's `.npz`, and renames the staging directory into place.
 
@@ -44,6 +45,7 @@ from sitctl.sample_store import (
     VIRTUAL_FILE, SampleWriter, export_npz, image_shape, rank_file, repair_rank_file, stored_indices,
     write_virtual_dataset
 )
+from sitctl.signals import stop_on_signals
 
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion VAE latents are scaled by this to unit variance
 PREVIEW_FILE = "preview.png"
@@ -165,12 +167,15 @@ def sample_stage(config: SampleConfig):
         source = with_precision(open_source(config, d.device), config)
         decoder = load_decoder(source, d.device)
         # A second run on this --out stops at the lock, naming the first; a full disk is one line.
-        with output_lock(config.out, d), disk_errors("write samples into", staging_dir(config.out)):
+        with stop_on_signals() as stop, output_lock(config.out, d), disk_errors("write samples into", staging_dir(config.out)):
             staging = begin_artifact(config.out)
             done = prepare_staging(staging, config, source, d)
             labels = class_labels(config.num, source.model_config.num_classes, config.seed, config.labels)
             blocks = rank_blocks(config.num, config.batch_size, d.rank, d.world_size)
-            draw_blocks(source, decoder, config, staging, blocks, labels, done, d)
+            finished = draw_blocks(source, decoder, config, staging, blocks, labels, done, d)
+            signum = distributed.stop_signal(d, stop.signum, finished)  # every rank stops, or none
+            if signum:
+                raise _stopped(signum, staging, config, quiet=not d.is_main)
             distributed.barrier(d)
             if d.is_main:
                 try:
@@ -181,6 +186,15 @@ def sample_stage(config: SampleConfig):
         return open_artifact(config.out, "samples")
     finally:
         distributed.teardown(d)
+
+
+def _stopped(signum: int, staging: Path, config: SampleConfig, quiet: bool):
+    """The Interrupted of a run stopped between blocks; every rank has closed its file, so rank 0 counts them all."""
+    from sitctl.sample_store import stored_indices
+    from sitctl.signals import Interrupted
+
+    drawn = "" if quiet else f" with {len(stored_indices(staging))} of {config.num} images"
+    return Interrupted(signum, f"{drawn} drawn into {staging}".lstrip(), quiet=quiet)
 
 
 def with_precision(source: Source, config: SampleConfig) -> Source:
@@ -220,14 +234,17 @@ def with_precision(source: Source, config: SampleConfig) -> Source:
 
 
 def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging: Path, blocks: list[range],
-                labels: np.ndarray, done: set[int], d) -> None:
-    """Draw this rank's blocks not yet on disk and append each to the rank's HDF5 file."""
+                labels: np.ndarray, done: set[int], d) -> bool:
+    """Draw this rank's blocks not yet on disk and append each to the rank's HDF5 file; True when all are.
+
+    A stop signal returns False after the block in hand (it is on disk; the rerun draws the rest).
+    """
     # A block drawn before the kill is skipped whole; one cut short (batch size changed) is redrawn
     # without its finished indices.
     todo = [[i for i in block if i not in done] for block in blocks]
     todo = [indices for indices in todo if indices]
     writer = None
-    with progress_bar("sampling", sum(map(len, todo)) * d.world_size, unit="img", main=d.is_main) as advance:
+    with stop_on_signals() as stop, progress_bar("sampling", sum(map(len, todo)) * d.world_size, unit="img", main=d.is_main) as advance:
         try:
             for batches, indices in enumerate(todo, start=1):
                 with torch.no_grad():
@@ -237,9 +254,12 @@ def draw_blocks(source: Source, decoder: Decoder, config: SampleConfig, staging:
                 _append(writer, images, labels[indices], np.asarray(indices, dtype=np.int64), staging)
                 advance(len(indices) * d.world_size)  # rank 0 speaks for all ranks
                 _maybe_crash(batches)
+                if stop and batches < len(todo):
+                    return False
         finally:
             if writer is not None:
                 writer.close()
+    return True
 
 
 def _append(writer, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, staging: Path) -> None:

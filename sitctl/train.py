@@ -8,7 +8,8 @@ which keeps DiT's recipe): AdamW, lr 1e-4, no weight decay, betas (0.9, 0.999), 
 global batch 256, EMA 0.9999 updated every step, label dropout 0.1.
 
 The loop reads as train_step / maybe_checkpoint / maybe_preview. A SIGTERM or SIGINT sets a
-flag that all ranks agree on a step boundary later, and the run saves and exits; a NaN or inf
+flag (sitctl/signals.py) that all ranks agree on a step boundary later; the run saves at once
+(no preview, no loss plot) and raises Interrupted, which exits 128 + the signal; a NaN or inf
 loss stops the run at the next log, preview or checkpoint, before anything after it is saved,
 leaving the last checkpoint as it was. No step waits for the device otherwise: statistics stay
 on it until a log line reads them.
@@ -52,8 +53,10 @@ from sitctl.plots import read_metrics, save_image_grid, save_loss_curve
 from sitctl.progress import peak_memory_gib, progress
 from sitctl.records import CheckpointInfo, LatentsInfo
 from sitctl.vae import load_vae
+from sitctl.signals import StopRequest, stop_on_signals
 
 TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
+STOP_VOTES = (signal.SIGTERM, signal.SIGINT)  # the signals ranks vote on, in the order they win
 NAN_HOOK = "SITCTL_TEST_NAN_AT_STEP"  # tests plant a NaN loss at this (1-based) step
 
 class NonFiniteLossError(SitctlError):
@@ -89,7 +92,7 @@ class Run:
     batches: Iterator[dict] | None = None
     window: dict[str, Any] = field(default_factory=dict)
     first_bad_step: torch.Tensor | None = None  # on the device: first step whose loss was not finite (0: none)
-    stop_vote: tuple | None = None  # the last step's all-reduced stop vote, on its way to the host
+    stop_vote: tuple | None = None  # the last step's all-reduced stop votes, on their way to the host
     tracker: Any = None  # sitctl.trackers: TensorBoard, W&B or nothing (always nothing off rank 0)
     evaluation: Any = None  # sitctl.train_eval.TrainingEval, when a FID is due in this run
     alignment: repa.Alignment | None = None  # REPA's encoder and projector (--repa-encoder), else None
@@ -265,43 +268,46 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([losses, t.float(), *([torch.cat(aligns)] if aligns else [])])  # (2, n), (3, n) with REPA
 
 
-def reduce_step(run: Run, losses_and_t: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
+def reduce_step(run: Run, losses_and_t: torch.Tensor, signum: int | None) -> tuple[torch.Tensor, int]:
     """All-reduce [per-t-bucket loss sums and counts, stop votes] in one collective; stats stay on the device.
 
     Nothing here waits for the device: a non-finite loss is noted on the device (check_finite
-    reads it before anything is logged or saved), and the stop vote is read one step late.
+    reads it before anything is logged or saved), and the stop votes are read one step late.
+    Returns the stats and the signal the ranks agreed to stop on (0: none yet).
     """
     losses, t, aligned = losses_and_t[0], losses_and_t[1], losses_and_t[2:]  # aligned: REPA's row, if any
     bucket = (t * TIME_BUCKETS).long().clamp(0, TIME_BUCKETS - 1)
     sums = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, losses)
     counts = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, torch.ones_like(losses))
-    stats = torch.cat([sums, counts, aligned.sum(1), torch.tensor([float(stop)], device=t.device)])
+    # One vote per stop signal, so every rank learns which signal stopped the run (its exit status).
+    votes = torch.tensor([float(signum == number) for number in STOP_VOTES], device=t.device)
+    stats = torch.cat([sums, counts, aligned.sum(1), votes])
     stats = distributed.all_reduce_sum(run.dist, stats)
     if run.first_bad_step is None:
         run.first_bad_step = torch.zeros((), dtype=torch.int64, device=t.device)
     bad = ~torch.isfinite(stats).all() & (run.first_bad_step == 0)
     run.first_bad_step = torch.where(bad, run.step + 1, run.first_bad_step)
-    return stats[:-1], agreed_stop(run, stats[-1:])
+    return stats[: -len(STOP_VOTES)], agreed_stop(run, stats[-len(STOP_VOTES):])
 
 
-def agreed_stop(run: Run, vote: torch.Tensor) -> bool:
-    """Whether the ranks' all-reduced vote of the previous step asked to stop.
+def agreed_stop(run: Run, votes: torch.Tensor) -> int:
+    """The signal the ranks' all-reduced votes of the previous step stop on (SIGTERM first), or 0.
 
-    This step's vote starts its copy to the host now and is read at the next step, when the
-    device has long finished it: the host never waits, and every rank still stops at the same step.
+    This step's votes start their copy to the host now and are read at the next step, when the
+    device has long finished them: the host never waits, and every rank still stops at the same step.
     """
-    if vote.device.type == "cuda":
-        host = torch.empty(1, pin_memory=True).copy_(vote, non_blocking=True)
+    if votes.device.type == "cuda":
+        host = torch.empty(len(votes), pin_memory=True).copy_(votes, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
     else:
-        host, done = vote.clone(), None
+        host, done = votes.clone(), None
     previous, run.stop_vote = run.stop_vote, (host, done)
     if previous is None:
-        return False
+        return 0
     if previous[1] is not None:
         previous[1].synchronize()
-    return bool(previous[0][0] > 0)
+    return next((int(number) for number, count in zip(STOP_VOTES, previous[0].tolist()) if count > 0), 0)
 
 
 def check_finite(run: Run) -> None:
@@ -350,7 +356,8 @@ def train(config: TrainConfig) -> Artifact | None:
     run = None
     hint = "free space (or make it writable) and rerun with --resume"
     try:
-        with output_lock(config.out, d), disk_errors("write the run", config.out, hint=hint):
+        # A signal while preparing is kept too: the run then stops after its first step.
+        with stop_on_signals(), output_lock(config.out, d), disk_errors("write the run", config.out, hint=hint):
             run = prepare(config, d)
             train_loop(run)
         return run.last_saved if d.is_main else None
@@ -362,7 +369,7 @@ def train(config: TrainConfig) -> Artifact | None:
 
 
 def train_loop(run: Run) -> None:
-    """Step until config.steps, or until a signal asks every rank to save and stop."""
+    """Step until config.steps; on a signal every rank saves at the same step and raises Interrupted."""
     config = run.config
     decoder = load_preview_decoder(run)
     with stop_on_signals() as stop, progress_bar(run) as progress:
@@ -370,36 +377,25 @@ def train_loop(run: Run) -> None:
         while run.step < config.steps:
             started = time.perf_counter()
             losses_and_t = train_step(run, next(run.batches))
-            stats, stopping = reduce_step(run, losses_and_t, stop["signal"] is not None)
+            stats, stopping = reduce_step(run, losses_and_t, stop.signum)
             grad_norm = apply_update(run)
             run.step += 1
             progress.update(task, completed=run.step)
             maybe_log(run, stats, grad_norm, time.perf_counter() - started, progress.console)
-            maybe_evaluate(run, progress.console)
-            maybe_checkpoint(run, force=stopping or run.step == config.steps)
+            if not stopping:  # a stop saves first; a FID would hold the checkpoint back
+                maybe_evaluate(run, progress.console)
+            maybe_checkpoint(run, force=stopping or run.step == config.steps, plot=not stopping)
+            if stopping and run.step < config.steps:  # a signal in the last step is too late to matter
+                raise stopped(run, stop, stopping)
             maybe_preview(run, decoder)
-            if stopping:
-                if run.dist.is_main:
-                    progress.console.print(f"stopped by signal {stop['signal']} at step {run.step}; saved {run.last_saved.path}")
-                break
 
 
-@contextlib.contextmanager
-def stop_on_signals():
-    """While inside, SIGTERM and SIGINT only set a flag (a second SIGINT interrupts at once)."""
-    flag: dict[str, int | None] = {"signal": None}
-
-    def handler(signum, frame):
-        if signum == signal.SIGINT and flag["signal"] is not None:
-            raise KeyboardInterrupt
-        flag["signal"] = signum
-
-    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield flag
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
+def stopped(run: Run, stop: StopRequest, signum: int):
+    """The Interrupted of a run that saved step run.step on the agreed signal; rank 0 says it."""
+    stop.signum = stop.signum or signum  # a rank that was not signalled itself stops on its peers' signal
+    saved = checkpoints.checkpoint_dir(run.config.out, run.step)
+    return stop.interrupted(f"at step {run.step} of {run.config.steps}; saved {saved}", resume_option="--resume",
+                            quiet=not run.dist.is_main)
 
 
 def progress_bar(run: Run):
@@ -491,8 +487,11 @@ def checkpoint_extra(run: Run) -> dict[str, Any]:
     ).to_extra()
 
 
-def maybe_checkpoint(run: Run, force: bool = False) -> None:
-    """Save on rank 0 every ckpt_every steps (or when forced), prune old ones, redraw the loss curve."""
+def maybe_checkpoint(run: Run, force: bool = False, plot: bool = True) -> None:
+    """Save on rank 0 every ckpt_every steps (or when forced), prune old ones, redraw the loss curve (if `plot`).
+
+    A stop signal saves with plot=False: within a scheduler's grace period only what the resume needs.
+    """
     config = run.config
     if (run.step % config.ckpt_every and not force) or run.saved_step == run.step:
         return
@@ -511,7 +510,7 @@ def maybe_checkpoint(run: Run, force: bool = False) -> None:
                                                  f"sitctl show {run.last_saved.id}")
         checkpoints.prune_checkpoints(config.out, config.keep_last, config.keep_every)
         metrics = Path(config.out) / "metrics.jsonl"
-        if metrics.is_file():
+        if plot and metrics.is_file():
             save_loss_curve(metrics, Path(config.out) / "loss.png")
     run.saved_step = run.step
     distributed.barrier(run.dist)

@@ -32,7 +32,8 @@ def documented_commands() -> list[tuple[str, list[str]]]:
                         argv = words[start + 1 :]
                     else:
                         continue
-                    argv = argv[: argv.index("&&")] if "&&" in argv else argv
+                    ends = [argv.index(operator) for operator in ("&&", "||", "&", ";", "|") if operator in argv]
+                    argv = argv[: min(ends)] if ends else argv  # a shell operator ends the command
                     found.append((f"{document.name}: {line.strip()}", argv))
                     break
     return found

@@ -30,6 +30,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from sitctl.errors import SitctlError
 from sitctl.progress import progress_bar
+from sitctl.signals import stop_on_signals
 
 TORCH_FIDELITY_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -315,16 +316,24 @@ def _tensors_only_copy(state_dict: dict[str, torch.Tensor]) -> io.BytesIO:
 def extract_features(
     extractor, batches: Iterable[np.ndarray], *, device: torch.device, total: int | None = None, label: str = "features"
 ) -> dict[str, torch.Tensor]:
-    """Run uint8 NHWC batches through the extractor; return {feature name: (N, D) float32 CPU tensor}."""
+    """Run uint8 NHWC batches through the extractor; return {feature name: (N, D) float32 CPU tensor}.
+
+    A SIGTERM or SIGINT stops it between batches with Interrupted: features are not kept, a rerun redoes them.
+    """
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.get_requested_features_list()}
-    with progress_bar(label, total) as advance, torch.inference_mode():
+    done = 0
+    with stop_on_signals() as stop, progress_bar(label, total) as advance, torch.inference_mode():
         for images in batches:
+            if stop:
+                of = f" of {total}" if total is not None else ""
+                raise stop.interrupted(f"while extracting Inception features of the {label} ({done}{of} images); nothing is kept")
             check_images(images)
             x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)  # (N, 3, H, W) uint8
             outputs = extractor.convert_features_tuple_to_dict(extractor(x))
             for name, value in outputs.items():
                 collected[name].append(value.float().cpu())
             advance(len(images))
+            done += len(images)
     return {name: torch.cat(parts) if parts else torch.zeros(0, FEATURE_WIDTHS[name]) for name, parts in collected.items()}
 
 

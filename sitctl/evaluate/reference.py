@@ -14,7 +14,6 @@ from our artifact.
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from sitctl.evaluate.inception import (
 )
 from sitctl.evaluate.metrics import Gaussian, feature_statistics
 from sitctl.records import ReferenceInfo
+from sitctl.signals import stop_on_signals
 
 FEATURES_FILE = "features.npy"
 STATISTICS_FILE = "statistics.npz"
@@ -52,8 +52,10 @@ def cropped_batches(source: ImageSource, image_size: int, batch_size: int, error
     Decoding runs on a few threads (PIL releases the GIL). An unreadable file is skipped and
     listed in `errors` as "PATH: reason", as encode lists it in errors.jsonl.
     """
+    from sitctl.distributed import usable_cores
+
     dataset = CroppedImages(source, image_size)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         for start in range(0, len(dataset), batch_size):
             items = list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset)))))
             errors.extend(f"{source.paths[index]}: {reason}" for index, crop, reason in items if crop is None)
@@ -68,7 +70,15 @@ def cropped_batches(source: ImageSource, image_size: int, batch_size: int, error
 
 
 def build_reference(config: ReferenceConfig) -> Artifact:
-    """Crop the real images, store them, extract their Inception features, finish the artifact."""
+    """Crop the real images, store them, extract their Inception features, finish the artifact.
+
+    A stop signal ends it between batches (sitctl/signals.py); the rerun starts the reference afresh.
+    """
+    with stop_on_signals():  # from the start, so a signal while loading stops at the first batch
+        return _build_reference(config)
+
+
+def _build_reference(config: ReferenceConfig) -> Artifact:
     source = open_source(config.source).subset(slice(0, config.max_images))  # SourceError before any slow setup
     device = pick_device(config.device)
     weights = resolve_weights(config.inception_weights, fetch=config.fetch_weights)

@@ -31,6 +31,7 @@ from sitctl.evaluate.registry import REGISTRY, MetricInputs
 from sitctl.evaluate.results import append_result, result_row, sampler_text
 from sitctl.identity import REQUEST, same_settings
 from sitctl.records import MetricsInfo
+from sitctl.signals import stop_on_signals
 from sitctl.trackers import add_eval_to_run
 
 METRICS_FILE = "metrics.json"
@@ -75,7 +76,15 @@ def check_reference(reference: Reference, image_size: int) -> None:
 
 
 def evaluate_stage(config: EvalConfig) -> Artifact:
-    """Score the samples; write the metrics artifact and append one row to the results table."""
+    """Score the samples; write the metrics artifact and append one row to the results table.
+
+    A stop signal ends it between batches of features (sitctl/signals.py); nothing is written then.
+    """
+    with stop_on_signals():  # from the start, so a signal while loading stops at the first batch
+        return _evaluate(config)
+
+
+def _evaluate(config: EvalConfig) -> Artifact:
     needing = [name for name in config.metrics if REGISTRY[name].needs_reference]
     if config.ref is None and needing:  # the CLI fills --ref from the workspace; a script must pass one
         raise EvalError(f"{'/'.join(needing)} needs a reference: ref= a reference artifact or an ADM .npz")

@@ -13,14 +13,13 @@ from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, is_finis
 from sitctl.checkpoint import list_checkpoints
 from sitctl.configs import StudyConfig
 from sitctl.encode import EncodeConfig, encode
-from sitctl.errors import SitctlError
 from sitctl.evaluate.bootstrap import bootstrap_scores, reference_arrays, sample_features
 from sitctl.evaluate.reference import ReferenceConfig, build_reference
 from sitctl.identity import check_continues, settings_of
-from sitctl.records import CheckpointInfo
 from sitctl.sample import SampleConfig, sample_stage
+from sitctl.signals import Interrupted, StopRequest, stop_on_signals
 from sitctl.study.points import (
-    FEATURES_FILE, SCORES_FILE, SETTINGS_FILE, TIMINGS_FILE, ModelSpec, Point, is_scored, best_model, objective_points,
+    FEATURES_FILE, SCORES_FILE, SETTINGS_FILE, TIMINGS_FILE, ModelSpec, Point, best_model, is_scored, objective_points,
     path_points, sampler_points, seed_points
 )
 from sitctl.study.report import write_report
@@ -69,14 +68,10 @@ def train_model(config: StudyConfig, out: Path, latents: Artifact, spec: ModelSp
         ckpt_every=max(1, min(500, config.train_steps)), keep_last=1, log_every=max(1, min(50, config.train_steps)),
         preview_every=0, resume=bool(found), device=config.device,
     )
-    checkpoint = _timed(out, f"train {spec.name}", lambda: train(settings))
-    # A SIGTERM/SIGINT makes train save and return early; sampling that checkpoint would make
-    # an under-trained point that every later sitting reuses, so the sitting ends here instead.
-    step = CheckpointInfo.from_artifact(checkpoint).step
-    if step < config.train_steps:
-        raise SitctlError(f"training {spec.name} stopped at step {step} of {config.train_steps}; "
-                          "rerun the study to resume it")
-    return checkpoint
+    try:
+        return _timed(out, f"train {spec.name}", lambda: train(settings))
+    except Interrupted as stopped:  # the sitting ends; rerun as it is, the study resumes the run itself
+        raise Interrupted(stopped.signum, f"while training {spec.name} {stopped.done}", quiet=stopped.quiet) from None
 
 
 def sample_point(config: StudyConfig, out: Path, checkpoint: Artifact, point: Point) -> Artifact:
@@ -119,6 +114,11 @@ def planned_points(config: StudyConfig, out: Path) -> list[Point]:
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
     """Run (or continue) every planned point; rewrite the report after each. Returns the report's paths."""
+    with stop_on_signals() as stop:  # every stage below shares it; between points the study itself checks
+        return _run_study(config, stop)
+
+
+def _run_study(config: StudyConfig, stop: StopRequest) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(config, out)
@@ -131,6 +131,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         todo = [p for p in planned_points(config, out) if not is_scored(out, p)]
         if not todo or _out_of_time(config, started):
             break
+        if stop:
+            raise stop.interrupted(f"after {done} point(s) this sitting; every finished point is kept in {out}")
         point = todo[0]
         checkpoint = train_model(config, out, latents, point.model)
         samples = sample_point(config, out, checkpoint, point)

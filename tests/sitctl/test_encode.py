@@ -252,3 +252,12 @@ def test_a_resumed_encode_keeps_the_eleven_marked_shards_and_writes_the_twelfth(
     resumed = encode(config)
     assert len(kept) == 11 and all((resumed.path / name).stat().st_ino == inode for name, inode in kept.items())
     assert resumed.id == straight.id
+
+
+def test_default_workers_never_exceed_the_usable_cores_so_the_loader_does_not_warn(tmp_path):
+    one_core = {min(os.sched_getaffinity(0))}  # as a scheduler or taskset narrows a job
+    done = subprocess.run([sys.executable, "-m", "sitctl.cli", "encode", "digits", "--out", str(tmp_path / "latents"),
+                           "--vae", "none", "--image-size", "8", "--limit", "32", "--shard-size", "16"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, one_core),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # no "This DataLoader will create 4 worker processes"

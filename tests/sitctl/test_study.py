@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 
 from sitctl.artifacts import ancestor, open_artifact
 from sitctl.errors import SitctlError
@@ -17,6 +17,7 @@ from sitctl.configs import StudyConfig
 from sitctl.study.points import FEATURES_FILE, model_spec, path_points, sampler_points
 from sitctl.study.report import sampler_series
 from sitctl.study.run import run_study
+from sitctl.signals import Interrupted
 from tests.pipelines.test_sources import write_idx
 
 
@@ -98,14 +99,22 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_a_training_run_stopped_by_a_signal_ends_the_sitting_instead_of_sampling_it(tiny_fashion, tmp_path, monkeypatch):
+    import signal
+
     import sitctl.train
 
     config = tiny_config(tiny_fashion, tmp_path / "study")
-    real_train = sitctl.train.train
-    # What train returns after SIGTERM at step 2: its saved checkpoint, short of the 3 asked for.
-    monkeypatch.setattr(sitctl.train, "train", lambda settings: real_train(dataclasses.replace(settings, steps=2)))
-    with pytest.raises(SitctlError, match="training linear-velocity stopped at step 2 of 3; rerun the study to resume it"):
+    real_step = sitctl.train.train_step
+
+    def signalled_in_step_1(run, batch):  # a real SIGTERM to this process, as a scheduler sends it
+        if run.step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(run, batch)
+
+    monkeypatch.setattr(sitctl.train, "train_step", signalled_in_step_1)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM while training linear-velocity at step 2 of 3; saved ") as stopped:
         run_study(config)
+    assert stopped.value.exit_code == 143 and stopped.value.resume_option is None  # rerun the study as it is
     assert not list((tmp_path / "study").glob("points/*/*"))  # nothing sampled from the short run
 
 
