@@ -45,7 +45,7 @@ from sitctl.sample_store import (
     VIRTUAL_FILE, SampleWriter, export_npz, image_shape, rank_file, repair_rank_file, stored_indices,
     write_virtual_dataset
 )
-from sitctl.signals import stop_on_signals
+from sitctl.signals import Interrupted, stop_on_signals
 
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion VAE latents are scaled by this to unit variance
 PREVIEW_FILE = "preview.png"
@@ -190,9 +190,6 @@ def sample_stage(config: SampleConfig):
 
 def _stopped(signum: int, staging: Path, config: SampleConfig, quiet: bool):
     """The Interrupted of a run stopped between blocks; every rank has closed its file, so rank 0 counts them all."""
-    from sitctl.sample_store import stored_indices
-    from sitctl.signals import Interrupted
-
     drawn = "" if quiet else f" with {len(stored_indices(staging))} of {config.num} images"
     return Interrupted(signum, f"{drawn} drawn into {staging}".lstrip(), quiet=quiet)
 

@@ -28,6 +28,7 @@ from sitctl.artifacts import (
     Artifact, begin_artifact, disk_errors, finish_artifact, open_artifact, output_lock, staging_dir
 )
 from sitctl.configs import ReferenceConfig
+from sitctl.distributed import usable_cores
 from sitctl.errors import ReferenceError
 from sitctl.evaluate.inception import (
     POOL_FEATURES, SPATIAL_FEATURES, create_extractor, extract_features, pick_device, resolve_weights
@@ -52,8 +53,6 @@ def cropped_batches(source: ImageSource, image_size: int, batch_size: int, error
     Decoding runs on a few threads (PIL releases the GIL). An unreadable file is skipped and
     listed in `errors` as "PATH: reason", as encode lists it in errors.jsonl.
     """
-    from sitctl.distributed import usable_cores
-
     dataset = CroppedImages(source, image_size)
     with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         for start in range(0, len(dataset), batch_size):
