@@ -27,7 +27,7 @@ from pipelines.sources import open_source
 from sitctl import sample_store
 from sitctl.artifacts import Artifact, ancestor, open_artifact
 from sitctl.configs import EvalConfig, ReferenceConfig
-from sitctl.errors import ReferenceError
+from sitctl.errors import ArtifactError, ReferenceError
 from sitctl.evaluate.reference import build_reference
 from sitctl.records import LatentsInfo, ReferenceInfo
 from sitctl.workspace import claim, facts, finished_versions, name_of, next_version
@@ -45,7 +45,10 @@ def lineage_source(artifact: Artifact) -> tuple[str, int] | None:
     """(source, image size) of the images behind the latents `artifact` descends from; None if unknown
     (drawn from a published .pt file, latents moved or deleted, or made before they were recorded)."""
     latents = ancestor(artifact, "latents")
-    info = LatentsInfo.from_artifact(latents) if latents is not None else None
+    try:
+        info = LatentsInfo.from_artifact(latents) if latents is not None else None
+    except ArtifactError:  # a manifest from before the records (or made by hand): its source is unknown
+        info = None
     if info is None or not info.source or info.image_size is None:
         return None
     # A folder by its absolute root (encode's SRC may have been relative); a built-in by its spec.

@@ -30,9 +30,10 @@ STAND_INS = {
 
 
 def slurm_script() -> str:
-    """The guide's sbatch script: the bash block that starts with #!/bin/bash and holds #SBATCH lines."""
-    [script] = [block for block in re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), flags=re.S) if "#SBATCH" in block]
-    return script
+    """The guide's multi-node sbatch script: the first bash block with #SBATCH lines (the second is the
+    preemption-and-requeue variant of the same launch)."""
+    scripts = [block for block in re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), flags=re.S) if "#SBATCH" in block]
+    return scripts[0]
 
 
 def expand_slurm_script(tmp_path: Path, nodes: int = 2, job_id: str = "4242") -> list[list[str]]:
