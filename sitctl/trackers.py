@@ -217,6 +217,11 @@ def open_tracker(name: str, log_dir: Path, *, start_step: int | None, run_name: 
         return Guarded(kind(log_dir, start_step=start_step, run_name=run_name), name)
     except TrackerError:
         raise
+    except OSError as error:  # a full or read-only disk: name the disk, as every stage's write does
+        from sitctl.artifacts import write_failure
+
+        raise TrackerError(f"{write_failure(f'start the {name} tracker in', log_dir, error)} "
+                           "(pass --log-dir somewhere writable, or --tracker none)") from None
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TrackerError(f"cannot start the {name} tracker in {log_dir}: {reason} "
