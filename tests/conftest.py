@@ -75,3 +75,12 @@ def tiny_encoder(tiny_encoder_home, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tiny_encoder_home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return tiny_encoder_home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_suite_leaves_the_checkout_alone():
+    """No test may turn the repository into a workspace (a stage run with the checkout as working directory)."""
+    marker = Path(__file__).resolve().parent.parent / ".sitctl-workspace"
+    existed = marker.exists()
+    yield
+    assert existed or not marker.exists(), f"a test made {marker.parent} a workspace; run stages in tmp_path"

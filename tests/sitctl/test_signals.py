@@ -53,7 +53,7 @@ def continue_line(args: list, extra: tuple[str, ...] = ()) -> str:
 
 
 TRAIN_ARGS = ["--model", "SiT-T/2", "--global-batch", "8", "--data-lanes", "2", "--shuffle-buffer", "16",
-              "--loader-workers", "2", "--log-every", "1", "--preview-every", "0", "--device", "cpu"]
+              "--loader-workers", "2", "--log-every", "1", "--preview-every", "0", "--device", "cpu", "--eval-every", "0"]
 
 
 def test_group_sigterm_during_training_with_loader_workers_saves_says_so_and_the_resume_is_bitwise_equal(

@@ -18,7 +18,8 @@ from sitctl.train import TrainConfig, train
 from tests.torchrun import free_port, torchrun
 
 TINY_FLAGS = ["--model", "SiT-T/2", "--global-batch", "8", "--data-lanes", "2", "--shuffle-buffer", "16",
-              "--loader-workers", "0", "--log-every", "1", "--preview-every", "0", "--lr", "1e-3", "--device", "cpu"]
+              "--loader-workers", "0", "--log-every", "1", "--preview-every", "0", "--lr", "1e-3", "--device", "cpu",
+              "--eval-every", "0"]  # no FID during training: it would build a reference in the working directory
 
 
 @pytest.mark.slow
