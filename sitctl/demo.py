@@ -98,7 +98,7 @@ def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
     run_dir = None
     for version in reversed(workspace.finished_versions(root, "checkpoint")):  # newest run of these settings
         checkpoint = version.artifact
-        if _made_with(checkpoint, settings):
+        if _made_with(checkpoint, settings) and [ref["id"] for ref in checkpoint.inputs] == [latents.id]:
             if list_checkpoints(version.path)[-1][0] >= config.steps:
                 return checkpoint
             run_dir = version.path  # interrupted: resume it
