@@ -92,7 +92,7 @@ def prepare_eval(run) -> TrainingEval | None:
     extractor = create_extractor(weights, [POOL_FEATURES], d.device)
     settings = sample_settings(config)
     vae, scale_factor = _lineage_vae(run.latents.artifact, None)
-    source = Source(net=run.ema, model_config=run.model_config, interp=config.interp, pred=config.pred, vae=vae,
+    source = Source(net=run.ema, model_config=run.model_config, interp=run.interp, pred=config.pred, vae=vae,
                     scale_factor=scale_factor, artifact=None, identity="training",
                     sample_eps=run.interp.default_eps(config.pred)[1])  # what the checkpoint records
     source = with_precision(source, settings)
@@ -112,18 +112,26 @@ def find_reference(run) -> Reference | None:
             check_reference(reference, image_size)
         return reference
     settings = EvalConfig(metrics=("fid",), device=str(run.dist.device))
+    root = workspace_root(config.out)
+    if root is None:  # never make a folder a workspace (and fill it with references) behind the user's back
+        print(f"warning: no FID during training: {config.out} is in no workspace; pass --eval-ref "
+              "(a reference artifact or an ADM .npz); training goes on without it", file=sys.stderr, flush=True)
+        return None
     try:
-        path = reference_for(run.latents.artifact, workspace_root(config.out), settings, say=print)
+        path = reference_for(run.latents.artifact, root, settings, say=print)
     except SitctlError as error:
         print(f"warning: no FID during training: {error}; training goes on without it", file=sys.stderr, flush=True)
         return None
     return load_reference(path)
 
 
-def workspace_root(out: str) -> Path:
-    """The workspace holding the run directory, else the current one (where `sitctl eval fid` would look)."""
-    root = find_root(Path(out).resolve().parent)
-    return root if (root / MARKER).is_file() else find_root()
+def workspace_root(out: str) -> Path | None:
+    """The workspace holding the run directory, else the one holding the current directory, else None."""
+    for start in (Path(out).resolve().parent, Path.cwd()):
+        root = find_root(start)
+        if (root / MARKER).is_file():
+            return root
+    return None
 
 
 # =============================================================================================
