@@ -118,6 +118,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_verify_and_show(chain):
     latents, checkpoint, samples = chain
     ok = run_cli("verify", str(latents.path))

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the doctor's measured check trains and samples
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_vae_dir):

@@ -26,6 +26,8 @@ from sitctl.evaluate.reference import ReferenceConfig, build_reference, cropped_
 from sitctl.evaluate.results import read_results, results_table
 from sitctl.evaluate.stage import EvalConfig, EvalError, evaluate_stage
 
+pytestmark = pytest.mark.slow  # its module world runs the FID Inception on real digits
+
 SIZE = 32  # 8x8 digits upscaled by center_crop_arr, as the encode stage would crop them
 N_REAL = 32
 

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # a CPU dry run of the whole GPU check
+
 
 def gpu_check(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

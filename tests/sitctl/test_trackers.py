@@ -86,6 +86,7 @@ def test_tensorboard_reads_back_every_logged_scalar_and_the_preview_image(digits
     assert event_images(tmp_path / "run" / "logs", "preview") == [(3, 176, 176)]
 
 
+@pytest.mark.slow
 def test_a_sigkill_then_resume_leaves_exactly_one_value_per_step_for_each_scalar(digits_latents_dir, tmp_path):
     run, logs = tmp_path / "run", tmp_path / "run" / "logs"
     base = [sys.executable, "-m", "sitctl.cli", "train", str(digits_latents_dir), "--out", str(run), *TINY_FLAGS,
