@@ -83,7 +83,7 @@ def _with_defaults(config):
     from sitctl.defaults import with_defaults
     from sitctl.recipes import apply_recipe
 
-    given = given_fields(type(config))
+    given = given_fields()
     return with_defaults(apply_recipe(config, given), say=_say, given=given)
 
 

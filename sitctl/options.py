@@ -160,21 +160,13 @@ def _comma_list(item_type: type, flags: tuple[str, ...]) -> Callable[[str | None
     return parse
 
 
-# The option names typed on the command line of the command now running (set by config_command).
-_TYPED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("typed_options", default=frozenset())
+# The fields typed on the command line of the command now running (set by config_command).
+_TYPED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("typed_fields", default=frozenset())
 
 
-def given_fields(cls: type) -> frozenset[str]:
-    """The fields of `cls` typed on the command line of the command now running (empty outside one)."""
-    typed, given = _TYPED.get(), set()
-    for field in dataclasses.fields(cls):
-        spell = _spelling(field)
-        names = [flag.lstrip("-").replace("-", "_") for flag, _ in spell["split"]] or [field.name]
-        if spell["invert"]:
-            names = [spell["invert"].lstrip("-").replace("-", "_")]
-        if typed.intersection(names):
-            given.add(field.name)
-    return frozenset(given)
+def given_fields() -> frozenset[str]:
+    """The config fields typed on the command line of the command now running (empty outside one)."""
+    return _TYPED.get()
 
 
 def config_command(cls: type, run: Callable[[Any], None], *, doc: str, exclude: tuple[str, ...] = (),
@@ -184,7 +176,8 @@ def config_command(cls: type, run: Callable[[Any], None], *, doc: str, exclude: 
 
     def command(ctx: typer.Context, **values: Any) -> None:
         sources = {name: ctx.get_parameter_source(name) for name in values}
-        typed = frozenset(name for name, source in sources.items() if source is not None and source.name in TYPED_SOURCES)
+        typed = frozenset(option["field"] for option in options  # --beta1 is typing betas, --no-fetch fetch_weights
+                          if (source := sources[option["parameter"].name]) is not None and source.name in TYPED_SOURCES)
         token = _TYPED.set(typed)  # read by given_fields while the command runs
         try:
             run(cls(**{**(fixed or {}), **_config_kwargs(options, values)}))

@@ -47,7 +47,7 @@ def open_source(config: SampleConfig, device) -> Source:
     artifact = latest_checkpoint(path)
     info = CheckpointInfo.from_artifact(artifact)
     net, model_config = load_network(artifact, ema=config.ema, device=device)
-    vae, scale_factor = _lineage_vae(artifact, config.vae)
+    vae, scale_factor = lineage_vae(artifact, config.vae)
     return Source(
         net=net.eval(), model_config=model_config, interp=interpolant(info.interp), pred=info.pred, sample_eps=info.sample_eps,
         vae=vae, scale_factor=scale_factor, artifact=artifact, identity=f"checkpoint:{artifact.id}",
@@ -55,7 +55,7 @@ def open_source(config: SampleConfig, device) -> Source:
     )
 
 
-def _lineage_vae(checkpoint, override: str | None) -> tuple[str, float | None]:
+def lineage_vae(checkpoint, override: str | None) -> tuple[str, float | None]:
     """The VAE and scale factor of the latents the checkpoint was trained on; --vae overrides the VAE."""
     latents = ancestor(checkpoint, "latents")
     info = LatentsInfo.from_artifact(latents) if latents is not None else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,12 @@ from sitctl.errors import SitctlError
 from sitctl.evaluate.auto_reference import reference_for
 from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_features, resolve_weights
 from sitctl.evaluate.reference import Reference, load_reference
+from sitctl.evaluate.results import sampler_text
 from sitctl.evaluate.stage import check_reference, compute_metrics
 from sitctl.plots import save_metric_curve
 from sitctl.records import LatentsInfo
 from sitctl.sample import class_labels, draw_latents, rank_blocks, with_precision
-from sitctl.sample_source import Source, _lineage_vae
+from sitctl.sample_source import Source, lineage_vae
 from sitctl.workspace import MARKER, find_root
 
 EVAL_METHOD = {"sde": "euler", "ode": "heun"}  # fixed-step solvers, so the cost is known in advance
@@ -91,7 +92,7 @@ def prepare_eval(run) -> TrainingEval | None:
     weights = resolve_weights(eval_config.inception_weights, fetch=eval_config.fetch_weights)
     extractor = create_extractor(weights, [POOL_FEATURES], d.device)
     settings = sample_settings(config)
-    vae, scale_factor = _lineage_vae(run.latents.artifact, None)
+    vae, scale_factor = lineage_vae(run.latents.artifact, None)
     source = Source(net=run.ema, model_config=run.model_config, interp=run.interp, pred=config.pred, vae=vae,
                     scale_factor=scale_factor, artifact=None, identity="training",
                     sample_eps=run.interp.default_eps(config.pred)[1])  # what the checkpoint records
@@ -156,7 +157,7 @@ def measure_fid(evaluation: TrainingEval, d) -> dict[str, Any] | None:
     if gathered is None:
         return None
     values = compute_metrics(evaluation.eval_config, {POOL_FEATURES: gathered}, evaluation.reference)
-    return {"fid": values["fid"], "fid_num": settings.num, "fid_sampler": sampler_text(settings),
+    return {"fid": values["fid"], "fid_num": settings.num, "fid_sampler": sampler_text(asdict(settings)),
             "fid_seconds": time.perf_counter() - started}
 
 
@@ -181,11 +182,6 @@ def gather_in_index_order(features: torch.Tensor, blocks: list[range], settings:
     kept = indices >= 0
     order = torch.argsort(indices[kept])
     return features[kept][order]  # (num, 2048)
-
-
-def sampler_text(settings: SampleConfig) -> str:
-    """`sde euler 50 cfg1.0`: the sampler of these FIDs, as a metrics row records it."""
-    return f"{settings.mode} {settings.method} {settings.steps} cfg{settings.cfg_scale:g}"
 
 
 def record_fid(out: str, step: int, row: dict[str, Any]) -> None:
