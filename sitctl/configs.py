@@ -20,7 +20,8 @@ DEFAULT_METHOD = {"ode": "dopri5", "sde": "euler"}
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
 PUBLISHED_KINDS = ("sit", "dit", "repa")
 ENCODER_TARGETS = ("none", "images", "png")  # stored precomputed features are not built (see docs/guide.md)
-ABLATIONS = ("path", "objective", "sampler", "seeds")  # the study's tables (sitctl/study/)
+ABLATIONS = ("path", "objective", "sampler", "seeds", "convergence")  # the study's tables (sitctl/study/)
+DEFAULT_ABLATIONS = ABLATIONS[:4]  # convergence (FID against training step) is asked for by name
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -600,8 +601,22 @@ class StudyConfig:
     """Training seeds besides --seed that the seeds ablation trains its models with again."""
     sample_seeds: tuple[int, ...] = setting((1, 2), role="free")
     """Sample seeds besides --seed that the seeds ablation samples linear velocity with again (new noise and labels)."""
-    ablations: tuple[str, ...] = setting(ABLATIONS, role="free")
-    """Which ablations to run, in order."""
+    ablations: tuple[str, ...] = setting(DEFAULT_ABLATIONS, role="free")
+    """Which ablations to run, in order: path, objective, sampler, seeds, convergence (by name only: about 2 hours)."""
+    convergence_steps: tuple[int, ...] = setting((250, 500, 1000, 2000), role="free")
+    """Training steps at which the convergence runs are scored (they train to the largest; more steps extend them)."""
+    convergence_ema_decay: float = 0.99
+    """EMA decay of the convergence runs, fixed whatever their length (0.99^250 = 0.08: the first point still holds some initial weights)."""
+    repa_projector_width: int = 256
+    """Width of REPA's projector in the convergence runs (REPA's 2048 is 1.8x SiT-XL's width; here 2x the model's)."""
+    encoder_epochs: int = 3
+    """Epochs of the study's own alignment encoder (a small ViT classifier trained on train_source's labels)."""
+    shift_values: tuple[float, ...] = setting((1.0, 2.0, 4.0), role="free")
+    """Time shifts of the sampling grids on the converged baseline (1: evenly spaced)."""
+    grid_ode_steps: tuple[int, ...] = setting((10, 25, 50), role="free")
+    """ODE heun step counts of the sampling grids (NFE twice these)."""
+    grid_sde_steps: tuple[int, ...] = setting((20, 50, 100), role="free")
+    """SDE euler step counts of the sampling grids."""
     models: tuple[str, ...] = setting((), role="free")
     """Run only the points whose model (run folder name, e.g. linear-velocity) is listed (empty: all)."""
     max_minutes: float | None = setting(None, role="free")
@@ -630,6 +645,13 @@ class StudyConfig:
                 raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.num_samples < 2 or self.reference_images < 2:
             raise SitctlError("--num-samples and --reference-images must be at least 2 (FID needs a covariance)")
+        for name in ("convergence_steps", "grid_ode_steps", "grid_sde_steps", "shift_values"):
+            if not getattr(self, name) or min(getattr(self, name)) <= 0:
+                raise SitctlError(f"--{name.replace('_', '-')} must list values above 0, got {list(getattr(self, name))}")
+        if not 0.0 <= self.convergence_ema_decay < 1.0:
+            raise SitctlError(f"--convergence-ema-decay must be in [0, 1), got {self.convergence_ema_decay}")
+        if min(self.repa_projector_width, self.encoder_epochs) < 1:
+            raise SitctlError("--repa-projector-width and --encoder-epochs must be at least 1")
 
 
 # =============================================================================================

@@ -37,6 +37,9 @@ class ModelSpec:
     discrete_steps: int | None = None
     seed: int | None = None  # training seed; None: the study's --seed
     precision: str = "fp32"  # training precision (bf16: autocast, as CUDA's default)
+    time_dist: str = "uniform"  # training time distribution (convergence: logit-normal)
+    repa: bool = False  # align block --repa-depth with the study's own encoder (convergence)
+    steps: int | None = None  # run length; None: --train-steps (convergence: its longest step)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class SamplerSpec:
     diffusion: str = "sigma"
     cfg_scale: float = 1.0
     seed: int | None = None  # sample seed; None: the study's --seed
+    shift: float = 1.0  # time shift of the fixed-step grid (1: evenly spaced)
 
     @property
     def base(self) -> str:
@@ -69,6 +73,7 @@ class Point:
     label: str  # the row's name in its table
     model: ModelSpec
     sampler: SamplerSpec
+    step: int | None = None  # the checkpoint sampled; None: the run's last
 
 
 def model_spec(interp: str, pred: str, loss_weight: str = "none", discrete_steps: int | None = None,
@@ -79,14 +84,20 @@ def model_spec(interp: str, pred: str, loss_weight: str = "none", discrete_steps
     return ModelSpec(name, interp, pred, loss_weight, discrete_steps, seed, precision)
 
 
-def ode(config: StudyConfig, method: str = "heun", steps: int | None = None) -> SamplerSpec:
+def ode(config: StudyConfig, method: str = "heun", steps: int | None = None, shift: float = 1.0) -> SamplerSpec:
     steps = steps or config.ode_steps
-    return SamplerSpec(f"ode-{method}-{steps}", "ode", method, steps)
+    return SamplerSpec(f"ode-{method}-{steps}" + _shifted(shift), "ode", method, steps, shift=shift)
 
 
-def sde(config: StudyConfig, *, w: float = 1.0, diffusion: str = "sigma", cfg: float = 1.0, steps: int | None = None) -> SamplerSpec:
+def sde(config: StudyConfig, *, w: float = 1.0, diffusion: str = "sigma", cfg: float = 1.0, steps: int | None = None,
+        shift: float = 1.0) -> SamplerSpec:
     steps = steps or config.sde_steps
-    return SamplerSpec(f"sde-euler-{steps}-{diffusion}-w{w:g}-cfg{cfg:g}", "sde", "euler", steps, w, diffusion, cfg)
+    return SamplerSpec(f"sde-euler-{steps}-{diffusion}-w{w:g}-cfg{cfg:g}" + _shifted(shift), "sde", "euler", steps, w,
+                       diffusion, cfg, shift=shift)
+
+
+def _shifted(shift: float) -> str:
+    return "" if shift == 1.0 else f"-shift{shift:g}"
 
 
 def path_points(config: StudyConfig) -> list[Point]:
@@ -147,8 +158,52 @@ def seed_points(config: StudyConfig) -> list[Point]:
     return points
 
 
+def convergence_spec(interp: str = "linear", pred: str = "velocity", *, time_dist: str = "uniform", repa: bool = False,
+                     discrete_steps: int | None = None, seed: int | None = None, steps: int) -> ModelSpec:
+    """A convergence run: its own folder (conv-...), trained to `steps` with the checkpoints kept."""
+    base = model_spec(interp, pred, discrete_steps=discrete_steps)
+    name = "conv-" + base.name + ("-logit-normal" if time_dist != "uniform" else "") + ("-repa" if repa else "") + (
+        "" if seed is None else f"-seed{seed}")
+    return replace(base, name=name, seed=seed, time_dist=time_dist, repa=repa, steps=steps)
+
+
+# The convergence recipes, one change at a time from SiT; the flagged ones are trained with every training seed.
+CONVERGENCE_RECIPES = (
+    ("SiT (linear, velocity, uniform t)", dict(), True),
+    ("+ REPA", dict(repa=True), True),
+    ("+ logit-normal t", dict(time_dist="logit-normal"), False),
+    ("+ REPA + logit-normal t", dict(repa=True, time_dist="logit-normal"), False),
+    ("DiT-style (vp, discrete t, noise)", dict(interp="vp", pred="noise", discrete_steps=1000), False),
+)
+
+
+def convergence_runs(config: StudyConfig) -> list[tuple[str, ModelSpec]]:
+    """(recipe, run) of every convergence run: each recipe with --seed first, then the seeded ones again
+    with each of --train-seeds, so a sitting that ends early has one curve of every recipe."""
+    steps = max(config.convergence_steps)
+    runs = [(label, convergence_spec(**kwargs, steps=steps)) for label, kwargs, _ in CONVERGENCE_RECIPES]
+    for seed in config.train_seeds:
+        runs += [(label, convergence_spec(**kwargs, seed=seed, steps=steps)) for label, kwargs, seeded in CONVERGENCE_RECIPES if seeded]
+    return runs
+
+
+def convergence_points(config: StudyConfig) -> list[Point]:
+    """FID against training step: every run's kept checkpoint at each of --convergence-steps, one SDE."""
+    return [Point("convergence", label, spec, sde(config), step=step)
+            for label, spec in convergence_runs(config) for step in sorted(config.convergence_steps)]
+
+
+def grid_points(config: StudyConfig) -> list[Point]:
+    """Sampling grids on the baseline's last checkpoint: ODE heun and SDE euler against NFE, for each time shift."""
+    baseline = convergence_runs(config)[0][1]
+    samplers = [sampler(config, steps=steps, shift=shift) for shift in config.shift_values
+                for sampler, values in ((ode, config.grid_ode_steps), (sde, config.grid_sde_steps)) for steps in values]
+    return [Point("grid", s.name, baseline, s, step=baseline.steps) for s in samplers]
+
+
 def point_dir(out: Path, point: Point) -> Path:
-    return out / "points" / point.model.name / point.sampler.name
+    model = out / "points" / point.model.name
+    return (model if point.step is None else model / f"step-{point.step:07d}") / point.sampler.name
 
 
 def is_scored(out: Path, point: Point) -> bool:

@@ -19,8 +19,11 @@ from sitctl.configs import StudyConfig
 from sitctl.errors import SitctlError
 from sitctl.evaluate.bootstrap import bootstrap_scores, reference_arrays
 from sitctl.plots import read_metrics
+from sitctl.study.convergence import convergence_section
+from sitctl.study.encoder import read_quality
 from sitctl.study.points import (
-    best_model, collect, model_spec, objective_points, path_points, sampler_points, seed_points
+    best_model, collect, convergence_points, grid_points, model_spec, objective_points, path_points, sampler_points,
+    seed_points
 )
 
 TITLES = {
@@ -28,6 +31,7 @@ TITLES = {
     "objective": "Ablation 2: interpolant x prediction (ODE heun)",
     "sampler": "Ablation 3: samplers on the best model",
     "seeds": "Seeds: the interpolant ordering and the SDE's gain, retrained and redrawn",
+    "convergence": "Convergence: FID against training step, one change at a time from SiT",
 }
 
 
@@ -111,6 +115,18 @@ def seed_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def encoder_line(out: Path) -> str:
+    """The REPA encoder's own quality (sitctl/study/encoder.py)."""
+    quality = read_quality(out)
+    if quality is None:
+        return "REPA's encoder: not trained yet."
+    arch = quality["architecture"]
+    return (f"REPA's encoder (trained here, supervised): a ViT of width {arch['embed_dim']}, depth {arch['depth']}, "
+            f"{arch['patch_size']}-px patches ({quality['parameters'] / 1e6:.2f}M parameters), {quality['epochs']} epochs on "
+            f"{quality['train_images']} images: test accuracy {quality['test_accuracy']:.1%} on {quality['test_images']} "
+            f"reference-split images (train {quality['train_accuracy']:.1%}), {quality['seconds']:.0f} s.")
+
+
 def write_report(config: StudyConfig, out: Path) -> dict[str, Any]:
     """REPORT.md (one table per ablation, floor beside each) and the plots, from finished points."""
     if not is_finished(out / "reference") or not is_finished(out / "floor"):
@@ -130,6 +146,12 @@ def write_report(config: StudyConfig, out: Path) -> dict[str, Any]:
         elif ablation == "seeds":
             rows = collect(config, out, seed_points(config))
             sections += [f"## {TITLES[ablation]}", "", seed_table(seed_summary(rows)), ""]
+        elif ablation == "convergence":
+            lines, drawn = convergence_section(config, collect(config, out, convergence_points(config)),
+                                               collect(config, out, grid_points(config)), cached_floor(config, out), out, _pyplot())
+            sections += [f"## {TITLES[ablation]}", "", encoder_line(out), "", floor_line(floor), "", *lines]
+            plots += drawn
+            continue
         else:
             rows = collect(config, out, path_points(config) if ablation == "path" else objective_points(config))
             sections += [f"## {TITLES[ablation]}", ""]

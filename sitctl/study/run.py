@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +15,16 @@ from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, is_finis
 from sitctl.checkpoint import list_checkpoints
 from sitctl.configs import StudyConfig
 from sitctl.encode import EncodeConfig, encode
+from sitctl.errors import SitctlError
 from sitctl.evaluate.bootstrap import bootstrap_scores, reference_arrays, sample_features
 from sitctl.evaluate.reference import ReferenceConfig, build_reference
 from sitctl.identity import check_continues, settings_of
 from sitctl.sample import SampleConfig, sample_stage
 from sitctl.signals import Interrupted, StopRequest, stop_on_signals
+from sitctl.study.encoder import ENCODER_NAME, encoder_hub, ensure_encoder
 from sitctl.study.points import (
-    FEATURES_FILE, SCORES_FILE, SETTINGS_FILE, TIMINGS_FILE, ModelSpec, Point, best_model, is_scored, objective_points,
-    path_points, sampler_points, seed_points
+    FEATURES_FILE, SCORES_FILE, SETTINGS_FILE, TIMINGS_FILE, ModelSpec, Point, best_model, convergence_points,
+    grid_points, is_scored, objective_points, path_points, point_dir, sampler_points, seed_points
 )
 from sitctl.study.report import write_report
 from sitctl.train import TrainConfig, train
@@ -40,11 +44,12 @@ def _timed(out: Path, what: str, make):
     return result
 
 
-def encode_train_images(config: StudyConfig, out: Path) -> Artifact:
-    path = out / "latents"
-    return _reuse(path, "latents") or _timed(out, "encode", lambda: encode(EncodeConfig(
+def encode_train_images(config: StudyConfig, out: Path, images: bool = False) -> Artifact:
+    """The training set in pixel space; `images` keeps the crops too (the convergence runs, for REPA's encoder)."""
+    path = out / ("latents-images" if images else "latents")
+    return _reuse(path, "latents") or _timed(out, f"encode {path.name}", lambda: encode(EncodeConfig(
         src=config.train_source, out=str(path), image_size=config.image_size, vae="none", limit=config.train_images,
-        shard_size=5000, batch_size=256, workers=0, device=config.device)))
+        shard_size=5000, batch_size=256, workers=0, device=config.device, encoder_targets="images" if images else "none")))
 
 
 def reference(config: StudyConfig, out: Path, name: str, source: str, count: int) -> Artifact:
@@ -54,32 +59,59 @@ def reference(config: StudyConfig, out: Path, name: str, source: str, count: int
         source=source, out=str(path), image_size=config.image_size, max_images=count, device=config.device)))
 
 
-def train_model(config: StudyConfig, out: Path, latents: Artifact, spec: ModelSpec) -> Artifact:
-    """The run's checkpoint at train_steps; an interrupted run resumes from its last checkpoint."""
+def train_model(config: StudyConfig, out: Path, spec: ModelSpec) -> Artifact:
+    """The run's last checkpoint; an interrupted run resumes from its last checkpoint.
+
+    A convergence run (spec.steps set) keeps a checkpoint at every multiple of the step list's
+    greatest common divisor, has a fixed EMA decay whatever its length, and reads the latents
+    that keep the crops; with spec.repa it aligns to the study's own encoder.
+    """
+    steps = spec.steps or config.train_steps
     run = out / "runs" / spec.name
     found = list_checkpoints(run)
-    if found and found[-1][0] >= config.train_steps:
+    if found and found[-1][0] >= steps:
         return open_artifact(found[-1][1], "checkpoint")
+    latents = encode_train_images(config, out, images=spec.steps is not None)
+    every = math.gcd(*config.convergence_steps) if spec.steps else max(1, min(500, steps))
     settings = TrainConfig(
         latents=str(latents.path), out=str(run), model=config.model, interp=spec.interp, pred=spec.pred,
-        loss_weight=spec.loss_weight, discrete_steps=spec.discrete_steps, steps=config.train_steps,
-        global_batch=config.global_batch, lr=config.lr, ema_decay=config.ema_decay, flip=False, precision=spec.precision,
+        loss_weight=spec.loss_weight, discrete_steps=spec.discrete_steps, time_dist=spec.time_dist, steps=steps,
+        global_batch=config.global_batch, lr=config.lr, flip=False, precision=spec.precision,
+        ema_decay=config.convergence_ema_decay if spec.steps else config.ema_decay,
         seed=config.seed if spec.seed is None else spec.seed, data_lanes=4, shuffle_buffer=2000, loader_workers=0,
-        ckpt_every=max(1, min(500, config.train_steps)), keep_last=1, log_every=max(1, min(50, config.train_steps)),
-        preview_every=0, resume=bool(found), device=config.device,
+        ckpt_every=every, keep_last=1, keep_every=every if spec.steps else 0, log_every=max(1, min(50, steps)),
+        preview_every=0, tracker="none", eval_every=0, resume=bool(found), device=config.device,
+        **(dict(repa_encoder=ENCODER_NAME, repa_projector_width=config.repa_projector_width) if spec.repa else {}),
     )
+    if spec.repa:
+        ensure_encoder_timed(config, out)
     try:
-        return _timed(out, f"train {spec.name}", lambda: train(settings))
+        with encoder_hub(out) if spec.repa else nullcontext():
+            return _timed(out, f"train {spec.name}", lambda: train(settings))
     except Interrupted as stopped:  # the sitting ends; rerun as it is, the study resumes the run itself
         raise Interrupted(stopped.signum, f"while training {spec.name} {stopped.done}", quiet=stopped.quiet) from None
 
 
+def ensure_encoder_timed(config: StudyConfig, out: Path) -> dict[str, Any]:
+    return ensure_encoder(config, out) if (out / "encoder").is_dir() else _timed(out, "encoder", lambda: ensure_encoder(config, out))
+
+
+def checkpoint_of(out: Path, point: Point, last: Artifact) -> Artifact:
+    """The checkpoint a point samples: the run's last, or the kept one at point.step."""
+    if point.step is None or point.step == last.extra["step"]:
+        return last
+    kept = dict(list_checkpoints(out / "runs" / point.model.name))
+    if point.step not in kept:
+        raise SitctlError(f"run {point.model.name} kept no checkpoint at step {point.step}; its steps are {sorted(kept)}")
+    return open_artifact(kept[point.step], "checkpoint")
+
+
 def sample_point(config: StudyConfig, out: Path, checkpoint: Artifact, point: Point) -> Artifact:
-    path = out / "points" / point.model.name / point.sampler.name
+    path = point_dir(out, point)
     s = point.sampler
-    return _reuse(path, "samples") or _timed(out, f"sample {point.model.name} {s.name}", lambda: sample_stage(SampleConfig(
+    return _reuse(path, "samples") or _timed(out, f"sample {path.relative_to(out / 'points')}", lambda: sample_stage(SampleConfig(
         checkpoint=str(checkpoint.path), out=str(path), mode=s.mode, method=s.method, steps=s.steps, w=s.w,
-        diffusion=s.diffusion, cfg_scale=s.cfg_scale, num=config.num_samples, batch_size=config.sample_batch,
+        diffusion=s.diffusion, cfg_scale=s.cfg_scale, time_shift=s.shift, num=config.num_samples, batch_size=config.sample_batch,
         seed=config.seed if s.seed is None else s.seed, preview=64, device=config.device)))
 
 
@@ -107,6 +139,8 @@ def planned_points(config: StudyConfig, out: Path) -> list[Point]:
             points += objective_points(config)
         elif ablation == "seeds":
             points += seed_points(config)
+        elif ablation == "convergence":
+            points += convergence_points(config) + grid_points(config)
         elif (best := best_model(config, out)) is not None:
             points += sampler_points(config, best)
     return [p for p in points if not config.models or p.model.name in config.models]
@@ -123,7 +157,6 @@ def _run_study(config: StudyConfig, stop: StopRequest) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     check_settings(config, out)
     started = time.monotonic()
-    latents = encode_train_images(config, out)
     ref = reference(config, out, "reference", config.reference_source, config.reference_images)
     reference(config, out, "floor", config.train_source, config.num_samples)
     done = 0
@@ -134,9 +167,9 @@ def _run_study(config: StudyConfig, stop: StopRequest) -> dict[str, Any]:
         if stop:
             raise stop.interrupted(f"after {done} point(s) this sitting; every finished point is kept in {out}")
         point = todo[0]
-        checkpoint = train_model(config, out, latents, point.model)
+        checkpoint = checkpoint_of(out, point, train_model(config, out, point.model))
         samples = sample_point(config, out, checkpoint, point)
-        _timed(out, f"score {point.model.name} {point.sampler.name}", lambda: score_point(config, samples, ref))
+        _timed(out, f"score {samples.path.relative_to(out / 'points')}", lambda: score_point(config, samples, ref))
         done += 1
         write_report(config, out)
     report = write_report(config, out)
