@@ -338,7 +338,9 @@ def _study(config) -> None:
 _command(app, "study", configs.StudyConfig, _study, doc="""Run the SiT paper's ablations at small scale on Fashion-MNIST (docs/REPRODUCTION.md).
 
     DiT -> SiT path, interpolant x prediction, samplers and training seeds, one choice at a time;
-    every point is an artifact reused by a rerun, so the study runs in several sittings (--max-minutes).
+    `--ablations convergence` adds FID against training step for SiT, REPA, logit-normal t and DiT
+    (about 2 hours); every point is an artifact reused by a rerun, so the study runs in several
+    sittings (--max-minutes).
     """)
 
 

@@ -14,6 +14,10 @@ the Inception features, so a bootstrap costs no extra forward pass):
                with other seeds: the spread of a score from one training run to the next;
                linear velocity sampled again with other sample seeds (the spread the bootstrap
                stands for); and linear velocity trained under bf16 autocast.
+    convergence (asked for by name) FID against training step: SiT, + REPA, + logit-normal t,
+               + both, and DiT-style, scored at kept checkpoints with one SDE; REPA aligns
+               to the study's own small ViT (encoder.py); then sampling grids (FID against
+               NFE per time shift) on the baseline's last checkpoint (convergence.py).
 
 Every stage is the one the CLI runs (encode, train, eval ref, sample); the scores with their
 bootstrap come from sitctl/evaluate/bootstrap.py over features kept in each point's metrics artifact. A finished artifact is reused and an
@@ -32,4 +36,6 @@ The package holds one idea a module:
     points.py   what a point is (a model and a sampler), the ablations' lists, where results live
     run.py      running the points: each stage reused or resumed, sittings, the settings guard
     report.py   REPORT.md's tables and the plots, rebuilt from whatever has finished
+    encoder.py  the convergence runs' REPA encoder: trained here, saved in a Hugging Face cache layout
+    convergence.py  the convergence ablation's tables, steps-to-FID and plots
 """

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sitctl.configs import StudyConfig
-from sitctl.study.points import CONVERGENCE_RECIPES, Point
+from sitctl.plots import read_metrics
+from sitctl.study.points import CONVERGENCE_RECIPES, Point, convergence_runs
 
 Curve = dict[int, dict[str, Any]]  # step -> scores
 
@@ -182,11 +183,43 @@ def plot_grid(rows: list[dict[str, Any]], floor: dict[str, float], out: Path, pl
     return path
 
 
+def plot_training(config: StudyConfig, out: Path, plt) -> Path:
+    """The convergence runs' training losses against step: the interpolant loss of the linear-velocity
+    recipes (one objective, so comparable) and REPA's alignment, as the mean cosine it reaches."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    labels = [label for label, _, _ in CONVERGENCE_RECIPES]
+    drawn: set[str] = set()
+    for label, spec in convergence_runs(config):
+        log = out / "runs" / spec.name / "metrics.jsonl"
+        rows = [r for r in read_metrics(log) if "loss" in r] if log.is_file() else []
+        if not rows:
+            continue
+        color, legend = f"C{labels.index(label)}", None if label in drawn else label
+        drawn.add(label)
+        if spec.interp == "linear" and spec.pred == "velocity":
+            axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, alpha=0.7, label=legend)
+        aligned = [r for r in rows if "align_loss" in r]
+        if aligned:
+            axes[1].plot([r["step"] for r in aligned], [-r["align_loss"] for r in aligned], color=color, alpha=0.7, label=legend)
+    axes[0].set(xlabel="training step", ylabel="velocity loss", yscale="log", title="interpolant loss (linear, velocity)")
+    axes[1].set(xlabel="training step", ylabel="mean cosine(projected block, encoder)", title="REPA alignment")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = out / "convergence-training.png"
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def convergence_section(config: StudyConfig, rows: list[dict[str, Any]], grid_rows: list[dict[str, Any]],
                         floor: dict[str, float], out: Path, plt) -> tuple[list[str], list[Path]]:
     """REPORT.md's convergence lines and its two plots."""
     summary = summarise(rows, config.convergence_steps)
-    plots = [plot_convergence(summary, config.convergence_steps, floor, out, plt), plot_grid(grid_rows, floor, out, plt)]
+    plots = [plot_convergence(summary, config.convergence_steps, floor, out, plt), plot_grid(grid_rows, floor, out, plt),
+             plot_training(config, out, plt)]
     baseline_final = next((row["scores"] for row in grid_rows if row["point"].sampler.shift == 1.0 and row["scores"]
                            and row["point"].sampler.mode == "sde" and row["point"].sampler.steps == config.sde_steps), None)
     lines = [convergence_tables(summary, config.convergence_steps), "",

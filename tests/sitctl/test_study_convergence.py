@@ -124,7 +124,7 @@ def test_a_tiny_convergence_run_scores_kept_checkpoints_aligns_to_its_own_encode
     report = (out / "REPORT.md").read_text()
     assert "| SiT (linear, velocity, uniform t) | 0 |" in report and "| + REPA | 1 |" in report
     assert "REPA's encoder (trained here, supervised)" in report
-    assert (out / "fid-vs-step.png").stat().st_size > 0 and (out / "fid-vs-nfe-shift.png").stat().st_size > 0
+    assert all((out / name).stat().st_size > 0 for name in ("fid-vs-step.png", "fid-vs-nfe-shift.png", "convergence-training.png"))
 
     again = run_study(config)
     assert (again["points_this_sitting"], again["points_left"]) == (0, 0)
