@@ -33,7 +33,6 @@ from safetensors.torch import save_file
 
 from model.configs import SiTConfig
 from model.interpolants import NAMES
-from model.network import SiT, load_state_dict_checked
 from model.objectives import PREDICTIONS
 from sitctl.artifacts import Artifact, begin_artifact, disk_errors, finish_artifact, is_finished, open_artifact, staging_dir
 from sitctl.errors import ArtifactError
@@ -239,6 +238,8 @@ def load_network(artifact: Artifact | str | Path, *, ema: bool = True, device: s
     """
     if not isinstance(artifact, Artifact):
         artifact = latest_checkpoint(artifact)
+    from model.network import SiT, load_state_dict_checked  # here: timm (its layers) costs seconds of import to verify, show, ls
+
     config = checked_model_config(artifact)
     net = SiT(config)
     weights = load_tensors(artifact, "ema.safetensors" if ema else "model.safetensors")
