@@ -423,7 +423,7 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor | None, sec
     if not is_log_step(run, run.step):
         return
     check_finite(run)
-    sums, counts = window["stats"][:TIME_BUCKETS], window["stats"][TIME_BUCKETS:]
+    sums, counts = window["stats"][:TIME_BUCKETS], window["stats"][TIME_BUCKETS : 2 * TIME_BUCKETS]  # then REPA's sum, if any
     row = {
         "step": run.step,
         "loss": float(sums.sum() / counts.sum()),

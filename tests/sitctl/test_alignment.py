@@ -86,13 +86,18 @@ def test_the_tiny_encoder_loads_by_dinov2s_call_and_gives_patch_tokens_only(tiny
     torch.testing.assert_close(tokens, expected)
 
 
-def test_coefficient_zero_trains_the_plain_run_bitwise(digits_with_images, tmp_path, tiny_encoder):
+def test_coefficient_zero_trains_and_logs_the_plain_run_bitwise(digits_with_images, tmp_path, tiny_encoder):
     plain = train(tiny(digits_with_images, tmp_path / "plain", steps=3, ckpt_every=3))
     aligned = train(tiny(digits_with_images, tmp_path / "zero", steps=3, ckpt_every=3, repa_coeff=0.0, **REPA))
     assert_same_files(plain.path, aligned.path, names=("model", "ema"))
     ours, theirs = weights(plain.path, "optimizer"), weights(aligned.path, "optimizer")
     assert all(torch.equal(value, theirs[key]) for key, value in ours.items())  # the projector's entries come after
     assert weights(aligned.path, "projector")  # it was there all along, trained by nothing
+    # The logged interpolant loss is the plain run's, and the alignment is minus a mean cosine, in [-1, 1].
+    plain_rows, aligned_rows = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                                for name in ("plain", "zero"))
+    assert [row["loss"] for row in aligned_rows] == [row["loss"] for row in plain_rows]
+    assert all(-1.0 <= row["align_loss"] <= 1.0 for row in aligned_rows)
 
 
 def test_resume_with_repa_on_equals_an_uninterrupted_run(digits_with_images, tmp_path, tiny_encoder):
