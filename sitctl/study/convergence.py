@@ -184,8 +184,9 @@ def plot_grid(rows: list[dict[str, Any]], floor: dict[str, float], out: Path, pl
 
 
 def plot_training(config: StudyConfig, out: Path, plt) -> Path:
-    """The convergence runs' training losses against step: the interpolant loss of the linear-velocity
-    recipes (one objective, so comparable) and REPA's alignment, as the mean cosine it reaches."""
+    """The convergence runs' training losses against step: the velocity loss of the uniform-t
+    linear-velocity runs (one objective under one time distribution, so comparable; logit-normal t
+    weights the same loss otherwise) and REPA's alignment, as the mean cosine it reaches."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     labels = [label for label, _, _ in CONVERGENCE_RECIPES]
     drawn: set[str] = set()
@@ -196,12 +197,12 @@ def plot_training(config: StudyConfig, out: Path, plt) -> Path:
             continue
         color, legend = f"C{labels.index(label)}", None if label in drawn else label
         drawn.add(label)
-        if spec.interp == "linear" and spec.pred == "velocity":
+        if spec.interp == "linear" and spec.pred == "velocity" and spec.time_dist == "uniform":  # the same loss
             axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, alpha=0.7, label=legend)
         aligned = [r for r in rows if "align_loss" in r]
         if aligned:
             axes[1].plot([r["step"] for r in aligned], [-r["align_loss"] for r in aligned], color=color, alpha=0.7, label=legend)
-    axes[0].set(xlabel="training step", ylabel="velocity loss", yscale="log", title="interpolant loss (linear, velocity)")
+    axes[0].set(xlabel="training step", ylabel="velocity loss", yscale="log", title="velocity loss (linear, uniform t)")
     axes[1].set(xlabel="training step", ylabel="mean cosine(projected block, encoder)", title="REPA alignment")
     for axis in axes:
         axis.grid(alpha=0.3)
