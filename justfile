@@ -7,8 +7,9 @@ test *ARGS:
     {{venv}}pytest -q {{ARGS}}
 
 # Mutation testing (mutmut 3, never in CI; docs/TESTING.md) of MODULES, e.g. `just mutants sitctl/data.py model/`:
-# each mutant runs only the tests that cover its function. Prints the count per outcome, then the survivors.
-# mutmut is installed into the venv on first use; results persist in mutants/, so a rerun continues.
+# each mutant runs only the tests (of [tool.mutmut]'s selection) that cover its function. Prints the count per
+# outcome, then the survivors. mutmut is installed into the venv on first use; which test covers which function is
+# kept in mutants/, and every mutant of MODULES is tested again on each call. MUTANT_CHILDREN: mutants at a time.
 mutants +MODULES:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -16,7 +17,7 @@ mutants +MODULES:
     names=()  # mutmut names a mutant `module.function__mutmut_N`: sitctl/data.py -> sitctl.data.*
     for module in {{MODULES}}; do module="${module%/}"; module="${module%.py}"; names+=("${module//\//.}.*"); done
     prefixes="$(printf '%s\n' "${names[@]%\*}")"
-    time {{venv}}mutmut run "${names[@]}"
+    time nice -n 5 {{venv}}mutmut run --max-children "${MUTANT_CHILDREN:-1}" "${names[@]}"
     {{venv}}mutmut results --all true | grep -F "$prefixes" | sed 's/.*: //' | sort | uniq -c
     {{venv}}mutmut results | grep -F "$prefixes" || echo "no surviving mutants"
 

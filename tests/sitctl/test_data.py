@@ -14,7 +14,9 @@ import webdataset as wds
 from sitctl.artifacts import begin_artifact, finish_artifact
 from pipelines.shards import open_shard
 from sitctl.data import (
+    _INTERPOLANT_NOISE,
     LaneReader,
+    _seed,
     buffer_order,
     interpolant_noise,
     lane_epoch,
@@ -226,6 +228,16 @@ def test_interpolant_noise_is_the_same_for_any_split_of_the_lanes():
     assert torch.equal(torch.cat(halves), whole)
     assert not torch.equal(interpolant_noise(3, 6, positions, 2, shape, cpu), whole)  # a new draw every step
     assert not torch.equal(whole[:2], whole[2:4])  # and every lane
+
+
+def test_interpolant_noise_is_the_generator_of_its_own_tag_seed_step_and_lane():
+    # Found by mutation testing (issue 24): a seed left out of x0's generator changed nothing any test saw.
+    positions, shape, cpu = torch.arange(4), (2, 3, 3), torch.device("cpu")
+    noise = interpolant_noise(7, 5, positions, 2, shape, cpu)
+    assert not torch.equal(interpolant_noise(8, 5, positions, 2, shape, cpu), noise)  # another seed, another x0
+    for lane in range(2):  # the stream a resumed run must draw again: tagged apart from the shard order and the draws
+        generator = torch.Generator().manual_seed(_seed(7, _INTERPOLANT_NOISE, 5, lane))
+        assert torch.equal(noise[2 * lane : 2 * lane + 2], torch.randn((2, *shape), generator=generator))
 
 
 # ---------------------------------------------------------------------------------------------
