@@ -90,7 +90,7 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sitctl", "study", "--out", str(tmp_path), "--ablations", "paths"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: unknown ablation(s) ['paths']; choose from path, objective, sampler, seeds"
+        "error: unknown ablation(s) ['paths']; choose from path, objective, sampler, seeds, convergence"
     ]
     done = subprocess.run([sys.executable, "-m", "sitctl", "study", "--out", str(tmp_path), "--report-only"],
                           capture_output=True, text=True, timeout=120)
