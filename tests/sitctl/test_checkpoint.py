@@ -70,3 +70,30 @@ def test_pruning_never_removes_the_newest_checkpoint_which_is_the_resume_point(t
     assert steps(tmp_path) == [5, 10, 12]
     prune_checkpoints(tmp_path, keep_last=0, keep_every=0)
     assert steps(tmp_path) == [12]
+
+
+def test_a_checkpoint_recording_an_unknown_interpolant_or_prediction_is_refused_naming_the_field(tmp_path):
+    from model.configs import model_config
+    from sitctl.checkpoint import checked_model_config
+    from sitctl.errors import ArtifactError
+
+    def recorded(name: str, **fields):
+        out = tmp_path / name
+        staging = begin_artifact(out)
+        (staging / "state.json").write_text('{"step": 1}')
+        extra = {"step": 1, "model": "SiT-T/2", "model_config": asdict(model_config("SiT-T/2")), "interp": "linear",
+                 "pred": "velocity", **fields}
+        return finish_artifact(staging, out, kind="checkpoint", config={}, extra=extra)
+
+    assert checked_model_config(recorded("fine")) == model_config("SiT-T/2")
+    for name, fields, message in (
+        ("interp", {"interp": "cosine"}, "checkpoint manifest has interp='cosine', not one of linear, gvp, vp"),
+        ("pred", {"pred": "x0"}, "checkpoint manifest has pred='x0', not one of velocity, score, noise"),
+    ):
+        artifact = recorded(name, **fields)
+        try:
+            checked_model_config(artifact)
+        except ArtifactError as error:
+            assert str(error) == f"{artifact.path}: {message}"
+        else:
+            raise AssertionError(f"a checkpoint with {fields} was accepted")
