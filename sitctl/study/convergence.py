@@ -140,6 +140,13 @@ def grid_table(rows: list[dict[str, Any]], target: float | None) -> str:
     return "\n".join(lines)
 
 
+def save_figure(plt, figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def plot_convergence(summary: list[dict[str, Any]], steps: Sequence[int], floor: dict[str, float], out: Path, plt) -> Path:
     """FID and KID against training step (log axis): each recipe's mean, a band over its seeds, the floor."""
     steps = sorted(steps)
@@ -158,11 +165,7 @@ def plot_convergence(summary: list[dict[str, Any]], steps: Sequence[int], floor:
         axis.set_xticks(steps, [str(s) for s in steps])
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    figure.tight_layout()
-    path = out / "fid-vs-step.png"
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, out / "fid-vs-step.png")
 
 
 def plot_grid(rows: list[dict[str, Any]], floor: dict[str, float], out: Path, plt) -> Path:
@@ -176,11 +179,7 @@ def plot_grid(rows: list[dict[str, Any]], floor: dict[str, float], out: Path, pl
     axis.set(xscale="log", xlabel="network evaluations per image (NFE)", ylabel="FID", title="sampling grids, converged baseline")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    path = out / "fid-vs-nfe-shift.png"
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, out / "fid-vs-nfe-shift.png")
 
 
 def plot_training(config: StudyConfig, out: Path, plt) -> Path:
@@ -208,11 +207,7 @@ def plot_training(config: StudyConfig, out: Path, plt) -> Path:
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
-    figure.tight_layout()
-    path = out / "convergence-training.png"
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, out / "convergence-training.png")
 
 
 def convergence_section(config: StudyConfig, rows: list[dict[str, Any]], grid_rows: list[dict[str, Any]],
