@@ -611,9 +611,9 @@ class StudyConfig:
     """Width of REPA's projector in the convergence runs (REPA's 2048 is 1.8x SiT-XL's width; here 2x the model's)."""
     encoder_epochs: int = 3
     """Epochs of the study's own alignment encoder (a small ViT classifier trained on train_source's labels)."""
-    shift_values: tuple[float, ...] = setting((1.0, 2.0, 4.0), role="free")
-    """Time shifts of the sampling grids on the converged baseline (1: evenly spaced)."""
-    grid_ode_steps: tuple[int, ...] = setting((10, 25, 50), role="free")
+    shift_values: tuple[float, ...] = setting((1.0, 0.5, 2.0, 4.0), role="free")
+    """Time shifts of the sampling grids on the converged baseline (1: evenly spaced; > 1 more steps near the noise, < 1 near the data)."""
+    grid_ode_steps: tuple[int, ...] = setting((10, 25), role="free")
     """ODE heun step counts of the sampling grids (NFE twice these)."""
     grid_sde_steps: tuple[int, ...] = setting((20, 50, 100), role="free")
     """SDE euler step counts of the sampling grids."""
