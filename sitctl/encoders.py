@@ -101,11 +101,17 @@ def load_encoder(name: str, grid: int, device: torch.device, side: int | None = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         network.set_input_size(img_size=(side, side))  # resamples the position embedding, as REPA does
+    mean, std = normalisation(network)
+    network = network.to(device).eval().requires_grad_(False)
+    return Encoder(network=network, side=side, mean=mean.to(device), std=std.to(device))
+
+
+def normalisation(network: nn.Module) -> tuple[Tensor, Tensor]:
+    """The input mean and std (1, 3, 1, 1) a timm network's config records (ImageNet's if none)."""
     config = getattr(network, "pretrained_cfg", {}) or {}
     mean = torch.tensor(config.get("mean", IMAGENET_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(config.get("std", IMAGENET_STD), dtype=torch.float32).view(1, 3, 1, 1)
-    network = network.to(device).eval().requires_grad_(False)
-    return Encoder(network=network, side=side, mean=mean.to(device), std=std.to(device))
+    return mean, std
 
 
 def _from_hub(name: str, repo: str) -> nn.Module:

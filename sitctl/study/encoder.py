@@ -30,7 +30,7 @@ from model.configs import model_config
 from pipelines.images import center_crop_arr
 from pipelines.sources import open_source
 from sitctl.configs import StudyConfig
-from sitctl.encoders import HUB_PREFIX, prepare_images
+from sitctl.encoders import HUB_PREFIX, normalisation, prepare_images
 
 ENCODER_REPO = "sitctl-study/fashion-vit"
 ENCODER_NAME = HUB_PREFIX + ENCODER_REPO  # what the REPA runs pass as --repa-encoder
@@ -85,7 +85,7 @@ def train_encoder(config: StudyConfig) -> tuple[torch.nn.Module, dict[str, Any]]
     torch.manual_seed(config.seed)
     classes = int(labels.max()) + 1
     network = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=classes, **encoder_args(config))
-    mean, std = _normalisation(network)
+    mean, std = normalisation(network)  # what load_encoder will read back from the saved config
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=0.05)
     generator = torch.Generator().manual_seed(config.seed)
     pixels, targets = torch.from_numpy(images), torch.from_numpy(labels)
@@ -106,13 +106,6 @@ def train_encoder(config: StudyConfig) -> tuple[torch.nn.Module, dict[str, Any]]
                "train_images": len(images), "test_images": len(test_images), "epochs": config.encoder_epochs,
                "parameters": sum(p.numel() for p in network.parameters()), "architecture": encoder_args(config)}
     return network, quality
-
-
-def _normalisation(network: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and std the REPA path will read from the saved config (sitctl/encoders.load_encoder)."""
-    config = network.pretrained_cfg
-    return (torch.tensor(config["mean"], dtype=torch.float32).view(1, 3, 1, 1),
-            torch.tensor(config["std"], dtype=torch.float32).view(1, 3, 1, 1))
 
 
 @torch.no_grad()

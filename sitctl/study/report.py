@@ -148,7 +148,7 @@ def write_report(config: StudyConfig, out: Path) -> dict[str, Any]:
             sections += [f"## {TITLES[ablation]}", "", seed_table(seed_summary(rows)), ""]
         elif ablation == "convergence":
             lines, drawn = convergence_section(config, collect(config, out, convergence_points(config)),
-                                               collect(config, out, grid_points(config)), cached_floor(config, out), out, _pyplot())
+                                               collect(config, out, grid_points(config)), floor, out, _pyplot())
             sections += [f"## {TITLES[ablation]}", "", encoder_line(out), "", floor_line(floor), "", *lines]
             plots += drawn
             continue

@@ -21,7 +21,7 @@ from sitctl.evaluate.reference import ReferenceConfig, build_reference
 from sitctl.identity import check_continues, settings_of
 from sitctl.sample import SampleConfig, sample_stage
 from sitctl.signals import Interrupted, StopRequest, stop_on_signals
-from sitctl.study.encoder import ENCODER_NAME, encoder_hub, ensure_encoder
+from sitctl.study.encoder import ENCODER_NAME, encoder_hub, ensure_encoder, read_quality
 from sitctl.study.points import (
     FEATURES_FILE, SCORES_FILE, SETTINGS_FILE, TIMINGS_FILE, ModelSpec, Point, best_model, convergence_points,
     grid_points, is_scored, objective_points, path_points, point_dir, sampler_points, seed_points
@@ -83,17 +83,13 @@ def train_model(config: StudyConfig, out: Path, spec: ModelSpec) -> Artifact:
         preview_every=0, tracker="none", eval_every=0, resume=bool(found), device=config.device,
         **(dict(repa_encoder=ENCODER_NAME, repa_projector_width=config.repa_projector_width) if spec.repa else {}),
     )
-    if spec.repa:
-        ensure_encoder_timed(config, out)
+    if spec.repa and read_quality(out) is None:  # trained once, before the first REPA run
+        _timed(out, "encoder", lambda: ensure_encoder(config, out))
     try:
         with encoder_hub(out) if spec.repa else nullcontext():
             return _timed(out, f"train {spec.name}", lambda: train(settings))
     except Interrupted as stopped:  # the sitting ends; rerun as it is, the study resumes the run itself
         raise Interrupted(stopped.signum, f"while training {spec.name} {stopped.done}", quiet=stopped.quiet) from None
-
-
-def ensure_encoder_timed(config: StudyConfig, out: Path) -> dict[str, Any]:
-    return ensure_encoder(config, out) if (out / "encoder").is_dir() else _timed(out, "encoder", lambda: ensure_encoder(config, out))
 
 
 def checkpoint_of(out: Path, point: Point, last: Artifact) -> Artifact:
