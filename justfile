@@ -9,7 +9,8 @@ test *ARGS:
 # Mutation testing (mutmut 3, never in CI; docs/TESTING.md) of MODULES, e.g. `just mutants sitctl/data.py model/`:
 # each mutant runs only the tests (of [tool.mutmut]'s selection) that cover its function. Prints the count per
 # outcome, then the survivors. mutmut is installed into the venv on first use; which test covers which function is
-# kept in mutants/, and every mutant of MODULES is tested again on each call. MUTANT_CHILDREN: mutants at a time.
+# kept in mutants/, and every mutant of MODULES is tested again on each call. MUTANT_CHILDREN: mutants at a time
+# (default: one per core).
 mutants +MODULES:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -17,7 +18,9 @@ mutants +MODULES:
     names=()  # mutmut names a mutant `module.function__mutmut_N`: sitctl/data.py -> sitctl.data.*
     for module in {{MODULES}}; do module="${module%/}"; module="${module%.py}"; names+=("${module//\//.}.*"); done
     prefixes="$(printf '%s\n' "${names[@]%\*}")"
-    time nice -n 5 {{venv}}mutmut run --max-children "${MUTANT_CHILDREN:-1}" "${names[@]}"
+    # One thread per child: torch's OpenMP pool in each of several children on few cores spins in the kernel
+    # (a measured 100% system time and ~10 mutants a minute on 2 cores).
+    time OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5 {{venv}}mutmut run --max-children "${MUTANT_CHILDREN:-$(nproc)}" "${names[@]}"
     {{venv}}mutmut results --all true | grep -F "$prefixes" | sed 's/.*: //' | sort | uniq -c
     {{venv}}mutmut results | grep -F "$prefixes" || echo "no surviving mutants"
 

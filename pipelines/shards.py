@@ -295,8 +295,11 @@ def _index_images(data, where: str, samples: dict[str, dict[str, TarMember]]) ->
     else:
         from PIL import Image
 
-        with Image.open(io.BytesIO(bytes(data[offsets[0] : offsets[0] + sizes[0]]))) as image:
-            side = image.size[0]
+        try:
+            with Image.open(io.BytesIO(bytes(data[offsets[0] : offsets[0] + sizes[0]]))) as image:
+                side = image.size[0]
+        except OSError as error:
+            raise ArtifactError(f"{where}: the first sample's image is not a readable PNG crop ({error})") from None
     return ShardImages(buffer=np.frombuffer(data, np.uint8), format=image_format, offsets=offsets, sizes=sizes, side=side)
 
 

@@ -4,6 +4,9 @@ each with its latent's view, and a tiny timm ViT is loaded by the call that load
 import json
 import subprocess
 import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +18,10 @@ from sitctl import distributed
 from sitctl.artifacts import staging_dir
 from sitctl.checkpoint import list_checkpoints, load_network
 from sitctl.configs import TrainConfig
-from sitctl.data import open_latents, rank_batches
+from sitctl.data import ShardCache, gather_images, gather_views, open_latents, rank_batches
 from sitctl.encode import EncodeConfig, encode
 from sitctl.encoders import load_encoder, prepare_images
-from sitctl.errors import SitctlError
+from sitctl.errors import ArtifactError, SitctlError
 from sitctl.train import prepare, train
 from tests.sitctl.test_train import assert_same_files, tiny, weights
 from tests.torchrun import torchrun
@@ -61,6 +64,53 @@ def test_each_kept_crop_comes_in_the_view_its_latent_was_drawn_from(kept, reques
     assert (mirrored & ~symmetric).sum() == 0  # never the other view
     flipped = [row for row in range(32) if not symmetric[row]]
     assert flipped  # the batch holds flipped samples too: the check above compared both views
+
+
+def test_a_chunk_across_two_shards_gathers_each_samples_own_crop_in_its_latents_view(digits_with_images):
+    latents = open_latents(digits_with_images)
+    shards = np.array([1, 0, 0, 1, 1, 0, 1])
+    samples = np.array([3, 30, 0, 31, 17, 5, 3])
+    flip = np.array([True, False, True, False, True, True, False])
+    images = torch.zeros(len(shards), 8, 8, 3, dtype=torch.uint8)
+    gather_images(ShardCache(latents), shards, samples, flip, images)
+    # Pixel-space latents are the crops in [-1, 1]: each row is the picture of its own latent's chosen view.
+    moments, _ = gather_views(ShardCache(latents), shards, samples, flip)
+    expected = torch.from_numpy(moments[:, 0].astype(np.float32))
+    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert (pixels - expected).abs().amax((1, 2, 3)).max() < 1e-2
+    assert not torch.equal(images[0], images[6])  # the same sample in both views: mirrored in row 0 only
+    assert torch.equal(images[0], images[6].flip(1))
+
+
+def test_a_shard_without_crops_of_the_asked_size_is_one_artifact_error(digits_latents_dir, digits_with_images):
+    plain, kept = open_latents(digits_latents_dir), open_latents(digits_with_images)
+    two = (np.array([0, 1]), np.array([0, 0]), np.array([False, False]))
+    with pytest.raises(ArtifactError, match=r"shard-\d+\.tar holds no 8-px images, though its manifest says it does$"):
+        gather_images(ShardCache(plain), *two, torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
+    with pytest.raises(ArtifactError, match=r"holds no 4-px images"):
+        gather_images(ShardCache(kept), *two, torch.zeros(2, 4, 4, 3, dtype=torch.uint8))
+
+
+def test_a_crop_that_is_not_a_readable_png_is_one_error_naming_its_shard_and_sample(digits_with_pngs, tmp_path):
+    latents = open_latents(digits_with_pngs)
+    broken = tmp_path / "shard.tar"
+    broken.write_bytes(Path(latents.shard_paths[1]).read_bytes())
+    with tarfile.open(broken) as tar:
+        first, second = [m for m in tar.getmembers() if m.name.endswith(".image.png")][:2]
+    with open(broken, "r+b") as file:  # the crop's bytes zeroed in place: the tar still reads, the PNG does not
+        file.seek(second.offset_data)
+        file.write(bytes(second.size))
+    # The recorded hash is the one check that guards against this; it is left out to reach the reader.
+    damaged = replace(latents, shard_paths=(latents.shard_paths[0], str(broken)), shard_sha256=(None, None))
+    flip = np.zeros(2, bool)
+    for shards in (np.array([1, 1]), np.array([0, 1])):  # the chunk in one shard (read in place) or across two
+        with pytest.raises(ArtifactError, match=rf"^{broken}: sample 1's image is not a readable PNG crop"):
+            gather_images(ShardCache(damaged), shards, np.array([1, 1]), flip, torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
+    with open(broken, "r+b") as file:  # the first crop, which the shard's index reads for the side: one line too
+        file.seek(first.offset_data)
+        file.write(bytes(first.size))
+    with pytest.raises(ArtifactError, match=rf"^{broken}: the first sample's image is not a readable PNG crop"):
+        gather_images(ShardCache(damaged), np.array([1]), np.array([1]), flip[:1], torch.zeros(1, 8, 8, 3, dtype=torch.uint8))
 
 
 def test_encoder_preprocessing_is_repas():

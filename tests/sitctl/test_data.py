@@ -15,10 +15,12 @@ from sitctl.artifacts import begin_artifact, finish_artifact
 from pipelines.shards import open_shard
 from sitctl.data import (
     _INTERPOLANT_NOISE,
+    _SAMPLE_DRAWS,
     LaneReader,
     _seed,
     buffer_order,
     interpolant_noise,
+    lane_draws,
     lane_epoch,
     lane_units,
     latents_from_moments,
@@ -238,6 +240,19 @@ def test_interpolant_noise_is_the_generator_of_its_own_tag_seed_step_and_lane():
     for lane in range(2):  # the stream a resumed run must draw again: tagged apart from the shard order and the draws
         generator = torch.Generator().manual_seed(_seed(7, _INTERPOLANT_NOISE, 5, lane))
         assert torch.equal(noise[2 * lane : 2 * lane + 2], torch.randn((2, *shape), generator=generator))
+
+
+def test_lane_draws_are_the_generator_of_their_own_tag_seed_step_and_lane():
+    # Found by mutation testing (issue 24): the seed, tag, step or lane left out of the draws' generator, or a
+    # fourth uniform column drawn before the noise, changed nothing any test saw.
+    noise = torch.empty(3, 2, 2, 2)
+    uniforms = lane_draws(7, 5, 1, noise)
+    assert uniforms.shape == (3, 3)  # flip, label dropout and time, one row per sample
+    generator = torch.Generator().manual_seed(_seed(7, _SAMPLE_DRAWS, 5, 1))  # what a resumed run draws again
+    assert torch.equal(uniforms, torch.rand((3, 3), generator=generator))
+    assert torch.equal(noise, torch.randn((3, 2, 2, 2), generator=generator))
+    for other in [(8, 5, 1), (7, 6, 1), (7, 5, 2)]:  # another seed, step or lane: other draws
+        assert not torch.equal(lane_draws(*other, torch.empty(3, 2, 2, 2)), uniforms)
 
 
 # ---------------------------------------------------------------------------------------------
