@@ -297,6 +297,30 @@ def test_every_epoch_a_rank_reads_each_sample_exactly_once_and_in_a_new_order(ex
     assert len({tuple(epoch) for epoch in epochs}) == 3
 
 
+def test_each_rows_flip_label_drop_and_time_are_its_own_lanes_three_draws_of_that_step(exact):
+    # Found by mutation testing (issue 24): a flip or a label drop read from another draw's column (so flips
+    # and drops, or drops and times, were one and the same number) changed nothing any test saw.
+    originals = set()
+    for path in exact.shard_paths:
+        index = open_shard(path, (2, 2, *exact.latent_shape))
+        originals.update({index.moments(sample)[0, 0].astype(np.float32).tobytes() for sample in range(len(index))})
+    stream = rank_batches(exact, global_batch=8, num_lanes=4, rank=0, world_size=1, seed=3, buffer=3, workers=0,
+                          start_step=0, flip=True)
+    flips = []
+    for step in range(2):
+        batch = next(stream)
+        for lane in range(4):
+            rows = slice(2 * lane, 2 * lane + 2)
+            uniforms = lane_draws(3, step, lane, torch.empty(2, *exact.latent_shape))
+            assert torch.equal(batch["drop"][rows], uniforms[:, 1]) and torch.equal(batch["time"][rows], uniforms[:, 2])
+            for row, u in zip(batch["x1"][rows], uniforms[:, 0].tolist()):
+                flipped = row.numpy().tobytes() not in originals
+                assert flipped == (u < 0.5) and (not flipped or row.flip(-1).numpy().tobytes() in originals)
+                flips.append(flipped)
+    stream.close()
+    assert 0 < sum(flips) < len(flips)  # both views were drawn
+
+
 def test_the_same_seed_gives_the_same_stream_and_another_seed_another_order(exact):
     first, again, other = (exact_stream(exact, 2 * EPOCH_STEPS, seed=seed) for seed in (3, 3, 4))
     for key in first:
