@@ -47,9 +47,6 @@ class SampleWriter:
     def __len__(self) -> int:
         return self.handle["indices"].shape[0]
 
-    def indices(self) -> np.ndarray:
-        return self.handle["indices"][:]
-
     def append(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 NHWC, got {images.dtype} {images.shape}")
@@ -67,13 +64,6 @@ class SampleWriter:
             self.failed = True
             code = getattr(error, "errno", None)
             raise OSError(code, os.strerror(code) if code else _first_line(error)) from None
-
-    def truncate(self, n: int) -> None:
-        """Keep only the first n samples (drops a batch that was being written when killed)."""
-        for name in ("images", "labels", "indices"):
-            self.handle[name].resize(n, axis=0)
-        self.handle.attrs["committed"] = n
-        self.handle.flush()
 
     def close(self) -> None:
         """Close the file; after a failed write (a full disk) the close fails too, and that adds nothing."""
@@ -147,16 +137,6 @@ def _read_rows(handles: list, files: np.ndarray, rows: np.ndarray) -> tuple[np.n
         images.append(handle["images"][rows_slice])
         labels.append(handle["labels"][rows_slice])
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
-
-
-def write_images(directory: Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-    """Store a whole uint8 NHWC array as rank 0's file (used for references and in tests)."""
-    labels = np.full(len(images), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
-    writer = SampleWriter(rank_file(directory, 0), tuple(images.shape[1:]))
-    try:
-        writer.append(images, labels, np.arange(len(images), dtype=np.int64))
-    finally:
-        writer.close()
 
 
 # ---------------------------------------------------------------------------------------------

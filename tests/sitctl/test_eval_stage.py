@@ -37,7 +37,9 @@ def make_artifact(path, kind, *, inputs=(), images=None, config=None, extra=None
     if images is None:
         (staging / "payload.txt").write_text(kind)
     else:
-        sample_store.write_images(staging, images)
+        writer = sample_store.SampleWriter(sample_store.rank_file(staging, 0), images.shape[1:])
+        writer.append(images, np.full(len(images), -1), np.arange(len(images)))
+        writer.close()
     return finish_artifact(staging, path, kind=kind, config=config or {}, inputs=inputs, extra=extra or {})
 
 

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from sitctl.sample_store import (
-    SampleWriter, export_npz, iter_batches, rank_file, repair_rank_file, stored_indices, write_virtual_dataset,
+    SampleWriter, _first_line, export_npz, iter_batches, rank_file, repair_rank_file, stored_indices, write_virtual_dataset,
 )
 
 
@@ -80,3 +80,9 @@ def test_a_rank_file_killed_in_its_first_append_keeps_nothing(tmp_path):
     writer.append(np.zeros((2, 2, 2, 3), np.uint8), np.array([1, 2]), np.array([0, 1]))
     writer.close()
     assert stored_indices(tmp_path).tolist() == [0, 1]
+
+
+def test_a_failed_write_is_told_by_the_first_line_of_hdf5s_message_or_the_errors_name():
+    message = "Can't synchronously write data (file write failed: time = Sun Dec  6, filename = 'x.h5')\n  errno = 28"
+    assert _first_line(OSError(message)) == "Can't synchronously write data (file write failed: time = Sun Dec  6, filename = 'x.h5')"
+    assert _first_line(RuntimeError()) == "RuntimeError"
