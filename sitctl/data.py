@@ -99,7 +99,6 @@ def latents_from_moments(view: torch.Tensor, noise: torch.Tensor, scale: float, 
     view (N, 2, C, H, W) float16 [mean/std] of the original or flipped image; noise (N, C, H, W)
     float32 -> (N, C, H, W) float32, written into `out` when given.
     """
-    out = torch.empty_like(noise) if out is None else out
     return torch.addcmul(view[:, 0], view[:, 1], noise, out=out).mul_(scale)  # float16 promoted inside the kernel
 
 
@@ -163,10 +162,13 @@ def buffer_order(count: int, buffer: int, rng: np.random.Generator) -> np.ndarra
 
 
 def lane_epoch(counts: tuple[int, ...], lanes: int, lane: int, seed: int, epoch: int, buffer: int) -> tuple[np.ndarray, np.ndarray]:
-    """(shard, sample within the shard) of each item lane `lane` yields in `epoch`, in yield order."""
+    """(shard, sample within the shard) of each item lane `lane` yields in `epoch`, in yield order.
+
+    A lane always has a unit: there are at least as many units as lanes (`lane_units`).
+    """
     units = lane_units(counts, lanes, lane, seed, epoch)
-    shards = np.concatenate([np.full(_unit_size(counts, unit), unit[0]) for unit in units] or [np.zeros(0)])
-    samples = np.concatenate([np.arange(residue, counts[shard], parts) for shard, residue, parts in units] or [np.zeros(0)])
+    shards = np.concatenate([np.full(_unit_size(counts, unit), unit[0]) for unit in units])
+    samples = np.concatenate([np.arange(residue, counts[shard], parts) for shard, residue, parts in units])
     order = buffer_order(len(shards), buffer, np.random.default_rng(_seed(seed, _SHUFFLE_BUFFER, epoch, lane)))
     return shards.astype(np.int64)[order], samples.astype(np.int64)[order]
 
@@ -288,7 +290,7 @@ class LaneChunks(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, latents: Latents, *, lanes: list[int], num_lanes: int, per_lane: int, seed: int, buffer: int,
-                 start_step: int, flip: bool = True, images: bool = False):
+                 start_step: int, flip: bool, images: bool):
         super().__init__()
         self.latents, self.lanes, self.num_lanes = latents, lanes, num_lanes
         self.per_lane, self.seed, self.buffer, self.start_step = per_lane, seed, buffer, start_step
