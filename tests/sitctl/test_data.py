@@ -1,9 +1,11 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -307,7 +309,7 @@ def test_each_rows_flip_label_drop_and_time_are_its_own_lanes_three_draws_of_tha
         index = open_shard(path, (2, 2, *exact.latent_shape))
         originals.update({index.moments(sample)[0, 0].astype(np.float32).tobytes() for sample in range(len(index))})
     stream = rank_batches(exact, global_batch=8, num_lanes=4, rank=0, world_size=1, seed=3, buffer=3, workers=0,
-                          start_step=0, flip=True)
+                          start_step=0)  # flips are on unless turned off
     flips = []
     for step in range(2):
         batch = next(stream)
@@ -354,6 +356,37 @@ def test_a_shard_holding_another_count_than_its_manifest_is_one_artifact_error(e
     with pytest.raises(ArtifactError, match=rf"^shard {exact.shard_paths[0]} holds {exact.shard_counts[0]} samples, "
                                             rf"its manifest says {exact.shard_counts[0] + 1}$"):
         ShardCache(wrong)(0)
+
+
+def children() -> set[int]:
+    """The processes this one has started (DataLoader workers), read from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.add(int(entry))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+def test_a_stop_signal_leaves_the_loader_workers_reading_for_the_trainer_to_save(exact):
+    # A SIGTERM or SIGINT for the whole process group (SLURM, Ctrl-C) must not end a worker: the trainer stops at
+    # a step boundary, saves, and then closes the loader itself (test_signals.py sends the group's signal).
+    before = children()
+    stream = rank_batches(exact, global_batch=8, num_lanes=4, rank=0, world_size=1, seed=3, buffer=3, workers=2,
+                          start_step=0)
+    next(stream)
+    workers = children() - before
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    for _ in range(2 * EPOCH_STEPS):  # still reading, epoch after epoch
+        next(stream)
+    assert children() - before == workers
+    stream.close()
 
 
 def test_the_same_seed_gives_the_same_stream_and_another_seed_another_order(exact):
