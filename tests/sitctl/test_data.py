@@ -23,6 +23,7 @@ from sitctl.data import (
     ShardCache,
     _seed,
     buffer_order,
+    check_lanes,
     interpolant_noise,
     lane_draws,
     lane_epoch,
@@ -446,3 +447,18 @@ def test_a_single_shard_lane_is_reshuffled_every_epoch_and_by_every_seed():
     orders = [lane_epoch((12,), 1, 0, seed, epoch, buffer=4)[1].tolist() for seed, epoch in ((3, 0), (3, 1), (3, 2), (4, 0))]
     assert all(sorted(order) == list(range(12)) for order in orders)
     assert len({tuple(order) for order in orders}) == 4
+
+
+def test_a_lane_count_that_cannot_feed_the_readers_names_the_next_one_that_can():
+    message = "--data-lanes {} is not a multiple of {} ranks x {} loader workers; pass --data-lanes {} (or fewer --loader-workers)"
+    for lanes, ranks, workers, suggested in [(6, 2, 2, 8), (3, 2, 0, 4), (12, 4, 1, 12)]:
+        if suggested == lanes:
+            check_lanes(lanes, 24, ranks, workers, 100)  # 4 readers of 3 lanes each
+            continue
+        with pytest.raises(SitctlError) as error:
+            check_lanes(lanes, 24, ranks, workers, 100)
+        assert str(error.value) == message.format(lanes, ranks, max(workers, 1), suggested)
+    with pytest.raises(SitctlError, match="^--data-lanes 5 does not divide the global batch 24$"):
+        check_lanes(5, 24, 1, 0, 100)
+    with pytest.raises(SitctlError, match="^the latents hold 7 samples, fewer than --data-lanes 8$"):
+        check_lanes(8, 24, 1, 0, 7)
