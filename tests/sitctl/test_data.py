@@ -462,3 +462,4 @@ def test_a_lane_count_that_cannot_feed_the_readers_names_the_next_one_that_can()
         check_lanes(5, 24, 1, 0, 100)
     with pytest.raises(SitctlError, match="^the latents hold 7 samples, fewer than --data-lanes 8$"):
         check_lanes(8, 24, 1, 0, 7)
+    check_lanes(8, 24, 1, 0, 8)  # a sample for every lane is enough
