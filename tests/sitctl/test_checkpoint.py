@@ -89,11 +89,70 @@ def test_a_checkpoint_recording_an_unknown_interpolant_or_prediction_is_refused_
     for name, fields, message in (
         ("interp", {"interp": "cosine"}, "checkpoint manifest has interp='cosine', not one of linear, gvp, vp"),
         ("pred", {"pred": "x0"}, "checkpoint manifest has pred='x0', not one of velocity, score, noise"),
+        ("mapping", {"model_config": "SiT-T/2"}, "checkpoint manifest's model_config is not a mapping"),
+        ("fields", {"model_config": {"depth": 2, "wings": 3}},
+         "checkpoint manifest's model_config is not valid: SiTConfig.__init__() got an unexpected keyword argument 'wings'"),
     ):
         artifact = recorded(name, **fields)
         try:
             checked_model_config(artifact)
         except ArtifactError as error:
-            assert str(error) == f"{artifact.path}: {message}"
+            assert str(error).startswith(f"{artifact.path}: {message}")
         else:
             raise AssertionError(f"a checkpoint with {fields} was accepted")
+
+
+def test_weights_that_do_not_fit_the_recorded_model_are_refused_naming_it(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from model.configs import model_config
+    from model.network import SiT
+    from sitctl.checkpoint import load_network
+    from sitctl.errors import SitctlError
+
+    config = model_config("SiT-T/2")
+    out = checkpoint_dir(tmp_path, 1)
+    staging = begin_artifact(out)
+    weights = {**SiT(config).state_dict(), "extra.weight": torch.zeros(3)}
+    save_file({key: value.contiguous() for key, value in weights.items()}, staging / "ema.safetensors")
+    extra = {"step": 1, "model": "SiT-T/2", "model_config": asdict(config), "interp": "linear", "pred": "velocity"}
+    finish_artifact(staging, out, kind="checkpoint", config={}, extra=extra)
+    with pytest.raises(SitctlError, match=r"^checkpoint does not fit SiT-T/2: unexpected key extra.weight with shape"):
+        load_network(tmp_path)
+
+
+def test_an_optimizers_state_comes_back_whole_from_a_checkpoint_tensors_and_plain_numbers(tmp_path):
+    # Torch's own optimizers keep tensors only; one that also keeps a plain number gets it back too.
+    import torch
+
+    from sitctl.checkpoint import load_training_state, save_checkpoint
+
+    class CountingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for parameter in group["params"]:
+                    self.state[parameter]["count"] = self.state[parameter].get("count", 0) + 1
+
+    torch.manual_seed(0)
+    net, fresh = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    optimizer = CountingSGD(net.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        optimizer.zero_grad()
+        net(torch.randn(8, 3)).pow(2).sum().backward()
+        optimizer.step()
+    before = optimizer.state_dict()
+    assert before["state"][0]["count"] == 3 and torch.is_tensor(before["state"][0]["momentum_buffer"])
+    latents = save(tmp_path / "latents", 1)
+    artifact = save_checkpoint(tmp_path / "run", 1, model=net, ema=net, optimizer=optimizer, state={}, config={},
+                               latents=latents, extra={})
+    restored = CountingSGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    load_training_state(artifact, model=fresh, ema=torch.nn.Linear(3, 2), optimizer=restored, device="cpu")
+    after = restored.state_dict()
+    assert after["param_groups"] == before["param_groups"] and after["state"].keys() == before["state"].keys()
+    for index, entries in before["state"].items():
+        assert after["state"][index]["count"] == entries["count"] == 3
+        assert torch.equal(after["state"][index]["momentum_buffer"], entries["momentum_buffer"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
