@@ -176,21 +176,24 @@ def read_verified(artifact: Artifact, name: str) -> bytes:
     return data
 
 
-def load_tensors(artifact: Artifact, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A verified .safetensors file of the artifact as a dict of tensors on `device`."""
+def load_tensors(artifact: Artifact, name: str) -> dict[str, torch.Tensor]:
+    """A verified .safetensors file of the artifact as a dict of CPU tensors."""
     try:
         tensors = safetensors_load(read_verified(artifact, name))
     except SafetensorError as error:  # hashes match but the writer wrote something unreadable
         raise ArtifactError(f"{artifact.path}: {name} is not a readable safetensors file: {error}") from None
-    return {key: value.to(device) for key, value in tensors.items()}
+    return tensors
 
 
-def load_training_state(artifact: Artifact, *, model, ema, optimizer, device, modules=None) -> dict[str, Any]:
-    """Restore weights (and those of `modules`, as saved), optimizer and RNG states in place; return state.json."""
-    model.load_state_dict(load_tensors(artifact, "model.safetensors", device))
-    ema.load_state_dict(load_tensors(artifact, "ema.safetensors", device))
+def load_training_state(artifact: Artifact, *, model, ema, optimizer, modules=None) -> dict[str, Any]:
+    """Restore weights (and those of `modules`, as saved), optimizer and RNG states in place; return state.json.
+
+    Tensors are read on the CPU: load_state_dict copies each into its parameter, on that parameter's device.
+    """
+    model.load_state_dict(load_tensors(artifact, "model.safetensors"))
+    ema.load_state_dict(load_tensors(artifact, "ema.safetensors"))
     for name, module in (modules or {}).items():
-        module.load_state_dict(load_tensors(artifact, f"{name}.safetensors", device))
+        module.load_state_dict(load_tensors(artifact, f"{name}.safetensors"))
     optimizer_json = json.loads(read_verified(artifact, "optimizer.json"))
     state: dict[int, dict[str, Any]] = {}
     for key, value in load_tensors(artifact, "optimizer.safetensors").items():

@@ -194,7 +194,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
               time_distribution=time_distribution(config), alignment=alignment,
               train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0])
     if resume_from is not None:
-        saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer, device=d.device,
+        saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer,
                                                 modules=extra_modules(run))
         run.last_saved, run.saved_step = resume_from, start_step
         run.window.update(_window_from_record(saved.get("log_window"), config, d.device))

@@ -149,10 +149,64 @@ def test_an_optimizers_state_comes_back_whole_from_a_checkpoint_tensors_and_plai
     artifact = save_checkpoint(tmp_path / "run", 1, model=net, ema=net, optimizer=optimizer, state={}, config={},
                                latents=latents, extra={})
     restored = CountingSGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    load_training_state(artifact, model=fresh, ema=torch.nn.Linear(3, 2), optimizer=restored, device="cpu")
+    load_training_state(artifact, model=fresh, ema=torch.nn.Linear(3, 2), optimizer=restored)
     after = restored.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["state"].keys() == before["state"].keys()
     for index, entries in before["state"].items():
         assert after["state"][index]["count"] == entries["count"] == 3
         assert torch.equal(after["state"][index]["momentum_buffer"], entries["momentum_buffer"])
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+
+
+def test_an_artifact_of_another_kind_is_never_taken_for_a_checkpoint(tmp_path):
+    import pytest
+
+    from sitctl.errors import ArtifactError
+
+    other = tmp_path / "latents"
+    finish_artifact(begin_artifact(other), other, kind="latents", config={}, extra={})
+    with pytest.raises(ArtifactError, match="'latents' artifact, expected 'checkpoint'"):
+        latest_checkpoint(other)  # a path that is itself an artifact
+    save(tmp_path / "run", 1)
+    step = checkpoint_dir(tmp_path / "run", 2)
+    finish_artifact(begin_artifact(step), step, kind="samples", config={}, extra={})
+    with pytest.raises(ArtifactError, match="'samples' artifact, expected 'checkpoint'"):
+        latest_checkpoint(tmp_path / "run")  # the newest step of a run
+
+
+def test_a_crashed_steps_staging_is_discarded_and_finished_checkpoints_are_kept(tmp_path):
+    from sitctl.checkpoint import discard_partial
+
+    save(tmp_path, 1)
+    staging = staging_dir(checkpoint_dir(tmp_path, 2))
+    (staging / "sub").mkdir(parents=True)
+    (staging / "sub" / "model.safetensors").write_bytes(b"half")
+    discard_partial(tmp_path, 2)
+    discard_partial(tmp_path, 3)  # nothing there: nothing to do
+    assert not staging.exists() and steps(tmp_path) == [1]
+
+
+def test_a_checkpoint_file_that_is_unlisted_unreadable_altered_or_not_safetensors_is_one_line_naming_it(tmp_path):
+    import pytest
+
+    from sitctl.checkpoint import load_tensors, read_verified
+    from sitctl.errors import ArtifactError
+
+    out = checkpoint_dir(tmp_path, 1)
+    staging = begin_artifact(out)
+    (staging / "state.json").write_text('{"step": 1}')
+    (staging / "model.safetensors").write_bytes(b"not a safetensors file, though its hash is recorded")
+    (staging / "rng.safetensors").write_bytes(b"0123")
+    artifact = finish_artifact(staging, out, kind="checkpoint", config={}, extra={"step": 1})
+    where = artifact.path
+    with pytest.raises(ArtifactError, match=rf"^{where}: model.safetensors is not a readable safetensors file: "):
+        load_tensors(artifact, "model.safetensors")
+    with pytest.raises(ArtifactError, match=rf"^{where}: the manifest lists no ema.safetensors$"):
+        read_verified(artifact, "ema.safetensors")
+    (where / "rng.safetensors").write_bytes(b"0124")  # one bit flipped after the manifest was written
+    with pytest.raises(ArtifactError, match=rf"^{where}: rng.safetensors does not match its recorded sha256 "
+                                            r"\(corrupt or tampered\); refused$"):
+        read_verified(artifact, "rng.safetensors")
+    (where / "rng.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=rf"^{where}: cannot read rng.safetensors: No such file or directory$"):
+        read_verified(artifact, "rng.safetensors")
