@@ -210,3 +210,24 @@ def test_a_checkpoint_file_that_is_unlisted_unreadable_altered_or_not_safetensor
     (where / "rng.safetensors").unlink()
     with pytest.raises(ArtifactError, match=rf"^{where}: cannot read rng.safetensors: No such file or directory$"):
         read_verified(artifact, "rng.safetensors")
+
+
+def test_a_checkpoint_that_fills_the_disk_is_one_line_naming_the_disk_and_how_to_go_on(tmp_path):
+    import pytest
+    import torch
+
+    from sitctl.checkpoint import save_checkpoint
+    from sitctl.errors import ArtifactError
+    from tests.sitctl.test_reliability import small_disk
+
+    net = torch.nn.Linear(64, 64)  # 16 KiB of weights, written twice (model and EMA): more than the disk holds
+    latents = save(tmp_path / "latents", 1)
+    disk = tmp_path / "disk"
+    with small_disk(disk, "16k"):
+        with pytest.raises(ArtifactError) as error:
+            save_checkpoint(disk / "run", 1, model=net, ema=net, optimizer=torch.optim.SGD(net.parameters()), state={},
+                            config={}, latents=latents, extra={})
+        staging = staging_dir(checkpoint_dir(disk / "run", 1))
+        assert str(error.value) == (f"cannot write checkpoint {staging} (disk mounted at {disk}): No space left on device; "
+                                    "free space (or make it writable) and rerun with --resume")
+        assert list_checkpoints(disk / "run") == []
