@@ -46,6 +46,8 @@ def test_pruning_past_the_tenth_keeps_the_last_k_by_step_and_every_multiple_of_m
     removed = prune_checkpoints(tmp_path, keep_last=3, keep_every=4)
     assert steps(tmp_path) == [4, 8, 10, 11, 12]
     assert removed == [1, 2, 3, 5, 6, 7, 9]
+    assert prune_checkpoints(tmp_path, keep_last=1, keep_every=1) == []  # every step is a multiple of 1
+    assert prune_checkpoints(tmp_path, keep_last=1, keep_every=0) == [4, 8, 10, 11]  # 0: no multiples kept
 
 
 def test_train_resumes_from_the_newest_checkpoint_past_the_tenth(digits_latents_dir, tmp_path):
@@ -149,7 +151,8 @@ def test_an_optimizers_state_comes_back_whole_from_a_checkpoint_tensors_and_plai
     artifact = save_checkpoint(tmp_path / "run", 1, model=net, ema=net, optimizer=optimizer, state={}, config={},
                                latents=latents, extra={})
     restored = CountingSGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    load_training_state(artifact, model=fresh, ema=torch.nn.Linear(3, 2), optimizer=restored)
+    saved = load_training_state(artifact, model=fresh, ema=torch.nn.Linear(3, 2), optimizer=restored)
+    assert saved["step"] == 1  # state.json records the step it was saved at
     after = restored.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["state"].keys() == before["state"].keys()
     for index, entries in before["state"].items():
