@@ -402,3 +402,38 @@ def test_the_latest_run_is_v10_after_v9_and_its_newest_checkpoint_is_step_10_aft
     newest = latest(tmp_path, "checkpoint")
     assert newest.name == "runs/v10" and newest.artifact.path == runs / "v10" / "step-0000010"
     assert latest_run_dir(tmp_path) == runs / "v11"  # what `train --resume` continues, finished or not
+
+
+def test_the_facts_and_ages_ls_shows_are_exact(tmp_path):
+    import datetime
+
+    from rich.console import Console
+
+    from sitctl.artifacts import begin_artifact, finish_artifact
+    from sitctl.workspace import age, facts, ls_table
+
+    def made(name, kind, config=None, extra=None):
+        out = tmp_path / name
+        return finish_artifact(begin_artifact(out), out, kind=kind, config=config or {}, extra=extra or {})
+
+    metrics = made("metrics/v1", "metrics", extra={"values": {"fid": 12.34567, "sfid": 3.0}, "num_samples": 50000})
+    assert facts(metrics) == "fid 12.35, sfid 3 (50,000 samples)"
+    assert facts(made("metrics/v2", "metrics")) == " (0 samples)"
+    latents = made("latents/v1", "latents", {"src": "imagenet/"}, {"num_samples": 1281167, "image_size": 256,
+                                                                    "vae": {"name": "ema"}})
+    assert facts(latents) == "imagenet/, 1,281,167 images, 256px, vae ema"
+    samples = made("samples/v1", "samples", {"mode": "sde", "method": "euler", "steps": 250, "w": 1.0, "cfg_scale": 1.5},
+                   {"num_samples": 50000, "image_size": 256})
+    assert facts(samples) == "50,000 images 256px, sde euler 250 steps w 1.0 cfg 1.5"
+    reference = made("references/v1", "reference", {}, {"source": "imagenet/", "num_images": 10000, "image_size": 256})
+    assert facts(reference) == "imagenet/, 10,000 images 256px"
+    assert facts(made("latents/v2", "latents")) == ""  # an older manifest without the record: no facts, no error
+
+    created = datetime.datetime.fromisoformat(metrics.manifest["created"])
+    for seconds, shown in [(-5, "0s"), (0, "0s"), (59, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h"),
+                           (86399, "23h"), (86400, "1d"), (2 * 86400 + 5, "2d")]:
+        assert age(metrics, created + datetime.timedelta(seconds=seconds)) == shown
+
+    console = Console(width=150, record=True)
+    console.print(ls_table(tmp_path))
+    assert console.export_text().splitlines()[0].rstrip() == f"workspace {tmp_path}"  # the title, at the left
