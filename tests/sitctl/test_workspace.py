@@ -437,3 +437,49 @@ def test_the_facts_and_ages_ls_shows_are_exact(tmp_path):
     console = Console(width=150, record=True)
     console.print(ls_table(tmp_path))
     assert console.export_text().splitlines()[0].rstrip() == f"workspace {tmp_path}"  # the title, at the left
+
+
+def test_ls_draws_every_version_with_long_facts_folded_and_names_kept_whole(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from sitctl import workspace
+    from sitctl.artifacts import begin_artifact, finish_artifact, staging_dir
+
+    def made(name, kind, config, extra):
+        out = tmp_path / name
+        finish_artifact(begin_artifact(out), out, kind=kind, config=config, extra=extra)
+
+    made("latents/v1", "latents", {"src": "/data/imagenet"},
+         {"num_samples": 1281167, "image_size": 256, "vae": {"name": "stabilityai/sd-vae-ft-ema"}})
+    staging_dir(tmp_path / "latents/v2").mkdir(parents=True)  # killed while being written
+    made("metrics/v1", "metrics", {}, {"values": {"fid": 2.06, "sfid": 4.49, "is": 277.5, "precision": 0.83,
+                                                                    "recall": 0.59}, "num_samples": 50000})
+    monkeypatch.setattr(workspace, "age", lambda artifact, now=None: "5m")  # ages: test_the_facts_and_ages_...
+    table = workspace.ls_table(tmp_path)
+    table.title = None  # it holds tmp_path; its place: test_the_facts_and_ages_ls_shows_are_exact
+    console = Console(width=60, record=True)
+    console.print(table)
+    assert console.export_text().splitlines() == [
+        '┏━━━━━━━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━━━━━━┓',
+        '┃ version    ┃ id       ┃ age ┃ from      ┃ facts          ┃',
+        '┡━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━━━━━━┩',
+        '│ latents/v1 │ e3b0c442 │  5m │ imagenet/ │ /data/imagenet │',
+        '│            │          │     │           │ , 1,281,167    │',
+        '│            │          │     │           │ images, 256px, │',
+        '│            │          │     │           │ vae            │',
+        '│            │          │     │           │ stabilityai/sd │',
+        '│            │          │     │           │ -vae-ft-ema    │',
+        '│ latents/v2 │ -        │   - │ -         │ unfinished     │',
+        '│            │          │     │           │ (never picked) │',
+        '│ metrics/v1 │ e3b0c442 │  5m │ -         │ fid 2.06, sfid │',
+        '│            │          │     │           │ 4.49, is       │',
+        '│            │          │     │           │ 277.5,         │',
+        '│            │          │     │           │ precision      │',
+        '│            │          │     │           │ 0.83, recall   │',
+        '│            │          │     │           │ 0.59 (50,000   │',
+        '│            │          │     │           │ samples)       │',
+        '└────────────┴──────────┴─────┴───────────┴────────────────┘',
+    ]
+    narrow = Console(width=50, record=True)  # too narrow for all: the facts give way, names and ids stay whole
+    narrow.print(table)
+    assert "│ latents/v1 │ e3b0c442 │  5m │ imagenet/ │ /dat │" in narrow.export_text().splitlines()
