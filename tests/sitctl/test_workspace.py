@@ -428,6 +428,17 @@ def test_the_facts_and_ages_ls_shows_are_exact(tmp_path):
     reference = made("references/v1", "reference", {}, {"source": "imagenet/", "num_images": 10000, "image_size": 256})
     assert facts(reference) == "imagenet/, 10,000 images 256px"
     assert facts(made("latents/v2", "latents")) == ""  # an older manifest without the record: no facts, no error
+    ode = made("samples/v2", "samples", {"mode": "ode", "method": "dopri5", "steps": 50, "num": 8}, {"image_size": 32})
+    assert facts(ode) == "8 images 32px, ode dopri5 50 steps"  # no w for an ODE, no cfg at scale 1; the count asked for
+    (tmp_path / "runs/v1").mkdir(parents=True)
+    (tmp_path / "runs/v1/metrics.jsonl").write_text("\n".join(json.dumps(row) for row in [
+        {"step": 100, "loss": 0.5}, {"step": 200, "loss": 0.25}, {"step": 200, "fid": 80.0}, {"step": 300, "loss": 0.1}]))
+    checkpoint = made("runs/v1/step-0000200", "checkpoint", {"steps": 400000},
+                      {"model": "SiT-XL/2", "interp": "linear", "pred": "velocity", "step": 200})
+    assert facts(checkpoint) == "SiT-XL/2, linear velocity, step 200/400,000, loss 0.2500"  # the loss at its step
+    early = made("runs/v1/step-0000050", "checkpoint", {}, {"model": "SiT-XL/2", "interp": "gvp", "pred": "score",
+                                                             "step": 50})
+    assert facts(early) == "SiT-XL/2, gvp score, step 50/0"  # nothing logged yet at step 50
 
     created = datetime.datetime.fromisoformat(metrics.manifest["created"])
     for seconds, shown in [(-5, "0s"), (0, "0s"), (59, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h"),
