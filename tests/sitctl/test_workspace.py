@@ -494,3 +494,40 @@ def test_ls_draws_every_version_with_long_facts_folded_and_names_kept_whole(tmp_
     narrow = Console(width=50, record=True)  # too narrow for all: the facts give way, names and ids stay whole
     narrow.print(table)
     assert "│ latents/v1 │ e3b0c442 │  5m │ imagenet/ │ /dat │" in narrow.export_text().splitlines()
+
+
+def test_every_checkpoint_and_version_is_found_by_its_id_and_an_unknown_or_ambiguous_prefix_is_one_line(tmp_path):
+    from sitctl.artifacts import begin_artifact, finish_artifact
+    from sitctl.workspace import _input_name, all_artifacts, facts, resolve, resolve_any
+
+    def made(name, kind, payload=None, config=None):
+        out = tmp_path / name
+        staging = begin_artifact(out)
+        if payload is not None:
+            (staging / "payload.txt").write_text(payload)  # its own content id
+        return finish_artifact(staging, out, kind=kind, config=config or {}, extra={"step": 1})
+
+    latents = made("latents/v1", "latents", "a")
+    made("latents/v2", "samples", "b")  # another kind in the latents folder: never taken for latents
+    made("runs/v1/step-0000001", "samples", "c")  # likewise inside a run; the next step is still found
+    step = made("runs/v1/step-0000002", "checkpoint", "d")
+    labels = {label: artifact.id for label, artifact in all_artifacts(tmp_path)}
+    assert labels == {"latents/v1": latents.id, "runs/v1/step-0000002": step.id}
+    assert resolve(step.id[:6], ("checkpoint",), tmp_path) == step.path
+    assert resolve_any("latents/v1", tmp_path) == latents.path  # the root it is given, wherever the shell is
+    assert _input_name({"path": str(latents.path), "kind": "latents", "id": latents.id}, tmp_path) == "latents/v1"
+    assert _input_name({"path": "/elsewhere/l", "kind": "latents", "id": "0123456789abcdef"}, tmp_path) == "latents 01234567"
+    reference = made("references/v1", "reference", None, {"sample_of": "latents/v1"})
+    assert facts(type(reference)(path=reference.path, manifest={**reference.manifest, "extra": {
+        "source": "imagenet/", "num_images": 8, "image_size": 32}})) == "latents/v1, 8 images 32px"  # what it samples
+
+    for number in range(1, 8):  # seven empty artifacts share the id of no content
+        made(f"metrics/v{number}", "metrics")
+    empty = next(artifact.id for label, artifact in all_artifacts(tmp_path, ("metrics",)))
+    with pytest.raises(SitctlError) as error:
+        resolve(empty[:8], ("metrics",), tmp_path)
+    assert str(error.value) == (f"id prefix {empty[:8]} is ambiguous: "
+                                + ", ".join(f"metrics/v{n} ({empty})" for n in range(1, 7)) + "; give more digits")
+    with pytest.raises(SitctlError) as error:
+        resolve("fedcba98", ("latents", "checkpoint"), tmp_path)
+    assert str(error.value) == f"no artifact in the workspace {tmp_path} has an id starting with fedcba98"
