@@ -531,3 +531,31 @@ def test_every_checkpoint_and_version_is_found_by_its_id_and_an_unknown_or_ambig
     with pytest.raises(SitctlError) as error:
         resolve("fedcba98", ("latents", "checkpoint"), tmp_path)
     assert str(error.value) == f"no artifact in the workspace {tmp_path} has an id starting with fedcba98"
+
+
+def test_ls_names_where_each_version_came_from_and_a_runs_logs_and_skips_only_the_unfinished(tmp_path):
+    from rich.console import Console
+
+    from sitctl.artifacts import begin_artifact, finish_artifact, staging_dir
+    from sitctl.workspace import latest_run_dir, ls_table
+
+    with pytest.raises(SitctlError) as error:
+        latest_run_dir(tmp_path)
+    assert str(error.value) == f"no run in {tmp_path / 'runs'} to resume; start one with `sitctl train`"
+
+    def made(name, kind, config):
+        out = tmp_path / name
+        return finish_artifact(begin_artifact(out), out, kind=kind, config=config, extra={"step": 3})
+
+    staging_dir(tmp_path / "references/v1").mkdir(parents=True)  # unfinished, before finished ones
+    made("references/v2", "reference", {"sample_of": "latents/v1"})
+    made("references/v3", "reference", {"source": "/data/fashion-mnist"})
+    made("runs/v1/step-0000003", "checkpoint", {"tracker": "tensorboard"})
+    console = Console(width=200, record=True)
+    console.print(ls_table(tmp_path))
+    text = console.export_text().splitlines()
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]] for line in text if line.startswith("│")}
+    assert rows["references/v1"][3] == "unfinished (never picked)"
+    assert rows["references/v2"][2] == "latents/v1" and rows["references/v3"][2] == "fashion-mnist/"
+    assert rows["runs/v1"][2] == "-" and rows[""][3] == "tensorboard logs: runs/v1/logs"  # on a line of its own
+    assert max(len(line.rstrip()) for line in text) < 150  # not stretched to the console's width
