@@ -432,7 +432,7 @@ def test_the_facts_and_ages_ls_shows_are_exact(tmp_path):
     assert facts(ode) == "8 images 32px, ode dopri5 50 steps"  # no w for an ODE, no cfg at scale 1; the count asked for
     (tmp_path / "runs/v1").mkdir(parents=True)
     (tmp_path / "runs/v1/metrics.jsonl").write_text("\n".join(json.dumps(row) for row in [
-        {"step": 100, "loss": 0.5}, {"step": 200, "loss": 0.25}, {"step": 200, "fid": 80.0}, {"step": 300, "loss": 0.1}]))
+        {"step": 50, "loss": 0.9}, {"step": 100, "loss": 0.5}, {"step": 200, "loss": 0.25}, {"step": 200, "fid": 80.0}, {"step": 300, "loss": 0.1}]))
     checkpoint = made("runs/v1/step-0000200", "checkpoint", {"steps": 400000},
                       {"model": "SiT-XL/2", "interp": "linear", "pred": "velocity", "step": 200})
     assert facts(checkpoint) == "SiT-XL/2, linear velocity, step 200/400,000, loss 0.2500"  # the loss at its step
@@ -498,7 +498,7 @@ def test_ls_draws_every_version_with_long_facts_folded_and_names_kept_whole(tmp_
 
 def test_every_checkpoint_and_version_is_found_by_its_id_and_an_unknown_or_ambiguous_prefix_is_one_line(tmp_path):
     from sitctl.artifacts import begin_artifact, finish_artifact
-    from sitctl.workspace import _input_name, all_artifacts, facts, resolve, resolve_any
+    from sitctl.workspace import _input_name, all_artifacts, facts, resolve, resolve_any, version_name
 
     def made(name, kind, payload=None, config=None):
         out = tmp_path / name
@@ -516,6 +516,7 @@ def test_every_checkpoint_and_version_is_found_by_its_id_and_an_unknown_or_ambig
     assert resolve(step.id[:6], ("checkpoint",), tmp_path) == step.path
     assert resolve_any("latents/v1", tmp_path) == latents.path  # the root it is given, wherever the shell is
     assert _input_name({"path": str(latents.path), "kind": "latents", "id": latents.id}, tmp_path) == "latents/v1"
+    assert version_name(tmp_path / "latents", tmp_path) is None and version_name(tmp_path / "notes/v1", tmp_path) is None
     assert _input_name({"path": "/elsewhere/l", "kind": "latents", "id": "0123456789abcdef"}, tmp_path) == "latents 01234567"
     reference = made("references/v1", "reference", None, {"sample_of": "latents/v1"})
     assert facts(type(reference)(path=reference.path, manifest={**reference.manifest, "extra": {
