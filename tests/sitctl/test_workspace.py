@@ -432,7 +432,7 @@ def test_the_facts_and_ages_ls_shows_are_exact(tmp_path):
     assert facts(ode) == "8 images 32px, ode dopri5 50 steps"  # no w for an ODE, no cfg at scale 1; the count asked for
     (tmp_path / "runs/v1").mkdir(parents=True)
     (tmp_path / "runs/v1/metrics.jsonl").write_text("\n".join(json.dumps(row) for row in [
-        {"step": 50, "loss": 0.9}, {"step": 100, "loss": 0.5}, {"step": 200, "loss": 0.25}, {"step": 200, "fid": 80.0}, {"step": 300, "loss": 0.1}]))
+        {"step": 60, "loss": 0.9}, {"step": 100, "loss": 0.5}, {"step": 200, "loss": 0.25}, {"step": 200, "fid": 80.0}, {"step": 300, "loss": 0.1}]))
     checkpoint = made("runs/v1/step-0000200", "checkpoint", {"steps": 400000},
                       {"model": "SiT-XL/2", "interp": "linear", "pred": "velocity", "step": 200})
     assert facts(checkpoint) == "SiT-XL/2, linear velocity, step 200/400,000, loss 0.2500"  # the loss at its step
