@@ -560,3 +560,31 @@ def test_ls_names_where_each_version_came_from_and_a_runs_logs_and_skips_only_th
     assert rows["references/v2"][2] == "latents/v1" and rows["references/v3"][2] == "fashion-mnist/"
     assert rows["runs/v1"][2] == "-" and rows[""][3] == "tensorboard logs: runs/v1/logs"  # on a line of its own
     assert max(len(line.rstrip()) for line in text) < 150  # not stretched to the console's width
+
+
+def test_names_resolve_inside_versions_and_missing_ones_list_what_there_is(tmp_path, monkeypatch):
+    from sitctl.artifacts import begin_artifact, finish_artifact
+    from sitctl.workspace import MARKER, claim, find_root, latest, name_of, resolve
+
+    root = tmp_path / "new" / "workspace"  # its parent does not exist yet
+    claim(root)
+    assert json.loads((root / MARKER).read_text()) == {"workspace": 1, "folders": sorted(
+        ["latents", "runs", "samples", "references", "metrics"])}
+    assert (root / MARKER).read_text().endswith("}\n") and find_root(root / "deeper") == root
+    for number in (1, 2):
+        out = root / f"runs/v{number}/step-0000003"
+        finish_artifact(begin_artifact(out), out, kind="checkpoint", config={}, extra={"step": 3})
+    monkeypatch.chdir(tmp_path)  # outside the workspace: the root given is the one used
+    assert resolve("runs/v2/step-0000003", ("checkpoint",), root) == root / "runs/v2/step-0000003"
+    assert resolve("run/v1", ("checkpoint",), root) == root / "runs/v1"
+    assert resolve("nothing/here", ("checkpoint",), root) == Path("nothing/here")  # not a name: left to the stage
+    with pytest.raises(SitctlError) as error:
+        resolve("runs/v9", ("checkpoint",), root)
+    assert str(error.value) == f"runs/v9 does not exist in the workspace {root} (runs: runs/v1, runs/v2)"
+    with pytest.raises(SitctlError) as error:
+        latest(root, "samples")
+    assert str(error.value) == f"no finished samples artifact in samples/ of the workspace {root} yet; make one with `sitctl sample`"
+    with pytest.raises(SitctlError) as error:
+        latest(tmp_path, "checkpoint")
+    assert str(error.value).startswith("no finished train run (with a checkpoint) in runs/ of the workspace")
+    assert name_of("/elsewhere/x", root) == "/elsewhere/x" and name_of(root / "runs/v1/step-0000003", root) == "runs/v1"
