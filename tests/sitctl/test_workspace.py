@@ -349,14 +349,15 @@ def test_under_torchrun_a_missing_out_is_refused_not_guessed(workspace, monkeypa
 # ---------------------------------------------------------------------------------------------
 
 
-def finished(out: Path, kind: str = "samples") -> Path:
-    """A finished artifact of `kind` at `out` holding one small file (its content differs per path)."""
+def finished(out: Path, kind: str = "samples", *, config=None, extra=None, note: str | None = None):
+    """A finished artifact of `kind` at `out` holding note.txt: by default its own path, so content ids
+    differ per path; `note=""` leaves it empty of files (the id of no content, the same for all)."""
     from sitctl.artifacts import begin_artifact, finish_artifact
 
     staging = begin_artifact(out)
-    (staging / "note.txt").write_text(str(out))
-    finish_artifact(staging, out, kind=kind, config={}, extra={})
-    return out
+    if note != "":
+        (staging / "note.txt").write_text(str(out) if note is None else note)
+    return finish_artifact(staging, out, kind=kind, config=config or {}, extra=extra or {})
 
 
 def test_latest_and_resolve_take_v10_after_v9_and_v12_last(tmp_path):
@@ -404,17 +405,16 @@ def test_the_latest_run_is_v10_after_v9_and_its_newest_checkpoint_is_step_10_aft
     assert latest_run_dir(tmp_path) == runs / "v11"  # what `train --resume` continues, finished or not
 
 
+
 def test_the_facts_and_ages_ls_shows_are_exact(tmp_path):
     import datetime
 
     from rich.console import Console
 
-    from sitctl.artifacts import begin_artifact, finish_artifact
     from sitctl.workspace import age, facts, ls_table
 
     def made(name, kind, config=None, extra=None):
-        out = tmp_path / name
-        return finish_artifact(begin_artifact(out), out, kind=kind, config=config or {}, extra=extra or {})
+        return finished(tmp_path / name, kind, config=config, extra=extra, note="")
 
     metrics = made("metrics/v1", "metrics", extra={"values": {"fid": 12.34567, "sfid": 3.0}, "num_samples": 50000})
     assert facts(metrics) == "fid 12.35, sfid 3 (50,000 samples)"
@@ -454,11 +454,10 @@ def test_ls_draws_every_version_with_long_facts_folded_and_names_kept_whole(tmp_
     from rich.console import Console
 
     from sitctl import workspace
-    from sitctl.artifacts import begin_artifact, finish_artifact, staging_dir
+    from sitctl.artifacts import staging_dir
 
     def made(name, kind, config, extra):
-        out = tmp_path / name
-        finish_artifact(begin_artifact(out), out, kind=kind, config=config, extra=extra)
+        finished(tmp_path / name, kind, config=config, extra=extra, note="")
 
     made("latents/v1", "latents", {"src": "/data/imagenet"},
          {"num_samples": 1281167, "image_size": 256, "vae": {"name": "stabilityai/sd-vae-ft-ema"}})
@@ -497,15 +496,10 @@ def test_ls_draws_every_version_with_long_facts_folded_and_names_kept_whole(tmp_
 
 
 def test_every_checkpoint_and_version_is_found_by_its_id_and_an_unknown_or_ambiguous_prefix_is_one_line(tmp_path):
-    from sitctl.artifacts import begin_artifact, finish_artifact
     from sitctl.workspace import _input_name, all_artifacts, facts, resolve, resolve_any, version_name
 
-    def made(name, kind, payload=None, config=None):
-        out = tmp_path / name
-        staging = begin_artifact(out)
-        if payload is not None:
-            (staging / "payload.txt").write_text(payload)  # its own content id
-        return finish_artifact(staging, out, kind=kind, config=config or {}, extra={"step": 1})
+    def made(name, kind, note="", config=None):  # a note gives the artifact its own content id
+        return finished(tmp_path / name, kind, config=config, extra={"step": 1}, note=note)
 
     latents = made("latents/v1", "latents", "a")
     made("latents/v2", "samples", "b")  # another kind in the latents folder: never taken for latents
@@ -518,7 +512,7 @@ def test_every_checkpoint_and_version_is_found_by_its_id_and_an_unknown_or_ambig
     assert _input_name({"path": str(latents.path), "kind": "latents", "id": latents.id}, tmp_path) == "latents/v1"
     assert version_name(tmp_path / "latents", tmp_path) is None and version_name(tmp_path / "notes/v1", tmp_path) is None
     assert _input_name({"path": "/elsewhere/l", "kind": "latents", "id": "0123456789abcdef"}, tmp_path) == "latents 01234567"
-    reference = made("references/v1", "reference", None, {"sample_of": "latents/v1"})
+    reference = made("references/v1", "reference", "", {"sample_of": "latents/v1"})
     assert facts(type(reference)(path=reference.path, manifest={**reference.manifest, "extra": {
         "source": "imagenet/", "num_images": 8, "image_size": 32}})) == "latents/v1, 8 images 32px"  # what it samples
 
@@ -537,7 +531,7 @@ def test_every_checkpoint_and_version_is_found_by_its_id_and_an_unknown_or_ambig
 def test_ls_names_where_each_version_came_from_and_a_runs_logs_and_skips_only_the_unfinished(tmp_path):
     from rich.console import Console
 
-    from sitctl.artifacts import begin_artifact, finish_artifact, staging_dir
+    from sitctl.artifacts import staging_dir
     from sitctl.workspace import latest_run_dir, ls_table
 
     with pytest.raises(SitctlError) as error:
@@ -545,8 +539,7 @@ def test_ls_names_where_each_version_came_from_and_a_runs_logs_and_skips_only_th
     assert str(error.value) == f"no run in {tmp_path / 'runs'} to resume; start one with `sitctl train`"
 
     def made(name, kind, config):
-        out = tmp_path / name
-        return finish_artifact(begin_artifact(out), out, kind=kind, config=config, extra={"step": 3})
+        return finished(tmp_path / name, kind, config=config, extra={"step": 3}, note="")
 
     staging_dir(tmp_path / "references/v1").mkdir(parents=True)  # unfinished, before finished ones
     made("references/v2", "reference", {"sample_of": "latents/v1"})
@@ -563,7 +556,6 @@ def test_ls_names_where_each_version_came_from_and_a_runs_logs_and_skips_only_th
 
 
 def test_names_resolve_inside_versions_and_missing_ones_list_what_there_is(tmp_path, monkeypatch):
-    from sitctl.artifacts import begin_artifact, finish_artifact
     from sitctl.workspace import MARKER, claim, find_root, latest, name_of, resolve
 
     root = tmp_path / "new" / "workspace"  # its parent does not exist yet
@@ -572,8 +564,7 @@ def test_names_resolve_inside_versions_and_missing_ones_list_what_there_is(tmp_p
         ["latents", "runs", "samples", "references", "metrics"])}
     assert (root / MARKER).read_text().endswith("}\n") and find_root(root / "deeper") == root
     for number in (1, 2):
-        out = root / f"runs/v{number}/step-0000003"
-        finish_artifact(begin_artifact(out), out, kind="checkpoint", config={}, extra={"step": 3})
+        finished(root / f"runs/v{number}/step-0000003", "checkpoint", extra={"step": 3}, note="")
     monkeypatch.chdir(tmp_path)  # outside the workspace: the root given is the one used
     assert resolve("runs/v2/step-0000003", ("checkpoint",), root) == root / "runs/v2/step-0000003"
     assert resolve("run/v1", ("checkpoint",), root) == root / "runs/v1"
