@@ -579,3 +579,29 @@ def test_names_resolve_inside_versions_and_missing_ones_list_what_there_is(tmp_p
         latest(tmp_path, "checkpoint")
     assert str(error.value).startswith("no finished train run (with a checkpoint) in runs/ of the workspace")
     assert name_of("/elsewhere/x", root) == "/elsewhere/x" and name_of(root / "runs/v1/step-0000003", root) == "runs/v1"
+
+
+def test_a_version_holding_another_kind_is_skipped_and_ls_shows_each_input_and_outside_logs_on_its_own_line(tmp_path):
+    from rich.console import Console
+
+    from sitctl.artifacts import begin_artifact, finish_artifact
+    from sitctl.workspace import finished_versions, latest, ls_table
+
+    samples = finished(tmp_path / "samples/v1", "samples", note="")
+    finished(tmp_path / "samples/v2", "latents", note="")  # a latents artifact copied into samples/: not a samples version
+    assert [(version.name, version.path) for version in finished_versions(tmp_path, "samples")] == [
+        ("samples/v1", tmp_path / "samples/v1")]
+    assert latest(tmp_path, "samples").path == samples.path
+    reference = finished(tmp_path / "references/v1", "reference", note="")
+    metrics = finish_artifact(begin_artifact(tmp_path / "metrics/v1"), tmp_path / "metrics/v1", kind="metrics", config={},
+                              inputs=[samples, reference], extra={"values": {"fid": 1.5}, "num_samples": 4})
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"  # --log-dir outside the workspace: shown as given, whole
+    finished(tmp_path / "runs/v1/step-0000001", "checkpoint", config={"tracker": "tensorboard", "log_dir": str(logs)},
+             extra={"step": 1}, note="")
+    console = Console(width=400, record=True)
+    console.print(ls_table(tmp_path))
+    lines = console.export_text().splitlines()
+    row = next(index for index, line in enumerate(lines) if "metrics/v1" in line)
+    assert [cell.strip() for cell in lines[row].split("│")[1:4]] == ["metrics/v1", metrics.id[:8], "0s"]
+    assert [lines[row].split("│")[4].strip(), lines[row + 1].split("│")[4].strip()] == ["samples/v1", "references/v1"]
+    assert any(line.split("│")[5].strip() == f"tensorboard logs: {logs}" for line in lines if line.startswith("│"))
