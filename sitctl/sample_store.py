@@ -166,7 +166,6 @@ def repair_rank_file(path: Path) -> int:
             kept = int(handle.attrs.get("committed", 0))
             for name in DATASETS:
                 handle[name].resize(kept, axis=0)
-            handle.attrs["committed"] = kept
     if kept is None:
         Path(path).unlink()
         return 0
@@ -264,6 +263,6 @@ def export_npz(directory: Path, path: Path, batch_size: int = 1024) -> Path:
                 member.write(np.ascontiguousarray(images).tobytes())
                 labels.append(batch_labels)
         with archive.open("arr_1.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.concatenate(labels or [np.zeros(0, np.int64)]))
+            np.lib.format.write_array(member, np.concatenate(labels))  # an artifact holds at least one image
     os.replace(tmp, path)
     return path
