@@ -9,7 +9,7 @@ import pytest
 import numpy as np
 
 from sitctl.sample_store import (
-    SampleWriter, _first_line, export_npz, iter_batches, rank_file, repair_rank_file, stored_indices, write_virtual_dataset,
+    SampleWriter, _first_line, export_npz, image_shape, iter_batches, rank_file, repair_rank_file, stored_indices, write_virtual_dataset,
 )
 
 
@@ -168,7 +168,7 @@ def test_a_full_disk_stops_the_append_that_meets_it_and_every_row_counted_reads_
             for block in range(1000):  # 400 KB of images: more than the disk holds
                 writer.append(np.full((2, 8, 8, 3), block, np.uint8), np.array([block, block]), np.arange(2) + written)
                 written += 2
-        assert error.value.errno == 28 and 0 < written < 400
+        assert str(error.value) == "[Errno 28] No space left on device" and 0 < written < 400  # the OS's words
         writer.close()  # the close fails too after the failed write: that adds nothing
         resize("1m")
         assert repair_rank_file(rank_file(disk, 0)) == written  # not one row the disk did not take
@@ -199,3 +199,25 @@ def test_an_export_past_zips_32_bit_limit_is_written_as_zip64(tmp_path, monkeypa
     export_npz(tmp_path / "s", tmp_path / "s.npz", batch_size=4)
     exported = np.load(tmp_path / "s.npz")
     assert np.array_equal(exported["arr_0"], images) and exported["arr_1"].tolist() == (np.arange(11) % 3).tolist()
+
+
+def test_pixels_quantize_as_the_reference_does_clamped_127_5_x_plus_128():
+    from sitctl.sample_store import quantize
+
+    x = np.array([-2.0, -1.0, -1.0 / 255, 0.0, 0.5, 0.99, 1.0, 3.0], np.float32)
+    assert quantize(x).tolist() == [0, 0, 127, 128, 191, 254, 255, 255]  # floor(127.5 x + 128.5 - 0.5)
+    assert quantize(x).dtype == np.uint8
+
+
+def test_images_that_are_not_uint8_nhwc_are_refused_and_a_folder_without_rank_files_named(tmp_path):
+    writer = SampleWriter(rank_file(tmp_path, 0), (2, 2, 3))
+    with pytest.raises(ValueError) as error:
+        writer.append(np.zeros((1, 2, 2, 3), np.float32), np.zeros(1), np.zeros(1))  # pixels as floats: not quantized
+    assert str(error.value) == "images must be uint8 NHWC, got float32 (1, 2, 2, 3)"
+    with pytest.raises(ValueError, match=r"got uint8 \(2, 2, 3\)"):
+        writer.append(np.zeros((2, 2, 3), np.uint8), np.zeros(1), np.zeros(1))  # one image without its batch axis
+    writer.close()
+    assert len(stored_indices(tmp_path)) == 0
+    with pytest.raises(FileNotFoundError) as missing:
+        image_shape(tmp_path / "elsewhere")
+    assert str(missing.value) == f"no images-rank*.h5 in {tmp_path / 'elsewhere'}"
