@@ -98,3 +98,123 @@ def test_kept_crops_round_trip_byte_identically_beside_the_moments(tmp_path, ima
     write_shard(tmp_path / "c.tar", mixed)
     with pytest.raises(ArtifactError, match="some samples lack their image"):
         open_shard(tmp_path / "c.tar", (2, 2, 4, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards made elsewhere (webdataset, tar, another release): read by name, refused in one line
+# ---------------------------------------------------------------------------------------------
+
+SHAPE = (2, 2, 4, 2, 2)
+
+
+def npy(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def tar_of(path, members, pax=None) -> str:
+    """A tar of (name, bytes) members as GNU/pax tools write them; `pax` adds records to every header."""
+    import io
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if pax:
+                info.pax_headers = dict(pax)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def moments(seed=0, dtype=np.float16, shape=SHAPE):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def test_a_shard_stores_moments_as_float16_and_crops_as_uint8_whatever_type_they_come_in(tmp_path):
+    crop = np.arange(6 * 6 * 3).reshape(6, 6, 3) % 256  # int64
+    sample = Sample(key="k", label=1, moments=moments(dtype=np.float32), path="p", image=crop)
+    write_shard(tmp_path / "a.tar", [sample])
+    index = open_shard(tmp_path / "a.tar", SHAPE)
+    np.testing.assert_array_equal(index.moments(0), sample.moments.astype(np.float16))
+    out = np.zeros((1, 6, 6, 3), np.uint8)
+    index.images.read_into(np.array([0]), out, "a.tar")
+    assert np.array_equal(out[0], crop)
+
+
+def test_members_are_grouped_by_the_first_dot_of_their_basename_and_pax_records_give_their_names(tmp_path):
+    # Keys under dotted folders (webdataset keeps the folders in the key); long names travel in pax records
+    # beside others (a comment holding '='), as GNU tar and python's tarfile write them.
+    long_folder = "run.v1/" + "d" * 120 + "/x.y"
+    keys = [f"{long_folder}/000001", "run.v1/000002"]
+    members = [(f"{key}.{suffix}", data) for key in keys
+               for suffix, data in (("cls", b"3"), ("moments.npy", npy(moments())), ("path.txt", b"a=b"))]
+    index = open_shard(tar_of(tmp_path / "a.tar", members, pax={"comment": "made by=tar", "mtime": "1"}), SHAPE)
+    assert index.keys == tuple(keys) and index.labels.tolist() == [3, 3]
+    np.testing.assert_array_equal(index.moments(1), moments())
+
+
+def test_a_marker_whose_shard_was_deleted_counts_for_nothing(tmp_path):
+    sha256 = write_shard(tmp_path / shard_name(3), samples(2))
+    mark_done(tmp_path, 3, {"sha256": sha256})
+    (tmp_path / shard_name(3)).unlink()
+    assert done_record(tmp_path, 3) is None
+
+
+def crop(side=6, dtype=np.uint8):
+    return npy(np.zeros((side, side, 3), dtype))
+
+
+GOOD = [("k1.cls", b"1"), ("k1.moments.npy", npy(moments()))]
+BROKEN = {  # what a shard holds -> the one line that refuses it (after "a.tar: ")
+    "a member outside any sample": (GOOD + [("README", b"hi")], "sample README lacks a .cls or .moments.npy member"),
+    "a sample without moments": (GOOD + [("k2.cls", b"2")], "sample k2 lacks a .cls or .moments.npy member"),
+    "moments as float32": ([("k1.cls", b"1"), ("k1.moments.npy", npy(moments(dtype=np.float32)))],
+                           "moments are float32, expected float16"),
+    "moments in Fortran order": ([("k1.cls", b"1"), ("k1.moments.npy", npy(np.asfortranarray(moments())))],
+                                 "moments are float16 (Fortran order), expected float16"),
+    "moments of another size": ([("k1.cls", b"1"), ("k1.moments.npy", npy(moments(shape=(2, 2, 4, 2, 3))))],
+                                "sample k1 has moments (2, 2, 4, 2, 3), expected (2, 2, 4, 2, 2)"),
+    "a later sample's moments of another size": (
+        GOOD + [("k2.cls", b"1"), ("k2.moments.npy", npy(moments(shape=(2, 2, 4, 1, 2))))],
+        "sample k2 has moments of another shape or type than the shard's first"),
+    "crops of two formats": (GOOD + [("k1.image.npy", crop()), ("k2.cls", b"1"), ("k2.moments.npy", npy(moments())),
+                                     ("k2.image.png", b"x")],
+                             "some samples lack their image, or images are stored in several formats"),
+    "crops as jpg": (GOOD + [("k1.image.jpg", b"x")], "images stored as .image.jpg, expected one of npy, png"),
+    "crops not square": (GOOD + [("k1.image.npy", npy(np.zeros((6, 5, 3), np.uint8)))],
+                         "images have shape (6, 5, 3), expected (S, S, 3)"),
+    "crops as int16": (GOOD + [("k1.image.npy", crop(dtype=np.int16))], "images are int16, expected uint8"),
+    "a later crop of another side": (GOOD + [("k1.image.npy", crop()), ("k2.cls", b"1"), ("k2.moments.npy", npy(moments())),
+                                             ("k2.image.npy", crop(side=5))],
+                                     "images of another shape or type than the shard's first"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_shard_made_elsewhere_that_does_not_hold_latents_is_refused_in_one_line(tmp_path, case):
+    members, message = BROKEN[case]
+    with pytest.raises(ArtifactError) as error:
+        open_shard(tar_of(tmp_path / "a.tar", members), SHAPE)
+    assert str(error.value) == f"{tmp_path / 'a.tar'}: {message}"
+
+
+def test_a_truncated_shard_a_link_inside_or_a_missing_file_is_refused_in_one_line(tmp_path):
+    path = tar_of(tmp_path / "a.tar", GOOD + [("k2.cls", b"2"), ("k2.moments.npy", npy(moments()))])
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "a.tar").read_bytes()[:3700])  # inside k2's moments
+    with pytest.raises(ArtifactError) as error:
+        open_shard(tmp_path / "cut.tar", SHAPE)
+    assert str(error.value) == f"{tmp_path / 'cut.tar'}: tar member 'k2.moments.npy' runs past the end of the file (truncated?)"
+    with tarfile.open(tmp_path / "link.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("k1.cls")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(ArtifactError) as error:
+        open_shard(tmp_path / "link.tar", SHAPE)
+    assert str(error.value) == f"{tmp_path / 'link.tar'}: tar member 'k1.cls' has type b'2'; shards hold regular files only"
+    with pytest.raises(ArtifactError) as error:
+        open_shard(tmp_path / "gone.tar", SHAPE)
+    assert str(error.value) == f"cannot read shard {tmp_path / 'gone.tar'}: No such file or directory"
+    assert len(open_shard(path, SHAPE)) == 2
