@@ -255,3 +255,56 @@ def test_a_one_sample_shard_an_empty_file_and_npy_format_2_read_as_they_are(tmp_
     np.lib.format.write_array(buffer, moments(), version=(2, 0))  # what numpy writes for very long headers
     index = open_shard(tar_of(tmp_path / "v2.tar", [("k.cls", b"1"), ("k.moments.npy", buffer.getvalue())]), SHAPE)
     np.testing.assert_array_equal(index.moments(0), moments())
+
+
+def patch_header(path, member: int, field: slice, value: bytes) -> None:
+    """Fill a header field of member number `member` as another tar writer does, with the checksum made to fit."""
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        start = tar.getmembers()[member].offset_data - 512  # its ustar header, after any pax header
+    data[start + field.start : start + field.stop] = value
+    data[start + 148 : start + 156] = b" " * 8
+    data[start + 148 : start + 156] = b"%06o\0 " % sum(data[start : start + 512])
+    path.write_bytes(bytes(data))
+
+
+def test_tars_of_other_writers_are_read_by_their_full_names_and_sizes(tmp_path):
+    import io
+
+    long_key = "z" * 154 + "/" + "z" * 88  # ustar splits it into prefix and name; its headers sum past 0o77777
+    full_key = "p" * 20 + "/" + "k" * 75  # k.cls fills the 100-byte name field, with no NUL after it
+    short_prefix = "q/" + "k" * 88  # k.moments.npy: a prefix of one letter
+    members = [(f"{key}.{suffix}", data) for key in (long_key, full_key, short_prefix)
+               for suffix, data in (("cls", b"4"), ("moments.npy", npy(moments())))]
+    with tarfile.open(tmp_path / "ustar.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index = open_shard(tmp_path / "ustar.tar", SHAPE)
+    assert index.keys == (long_key, full_key, short_prefix) and index.labels.tolist() == [4, 4, 4]
+
+    # A size only in a pax record (as for members past 8 GiB) and a folder entry whose size field is left blank.
+    with tarfile.open(tmp_path / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_folder("d"))
+        for name, data in [("d/k.cls", b"5"), ("d/k.moments.npy", npy(moments(3)))]:
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(data), {"size": str(len(data))}
+            tar.addfile(info, io.BytesIO(data))
+    patch_header(tmp_path / "pax.tar", 0, slice(124, 136), b"\0" * 12)
+    patch_header(tmp_path / "pax.tar", 2, slice(124, 136), b"\0" * 12)
+    index = open_shard(tmp_path / "pax.tar", SHAPE)
+    assert index.keys == ("d/k",) and index.labels.tolist() == [5]
+    np.testing.assert_array_equal(index.moments(0), moments(3))
+
+    # A tar cut right after its last member's data: no end-of-archive blocks, every member still read.
+    with tarfile.open(tmp_path / "pax.tar") as tar:
+        end = tar.getmembers()[-1].offset_data + 512 * -(-tar.getmembers()[-1].size // 512)
+    (tmp_path / "no-end.tar").write_bytes((tmp_path / "pax.tar").read_bytes()[:end])
+    assert open_shard(tmp_path / "no-end.tar", SHAPE).keys == ("d/k",)
+
+
+def _folder(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
