@@ -8,31 +8,25 @@ test *ARGS:
 
 # Mutation testing (mutmut 3, never in CI; docs/TESTING.md) of MODULES, e.g. `just mutants sitctl/data.py model/`:
 # each mutant runs only the tests (of [tool.mutmut]'s selection) that cover its function, one child per core
-# (MUTANT_CHILDREN). Tests the mutants of MODULES not yet killed (new, changed, survived, timed out, untested), or all
-# of them with MUTANTS_AGAIN=1; prints the count per outcome, then the survivors. mutmut is installed into the venv on first
-# use; mutants/ keeps which test covers which function and every verdict.
+# (MUTANT_CHILDREN). Tests the mutants of MODULES not yet killed and not listed in tests/mutants-equivalent.txt (new,
+# changed, survived, timed out, untested), or all of them with MUTANTS_AGAIN=1; then prints the table of docs/TESTING.md
+# and every survivor with its hash. mutmut is installed into the venv on first use; mutants/ keeps every verdict.
 mutants +MODULES:
     #!/usr/bin/env bash
     set -euo pipefail
     {{venv}}python -c "import mutmut" 2>/dev/null || {{venv}}pip install -q "mutmut>=3.8.1,<4"
-    names=()  # mutmut names a mutant `module.function__mutmut_N`: sitctl/data.py -> sitctl.data.*
-    for module in {{MODULES}}; do module="${module%/}"; module="${module%.py}"; names+=("${module//\//.}.*"); done
-    prefixes="$(printf '%s\n' "${names[@]%\*}")"
-    if [ -z "${MUTANTS_AGAIN:-}" ] && [ -d mutants ]; then  # the verdicts kept from earlier runs: all but the kills
-        mapfile -t names < <(PREFIXES="$prefixes" {{venv}}python -c 'import json, os, pathlib
-    prefixes = tuple(os.environ["PREFIXES"].split())
-    for meta in pathlib.Path("mutants").rglob("*.meta"):
-        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if name.startswith(prefixes) and code != 1: print(name)'  # 1: killed
-        )
+    prefixes=()  # mutmut names a mutant `module.function__mutmut_N`: sitctl/data.py -> sitctl.data.
+    for module in {{MODULES}}; do module="${module%/}"; module="${module%.py}"; prefixes+=("${module//\//.}."); done
+    names=("${prefixes[@]/%/*}")
+    if [ -z "${MUTANTS_AGAIN:-}" ] && [ -d mutants ]; then
+        mapfile -t names < <({{venv}}python tests/mutation.py pending "${prefixes[@]}")
     fi
     # One thread per child: torch's OpenMP pool in each of several children on few cores spins in the kernel
     # (a measured 100% system time and ~10 mutants a minute on 2 cores).
     if [ "${#names[@]}" -gt 0 ]; then
         time OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5 {{venv}}mutmut run --max-children "${MUTANT_CHILDREN:-$(nproc)}" "${names[@]}"
     fi
-    {{venv}}mutmut results --all true | grep -F "$prefixes" | sed 's/.*: //' | sort | uniq -c
-    {{venv}}mutmut results | grep -F "$prefixes" || echo "no surviving mutants"
+    {{venv}}python tests/mutation.py table "${prefixes[@]}"
 
 # Run the end-to-end demo.
 demo:

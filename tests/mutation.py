@@ -3,7 +3,7 @@
     python tests/mutation.py pending PREFIX...   the mutants of PREFIX... to test (again): all but the killed
                                                  and those tests/mutants-equivalent.txt lists
     python tests/mutation.py table PREFIX...     per module: mutants, killed, survived, equivalent, score;
-                                                 then every survivor not listed as equivalent
+                                                 then every survivor not listed as equivalent, with its hash
 
 tests/mutants-equivalent.txt holds one line per equivalent survivor: its name, the first 8 hex digits of the
 sha256 of the mutant's source as mutmut generated it, and why it changes nothing observable. A mutant whose
@@ -95,8 +95,13 @@ def table(prefixes: tuple[str, ...]) -> str:
         score = killed / max(len(outcome) - equivalent, 1)
         rows.append(f"| `{module.replace('.', '/')}.py` | {len(outcome)} | {killed} ({count['timeout']}) | {others} | "
                     f"{equivalent} | {count['untested']} | {100 * score:.1f}% |")
-        left += [f"{status:9} {name}" for name, status in outcome.items() if status not in ("killed", "timeout", "equivalent", "untested")]
-    return "\n".join(rows + [""] + (left or ["no surviving mutants"]))
+        hashes = mutant_hashes(module)
+        left += [f"{status:9} {name} {hashes.get(name, '-')}" for name, status in outcome.items()
+                 if status not in ("killed", "timeout", "equivalent", "untested")]
+    untested = sum(row.split("|")[6].strip() != "0" for row in rows[2:])
+    note = ["untested mutants left: functions edited since mutmut last generated them get new mutants when it starts,",
+            "after the list to test was made; run the recipe again to test them", ""] if untested else []
+    return "\n".join(rows + [""] + note + (left or ["no surviving mutants"]))
 
 
 if __name__ == "__main__":
