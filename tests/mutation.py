@@ -14,6 +14,7 @@ as equivalent and is tested and shown again, marked stale.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import sys
@@ -38,14 +39,16 @@ def verdicts(prefixes: tuple[str, ...]) -> dict[str, dict[str, int | None]]:
     return found
 
 
+@functools.cache
 def mutant_hashes(module: str) -> dict[str, str]:
     """sha256 (8 hex digits) of each mutant function's source in mutants/, by mutant name."""
     path = MUTANTS / (module.replace(".", "/") + ".py")
     source = path.read_text()
+    lines = source.splitlines(keepends=True)
     hashes = {}
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
-            text = ast.get_source_segment(source, node) or ""
+            text = "".join(lines[node.lineno - 1 : node.end_lineno]).strip()  # its def line to its last
             hashes[f"{module}.{node.name}"] = hashlib.sha256(text.encode()).hexdigest()[:8]
     return hashes
 
