@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import pytest
+
 from sitctl.artifacts import begin_artifact, finish_artifact, staging_dir
 from sitctl.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, prune_checkpoints
 
@@ -125,8 +127,10 @@ def test_weights_that_do_not_fit_the_recorded_model_are_refused_naming_it(tmp_pa
         load_network(tmp_path)
 
 
-def test_an_optimizers_state_comes_back_whole_from_a_checkpoint_tensors_and_plain_numbers(tmp_path):
-    # Torch's own optimizers keep tensors only; one that also keeps a plain number gets it back too.
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_an_optimizers_state_comes_back_whole_from_a_checkpoint_tensors_and_plain_numbers(tmp_path, momentum):
+    # Torch's own optimizers keep tensors only; one that also keeps a plain number gets it back too, and one
+    # that keeps plain numbers only (SGD without momentum keeps no buffer) as well.
     import torch
 
     from sitctl.checkpoint import load_training_state, save_checkpoint
@@ -140,24 +144,26 @@ def test_an_optimizers_state_comes_back_whole_from_a_checkpoint_tensors_and_plai
 
     torch.manual_seed(0)
     net, fresh = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    optimizer = CountingSGD(net.parameters(), lr=0.1, momentum=0.9)
+    optimizer = CountingSGD(net.parameters(), lr=0.1, momentum=momentum)
     for _ in range(3):
         optimizer.zero_grad()
         net(torch.randn(8, 3)).pow(2).sum().backward()
         optimizer.step()
     before = optimizer.state_dict()
-    assert before["state"][0]["count"] == 3 and torch.is_tensor(before["state"][0]["momentum_buffer"])
+    assert before["state"][0]["count"] == 3 and torch.is_tensor(before["state"][0].get("momentum_buffer")) == bool(momentum)
     latents = save(tmp_path / "latents", 1)
     artifact = save_checkpoint(tmp_path / "run", 1, model=net, ema=net, optimizer=optimizer, state={}, config={},
                                latents=latents, extra={})
-    restored = CountingSGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    restored = CountingSGD(fresh.parameters(), lr=0.1, momentum=momentum)
     saved = load_training_state(artifact, model=fresh, ema=torch.nn.Linear(3, 2), optimizer=restored)
     assert saved["step"] == 1  # state.json records the step it was saved at
     after = restored.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["state"].keys() == before["state"].keys()
     for index, entries in before["state"].items():
         assert after["state"][index]["count"] == entries["count"] == 3
-        assert torch.equal(after["state"][index]["momentum_buffer"], entries["momentum_buffer"])
+        assert after["state"][index].keys() == entries.keys()
+        if momentum:
+            assert torch.equal(after["state"][index]["momentum_buffer"], entries["momentum_buffer"])
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
 
 
