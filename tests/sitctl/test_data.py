@@ -463,3 +463,15 @@ def test_a_lane_count_that_cannot_feed_the_readers_names_the_next_one_that_can()
     with pytest.raises(SitctlError, match="^the latents hold 7 samples, fewer than --data-lanes 8$"):
         check_lanes(8, 24, 1, 0, 7)
     check_lanes(8, 24, 1, 0, 8)  # a sample for every lane is enough
+
+
+def test_a_workers_error_has_stopped_the_loaders_workers_by_the_time_it_reaches_the_trainer(tmp_path):
+    # The error's traceback still holds the stream's frames while the trainer reports it: the workers must not wait
+    # for that to be freed (found by mutation testing, issue 24: nothing saw the explicit shutdown go).
+    latents = damaged_latents(tmp_path, "label")
+    before = children()
+    stream = batches(latents, workers=1, lanes=4, batch=8)
+    with pytest.raises(ArtifactError) as caught:
+        for _ in range(4):
+            next(stream)
+    assert caught.value.__traceback__ is not None and children() - before == set()
