@@ -64,13 +64,16 @@ def equivalents() -> dict[str, tuple[str, str]]:
 
 
 def classify(module: str, codes: dict[str, int | None]) -> dict[str, str]:
-    """Each mutant's outcome: killed, timeout, survived, equivalent, stale (listed, source changed), no tests, untested."""
+    """Each mutant's outcome: killed, timeout (or crash), survived, equivalent, stale (listed, source changed), no tests,
+    untested."""
     listed, hashes = equivalents(), mutant_hashes(module)
     outcome = {}
     for name, code in codes.items():
         status = status_by_exit_code[code]
         if status in ("killed", "timeout", "no tests"):
             outcome[name] = status
+        elif status == "segfault":  # the tests' process crashed (or was killed): the mutant did not go unseen
+            outcome[name] = "timeout"
         elif status == "not checked":
             outcome[name] = "untested"
         elif name in listed:
@@ -88,7 +91,7 @@ def pending(prefixes: tuple[str, ...]) -> list[str]:
 
 
 def table(prefixes: tuple[str, ...]) -> str:
-    rows = ["| Module | Mutants | Killed (timeouts) | Survived | Equivalent | Untested | Score |", "|---|---|---|---|---|---|---|"]
+    rows = ["| Module | Mutants | Killed (timeouts, crashes) | Survived | Equivalent | Untested | Score |", "|---|---|---|---|---|---|---|"]
     left = []
     for module, codes in verdicts(prefixes).items():
         outcome = classify(module, codes)

@@ -116,7 +116,8 @@ def npy(array) -> bytes:
 
 
 def tar_of(path, members, pax=None) -> str:
-    """A tar of (name, bytes) members as GNU/pax tools write them; `pax` adds records to every header."""
+    """A tar of (name, bytes) members as GNU/pax tools write them; `pax` adds records to every header (a dict, or
+    a function of the member's name giving one)."""
     import io
 
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -124,7 +125,7 @@ def tar_of(path, members, pax=None) -> str:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             if pax:
-                info.pax_headers = dict(pax)
+                info.pax_headers = dict(pax(name) if callable(pax) else pax)
             tar.addfile(info, io.BytesIO(data))
     return str(path)
 
@@ -153,6 +154,8 @@ def test_members_are_grouped_by_the_first_dot_of_their_basename_and_pax_records_
                for suffix, data in (("cls", b"3"), ("moments.npy", npy(moments())), ("path.txt", b"a=b"))]
     index = open_shard(tar_of(tmp_path / "a.tar", members, pax={"comment": "made by=tar", "mtime": "1"}), SHAPE)
     assert index.keys == tuple(keys) and index.labels.tolist() == [3, 3]
+    path_first = tar_of(tmp_path / "b.tar", members, pax=lambda name: {"path": name, "comment": "made by tar"})
+    assert open_shard(path_first, SHAPE).keys == tuple(keys)  # the path record before a value with spaces
     np.testing.assert_array_equal(index.moments(1), moments())
 
 
@@ -177,6 +180,13 @@ BROKEN = {  # what a shard holds -> the one line that refuses it (after "a.tar: 
                                  "moments are float16 (Fortran order), expected float16"),
     "moments of another size": ([("k1.cls", b"1"), ("k1.moments.npy", npy(moments(shape=(2, 2, 4, 2, 3))))],
                                 "sample k1 has moments (2, 2, 4, 2, 3), expected (2, 2, 4, 2, 2)"),
+    "a label of words": (GOOD + [("k2.cls", b"a label of several words"), ("k2.moments.npy", npy(moments()))],
+                         "sample k2 has label b'a label of several w', not a class number"),  # its first 20 bytes
+    "a later sample's moments big-endian": (GOOD + [("k2.cls", b"1"), ("k2.moments.npy", npy(moments(dtype=">f2")))],
+                                            "sample k2 has moments of another shape or type than the shard's first"),
+    "a later sample's moments with a byte after them": (
+        GOOD + [("k2.cls", b"1"), ("k2.moments.npy", npy(moments()) + b"\0")],
+        "sample k2 has moments of another shape or type than the shard's first"),
     "a later sample's moments of another size": (
         GOOD + [("k2.cls", b"1"), ("k2.moments.npy", npy(moments(shape=(2, 2, 4, 1, 2))))],
         "sample k2 has moments of another shape or type than the shard's first"),
@@ -299,7 +309,7 @@ def test_tars_of_other_writers_are_read_by_their_full_names_and_sizes(tmp_path):
 
     # A tar cut right after its last member's data: no end-of-archive blocks, every member still read.
     with tarfile.open(tmp_path / "pax.tar") as tar:
-        end = tar.getmembers()[-1].offset_data + 512 * -(-tar.getmembers()[-1].size // 512)
+        end = tar.getmembers()[-1].offset_data + tar.getmembers()[-1].size  # not even padded to its block
     (tmp_path / "no-end.tar").write_bytes((tmp_path / "pax.tar").read_bytes()[:end])
     assert open_shard(tmp_path / "no-end.tar", SHAPE).keys == ("d/k",)
 
