@@ -475,3 +475,11 @@ def test_a_workers_error_has_stopped_the_loaders_workers_by_the_time_it_reaches_
         for _ in range(4):
             next(stream)
     assert caught.value.__traceback__ is not None and children() - before == set()
+
+
+def test_latents_of_one_sample_open_and_latents_of_none_are_one_line(tmp_path):
+    assert open_latents(make_latents(tmp_path / "one", num_samples=1, num_shards=1).path).shard_counts == (1,)
+    empty = make_latents(tmp_path / "none", num_samples=0, num_shards=1)
+    with pytest.raises(ArtifactError) as error:
+        open_latents(empty.path)
+    assert str(error.value) == f"{empty.path}: the latents artifact holds no samples"
