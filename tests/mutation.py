@@ -34,8 +34,9 @@ def verdicts(prefixes: tuple[str, ...]) -> dict[str, dict[str, int | None]]:
     for meta in sorted(MUTANTS.rglob("*.py.meta")):
         module = ".".join(meta.relative_to(MUTANTS).with_suffix("").with_suffix("").parts)
         codes = json.loads(meta.read_text())["exit_code_by_key"]
-        if codes and module.startswith(tuple(prefix.rstrip(".") for prefix in prefixes)):
-            found[module] = {name: code for name, code in codes.items() if name.startswith(prefixes)}
+        mine = {name: code for name, code in codes.items() if name.startswith(prefixes)}
+        if mine:
+            found[module] = mine
     return found
 
 
@@ -92,7 +93,7 @@ def pending(prefixes: tuple[str, ...]) -> list[str]:
 
 def table(prefixes: tuple[str, ...]) -> str:
     rows = ["| Module | Mutants | Killed (timeouts, crashes) | Survived | Equivalent | Untested | Score |", "|---|---|---|---|---|---|---|"]
-    left = []
+    left, untested = [], 0
     for module, codes in verdicts(prefixes).items():
         outcome = classify(module, codes)
         count = Counter(outcome.values())
@@ -101,10 +102,10 @@ def table(prefixes: tuple[str, ...]) -> str:
         score = killed / max(len(outcome) - equivalent, 1)
         rows.append(f"| `{module.replace('.', '/')}.py` | {len(outcome)} | {killed} ({count['timeout']}) | {others} | "
                     f"{equivalent} | {count['untested']} | {100 * score:.1f}% |")
+        untested += count["untested"]
         hashes = mutant_hashes(module)
         left += [f"{status:9} {name} {hashes.get(name, '-')}" for name, status in outcome.items()
                  if status not in ("killed", "timeout", "equivalent", "untested")]
-    untested = sum(row.split("|")[6].strip() != "0" for row in rows[2:])
     note = ["untested mutants left: functions edited since mutmut last generated them get new mutants when it starts,",
             "after the list to test was made; run the recipe again to test them", ""] if untested else []
     return "\n".join(rows + [""] + note + (left or ["no surviving mutants"]))
