@@ -115,12 +115,12 @@ def npy(array) -> bytes:
     return buffer.getvalue()
 
 
-def tar_of(path, members, pax=None) -> str:
+def tar_of(path, members, pax=None, format=tarfile.PAX_FORMAT) -> str:
     """A tar of (name, bytes) members as GNU/pax tools write them; `pax` adds records to every header (a dict, or
     a function of the member's name giving one)."""
     import io
 
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(path, "w", format=format) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -286,12 +286,7 @@ def test_tars_of_other_writers_are_read_by_their_full_names_and_sizes(tmp_path):
     short_prefix = "q/" + "k" * 88  # k.moments.npy: a prefix of one letter
     members = [(f"{key}.{suffix}", data) for key in (long_key, full_key, short_prefix)
                for suffix, data in (("cls", b"4"), ("moments.npy", npy(moments())))]
-    with tarfile.open(tmp_path / "ustar.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    index = open_shard(tmp_path / "ustar.tar", SHAPE)
+    index = open_shard(tar_of(tmp_path / "ustar.tar", members, format=tarfile.USTAR_FORMAT), SHAPE)
     assert index.keys == (long_key, full_key, short_prefix) and index.labels.tolist() == [4, 4, 4]
 
     # A size only in a pax record (as for members past 8 GiB) and a folder entry whose size field is left blank.
