@@ -198,6 +198,38 @@ def test_ddpm_schedule_of_dit_is_the_vp_interpolant_at_the_mapped_time():
     assert ((vp.sigma(t) ** 2 / (1 - alphas_cumprod)) - 1).abs().max() < 0.1
 
 
+def test_ddpm_schedule_is_dits_linear_betas_in_float64():
+    """alpha_bar_k = prod_{i <= k} (1 - beta_i), beta linear from 1e-4 to 0.02 over 1000 steps, in exact float64."""
+    from model.network import ddpm_alphas_cumprod
+
+    expected, product = [], 1.0
+    for i in range(1000):
+        product *= 1 - (1e-4 + i * (0.02 - 1e-4) / 999)
+        expected.append(product)
+    alphas_cumprod = ddpm_alphas_cumprod()
+    assert alphas_cumprod.dtype == torch.float64
+    torch.testing.assert_close(alphas_cumprod, torch.tensor(expected, dtype=torch.float64), atol=1e-14, rtol=0)
+
+
+def test_qk_head_norm_is_rms_norm_with_eps_1e_6_and_keeps_bf16_fused():
+    """x / sqrt(mean(x^2) + 1e-6) * gain: on a small constant input the eps term dominates (0.0995, not ~1); in
+    bf16 the gain is cast so torch's fused kernel runs (a dtype mismatch falls back with a warning)."""
+    import warnings
+
+    from model.network import attention_layer
+
+    norm = attention_layer(hidden_size=8, num_heads=2, qk_norm=True).q_norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    out = norm(torch.full((1, 4), 1e-4))
+    expected = 1e-4 / math.sqrt(1e-8 + 1e-6) * torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        half = norm(torch.randn(3, 4).bfloat16())
+    assert half.dtype == torch.bfloat16
+
+
 def test_discrete_time_input_feeds_step_indices():
     from model.network import DiscreteTimeInput
 
@@ -205,9 +237,11 @@ def test_discrete_time_input_feeds_step_indices():
 
     class Recorder(torch.nn.Module):
         def forward(self, x, t, y):
-            seen.append(t)
+            seen.append((x, t, y))
             return x
 
     wrapped = DiscreteTimeInput(Recorder())
-    wrapped(torch.zeros(3, 1), torch.tensor([1.0, 0.5, 0.001]), torch.zeros(3, dtype=torch.long))
-    assert torch.allclose(seen[0], torch.tensor([0.0, 499.0, 998.0]))
+    x, y = torch.randn(3, 1), torch.tensor([4, 0, 7])
+    out = wrapped(x, torch.tensor([1.0, 0.5, 0.001]), y)
+    assert torch.allclose(seen[0][1], torch.tensor([0.0, 499.0, 998.0]))
+    assert seen[0][0] is x and seen[0][2] is y and out is x  # the input and labels pass through untouched

@@ -101,6 +101,22 @@ def test_dopri5_tolerance_controls_error_and_reports_evaluations():
     assert (loose["nfe"] - 1) % 6 == 0  # one first evaluation, then 6 per trial step (FSAL)
 
 
+@pytest.mark.parametrize("method", ("euler", "heun", "dopri5"))
+def test_a_float32_state_stays_float32_in_every_evaluation(method):
+    """Times are kept in float64 between steps, but the network sees x and t in the state's dtype (bf16/fp32 nets
+    on GPU); dx/dt = -x lands at x0 e^-1."""
+    seen = []
+
+    def decay(x, t):
+        seen.append((x.dtype, t.dtype))
+        return -x
+
+    x0 = noise(8).float()
+    x1 = sample_ode(decay, x0, method=method, steps=200)
+    assert x1.dtype == torch.float32 and set(seen) == {(torch.float32, torch.float32)}
+    torch.testing.assert_close(x1, x0 * math.exp(-1), atol=1e-2, rtol=0)
+
+
 @pytest.mark.parametrize("method, tol", [("heun", 5e-4), ("dopri5", 1e-4)])
 def test_reverse_ode_maps_data_to_its_noise(method, tol):
     interp = interpolant("linear")
@@ -300,6 +316,43 @@ def test_guidance_interval_and_unit_scale_give_conditional_velocity():
     assert net.batches == [8, 4]  # scale 1 skips the unconditional half
 
 
+def class_velocity(net: ClassGaussians, x, t, y):
+    """Each sample's velocity under its own class (the conditional velocity), from the closed form."""
+    return torch.stack([net.classes[k].velocity(net.interp, x[i:i + 1], t[i:i + 1])[0] for i, k in enumerate(y.tolist())])
+
+
+@pytest.mark.parametrize("interval", ((0.0, 0.5), (0.5, 1.0), (0.2, 0.4)))
+def test_guidance_with_no_sample_inside_a_partial_interval_runs_only_the_conditional_half(interval):
+    """A noise-predicting net: the skipped path still converts the prediction at (x, t) to a velocity."""
+    interp = interpolant("linear")
+    net = ClassGaussians(interp, "noise")
+    x, y = noise(3), torch.tensor([0, 1, 0])
+    outside = [t for t in (0.1, 0.15, 0.45, 0.6, 0.7, 0.9) if not interval[0] <= t <= interval[1]][:3]
+    t = torch.tensor(outside, dtype=torch.float64)
+    guided = GuidedVelocity(net, y, interp=interp, pred="noise", cfg_scale=3.0, null_class=2, interval=interval)(x, t)
+    assert net.batches == [3]
+    torch.testing.assert_close(guided, class_velocity(net, x, t, y))
+
+
+def test_guidance_interval_includes_both_ends():
+    interp = interpolant("linear")
+    net = ClassGaussians(interp, "velocity")
+    x, y = noise(2), torch.tensor([0, 1])
+    t = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    guided = GuidedVelocity(net, y, interp=interp, pred="velocity", cfg_scale=3.0, null_class=2, interval=(0.25, 0.75))(x, t)
+    v_cond, v_uncond = class_velocity(net, x, t, y), MIXTURE.velocity(interp, x, t)
+    torch.testing.assert_close(guided, v_uncond + 3.0 * (v_cond - v_uncond))
+
+
+def test_unit_guidance_scale_converts_a_noise_prediction_to_the_conditional_velocity():
+    interp = interpolant("gvp")
+    net = ClassGaussians(interp, "noise")
+    x, y, t = noise(3), torch.tensor([1, 0, 1]), torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    unit = GuidedVelocity(net, y, interp=interp, pred="noise", cfg_scale=1.0, null_class=2)(x, t)
+    assert net.batches == [3]
+    torch.testing.assert_close(unit, class_velocity(net, x, t, y))
+
+
 @pytest.mark.parametrize("sampler", ("ode", "sde"))
 def test_guided_sit_sample_does_not_depend_on_its_batch(sampler):
     """End to end with the real network: 4 samples at once equal the same 4 drawn as 2 + 2."""
@@ -355,3 +408,48 @@ def test_hutchinson_likelihood_is_unbiased_and_batch_independent():
     assert abs(difference.mean()) < 4 * difference.std() / math.sqrt(1000)
     part, _ = log_likelihood(velocity, x1[10:13], method="heun", steps=40, generator=per_sample_generators(3, range(10, 13)))
     torch.testing.assert_close(part, estimate[10:13], atol=1e-10, rtol=0)
+
+
+def test_unknown_divergence_is_a_user_error_that_names_the_choices():
+    with pytest.raises(SitctlError) as error:
+        log_likelihood(ExactVelocity(DATA, interpolant("linear")), DATA.sample(2, torch.Generator().manual_seed(0)),
+                       divergence="trace")
+    assert str(error.value) == "unknown divergence 'trace'; choose one of hutchinson, exact"
+
+
+@pytest.mark.parametrize("settings", ({"method": "euler"}, {"method": "euler", "steps": 7, "sample_eps": 0.05},
+                                      {"method": "heun", "steps": 3, "sample_eps": 0.1}))
+def test_likelihood_noise_is_the_reverse_ode_path_with_the_same_solver_settings(settings):
+    """Fixed-step solvers: the x part of the augmented state follows sample_ode(reverse=True) exactly,
+    over the same grid (the same default steps) and with the same number of evaluations."""
+    velocity = ExactVelocity(DATA, interpolant("linear"))
+    x1 = DATA.sample(5, torch.Generator().manual_seed(2))
+    stats, reverse_stats = {}, {}
+    _, x0 = log_likelihood(velocity, x1, divergence="exact", stats=stats, **settings)
+    expected = sample_ode(velocity, x1, reverse=True, stats=reverse_stats, **settings)
+    torch.testing.assert_close(x0, expected, atol=1e-12, rtol=0)
+    assert stats["nfe"] == reverse_stats["nfe"] > 0
+
+
+def test_likelihood_default_solver_tolerances_reach_the_closed_form_density():
+    """dopri5 at the default atol 1e-6, rtol 1e-3: within 2e-3 nats of the closed form on this Gaussian."""
+    interp = interpolant("linear")
+    x1 = DATA.sample(50, torch.Generator().manual_seed(8))
+    log_p, _ = log_likelihood(ExactVelocity(DATA, interp), x1, divergence="exact")
+    torch.testing.assert_close(log_p, DATA.log_density(x1), atol=2e-3, rtol=0)
+
+
+def test_likelihood_absolute_tolerance_reaches_the_solver():
+    """At a tight rtol the step size is set by atol: a looser atol takes fewer evaluations."""
+    velocity = ExactVelocity(DATA, interpolant("linear"))
+    x1 = DATA.sample(5, torch.Generator().manual_seed(3))
+    loose, tight = {}, {}
+    log_likelihood(velocity, x1, divergence="exact", atol=1e-2, rtol=1e-12, stats=loose)
+    log_likelihood(velocity, x1, divergence="exact", atol=1e-8, rtol=1e-12, stats=tight)
+    assert loose["nfe"] < tight["nfe"]
+
+
+def test_bits_per_dim_of_a_single_sample():
+    """D is one sample's size (here 2 * 3 * 4), read from the one sample there is."""
+    log_p = torch.tensor([-24 * math.log(2) * 1.5])
+    torch.testing.assert_close(bits_per_dim(log_p, torch.zeros(1, 2, 3, 4)), torch.tensor([1.5]))

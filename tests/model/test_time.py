@@ -24,6 +24,16 @@ def test_logit_normal_times_follow_their_distribution(mean, std):
     assert abs(float(torch.logit(torch.from_numpy(t)).mean()) + mean) < 0.05  # the sign of SD3's mean, converted
 
 
+def test_logit_normal_quantile_is_increasing_and_sends_phi_of_one_to_sigmoid_of_std_minus_mean():
+    """A quantile function: monotone in u (the loader's per-sample uniforms keep their order) and Q(Phi(z)) =
+    sigmoid(-mean + std z)."""
+    time = LogitNormalTime(mean=0.5, std=1.5)
+    u = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    assert bool((time.quantile(u).diff() > 0).all())
+    phi_one = torch.tensor([stats.norm.cdf(1.0)], dtype=torch.float64)
+    torch.testing.assert_close(time.quantile(phi_one), torch.sigmoid(torch.tensor([-0.5 + 1.5], dtype=torch.float64)))
+
+
 def test_a_positive_mean_favours_the_noisy_end_as_in_sd3():
     u = torch.rand(5000, generator=torch.Generator().manual_seed(2))
     t = times_from_uniform(u, train_eps=0.0, distribution=LogitNormalTime(mean=1.0, std=1.0))
