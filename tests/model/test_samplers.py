@@ -23,6 +23,7 @@ from model.network import SiT
 from model.samplers import (
     DIFFUSIONS,
     diffusion_coefficient,
+    integrate_ode,
     per_sample_generators,
     randn_per_sample,
     sample_ode,
@@ -136,6 +137,99 @@ def test_dopri5_sample_does_not_depend_on_its_batch():
     torch.testing.assert_close(whole, halves, atol=1e-12, rtol=0)
 
 
+# Dormand-Prince 5(4), typed from Hairer, Norsett & Wanner I, Table II.5.2 (not imported from model/samplers.py).
+DP_C = (0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1)
+DP_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+        (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+DP_B4 = (5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+
+def reference_dopri5(f, x, t0, t1, atol, rtol):
+    """Hairer's step control on plain Python floats: the times of every evaluation, the end state, the rejections.
+
+    First step 0.01 ||x0|| / ||f(x0)|| in the norm sqrt(mean((v_i / (atol + rtol |x_i|))^2)), within [1e-6, |t1 - t0|];
+    a step is accepted when the error norm (scale atol + rtol max(|x_i|, |x_new_i|)) is at most 1; the next step is
+    h * min(10, max(0.2, 0.9 err^-1/5)); the last step is cut to land on t1.
+    """
+    def norm(v, scale):
+        return math.sqrt(sum((a / b) ** 2 for a, b in zip(v, scale)) / len(v))
+
+    times, direction, t, span, rejected = [t0], 1.0 if t1 >= t0 else -1.0, t0, abs(t1 - t0), 0
+    k1 = f(x, t0)
+    scale = [atol + rtol * abs(a) for a in x]
+    h = min(max(0.01 * norm(x, scale) / max(norm(k1, scale), 1e-10), 1e-6), span)
+    while (t1 - t) * direction > 1e-9 * span:
+        h = min(h, (t1 - t) * direction)
+        stages = [k1]
+        for c, row in zip(DP_C[1:], DP_A[1:]):
+            point = [a + direction * h * sum(w * k[i] for w, k in zip(row, stages)) for i, a in enumerate(x)]
+            times.append(t + direction * c * h)
+            stages.append(f(point, t + direction * c * h))
+        error = [h * sum((b5 - b4) * k[i] for b5, b4, k in zip((*DP_A[6], 0), DP_B4, stages)) for i in range(len(x))]
+        ratio = norm(error, [atol + rtol * max(abs(a), abs(b)) for a, b in zip(x, point)])
+        if ratio <= 1:
+            x, t, k1 = point, t + direction * h, stages[-1]
+        else:
+            rejected += 1
+        h *= min(10.0, max(0.2, 0.9 * max(ratio, 1e-10) ** -0.2))
+    return times, x, rejected
+
+
+def oscillator(x, t):  # a damped oscillator pulled by cos(4t), and a slow decay: components of different scales
+    return [x[1], -9 * x[0] - 0.5 * x[1] + 3 * math.cos(4 * t), -0.3 * x[2]]
+
+
+def burst(x, t):  # no slope at t = 0: the first trial step is the whole span, and fails by a factor past 0.2
+    return [1e3 * math.sin(20 * t)]
+
+
+def climb(x, t):  # a slope so steep that the first guess (1e-7) is below the smallest first step
+    return [1e5]
+
+
+# (problem, start, t0, t1, atol, rtol, rejections at least); start times not exact in float32
+DOPRI5_CASES = [(oscillator, [1.0, 0.0, 40.0], 0.1, 2.0, 1e-6, 1e-3, 1), (oscillator, [1.0, 0.0, 40.0], 1.3, 0.25, 1e-8, 1e-5, 0),
+                (oscillator, [1.0, 0.0, 40.0], 0.0, 1.0, 1e-2, 1e-1, 0), (burst, [1.0], 0.0, 1.0, 1e-6, 1e-6, 10),
+                (climb, [1.0], 0.0, 1.0, 1e-6, 1e-3, 0)]
+
+
+@pytest.mark.parametrize("f, start, t0, t1, atol, rtol, rejections", DOPRI5_CASES,
+                         ids=("oscillator", "backwards", "loose", "burst", "climb"))
+def test_dopri5_takes_hairers_steps(f, start, t0, t1, atol, rtol, rejections):
+    """Every evaluation time and the end state equal an independent scalar implementation of the documented
+    controller."""
+    seen = []
+
+    def drift(x, t):
+        seen.extend(t.tolist())
+        return torch.tensor([f(row, float(time)) for row, time in zip(x.tolist(), t)], dtype=x.dtype)
+
+    times, end, rejected = reference_dopri5(f, start, t0, t1, atol, rtol)
+    stats = {}
+    x = integrate_ode(drift, torch.tensor([start], dtype=torch.float64), t0, t1, method="dopri5", atol=atol, rtol=rtol,
+                      stats=stats)
+    assert stats["nfe"] == len(seen) == len(times) > 13 and rejected >= rejections
+    torch.testing.assert_close(torch.tensor(seen), torch.tensor(times), atol=1e-12, rtol=0)
+    torch.testing.assert_close(x[0], torch.tensor(end, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_dopri5_that_cannot_arrive_is_a_user_error_naming_its_settings():
+    with pytest.raises(SitctlError) as error:
+        integrate_ode(lambda x, t: x * float("nan"), noise(2), 0.0, 1.0, method="dopri5", atol=1e-5, rtol=1e-4)
+    assert str(error.value) == ("dopri5 did not reach t = 1.0 in 10000 steps; atol=1e-05, rtol=0.0001 may be too tight "
+                                "for the precision of the velocity")
+
+
+@pytest.mark.parametrize("method, per_step", [("euler", 1), ("heun", 2)])
+def test_fixed_step_solvers_report_their_evaluations(method, per_step):
+    calls = []
+    stats = {"nfe": 5}  # counts add up over calls
+    sample_ode(lambda x, t: calls.append(1) or -x, noise(3), method=method, steps=7, stats=stats)
+    assert stats == {"nfe": 5 + 7 * per_step} and len(calls) == 7 * per_step
+
+
 # ---------------------------------------------------------------------------------------------
 # SDE
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +302,28 @@ def test_sde_sample_does_not_depend_on_its_batch(method):
         start = randn_per_sample(gens, (2, 2), dtype=torch.float64)
         halves.append(sample_sde(velocity, start, interp=interpolant("linear"), method=method, steps=30, generator=gens))
     torch.testing.assert_close(whole, torch.cat(halves), atol=1e-12, rtol=0)
+
+
+def test_per_sample_seeds_are_seedsequence_of_seed_and_index_cut_to_63_bits():
+    """The seed of sample i is fixed forever (a samples store resumed by a later version draws the same noise)."""
+    import numpy as np
+
+    for seed, index in ((0, 0), (0, 1), (7, 123), (2**40, 49_999)):
+        word = int(np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)[0])
+        assert per_sample_generators(seed, [index])[0].initial_seed() == word % 2**63
+    seeds = {g.initial_seed() for g in per_sample_generators(0, range(64))}
+    assert len(seeds) == 64 and max(seeds) > 2**62  # all 63 bits are used, none beyond
+
+
+def test_per_sample_noise_is_each_generators_own_draw_in_the_asked_dtype():
+    generators = per_sample_generators(3, [0, 1])
+    x = randn_per_sample(generators, (2, 3, 2), dtype=torch.float64)
+    assert x.dtype == torch.float64
+    for row, g in zip(x, per_sample_generators(3, [0, 1])):
+        torch.testing.assert_close(row, torch.randn(3, 2, generator=g, dtype=torch.float64), atol=0, rtol=0)
+    with pytest.raises(ValueError) as error:
+        randn_per_sample(generators, (3, 2))
+    assert str(error.value) == "shape (3, 2) has 3 rows but 2 generators were given"
 
 
 def test_per_sample_generators_depend_on_seed_and_index_only():
