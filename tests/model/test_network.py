@@ -133,6 +133,17 @@ def test_own_state_dict_round_trips_through_compile_and_ddp_prefixes():
     assert torch.equal(net(x, t, y), source(x, t, y))
 
 
+def test_a_sit_training_checkpoint_loads_its_ema_weights():
+    """SiT's train.py saves {"model", "ema", "opt", "args"}; sampling uses the EMA, not the raw model."""
+    config = tiny()
+    ema, raw = randomised(SiT(config), seed=1), randomised(SiT(config), seed=2)
+    checkpoint = {"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {"state": {}}, "args": None}
+    net = SiT(config)
+    load_state_dict_checked(net, checkpoint, "SiT-T/2")
+    x, t, y = inputs(config)
+    assert torch.equal(net(x, t, y), ema(x, t, y))
+
+
 def test_wrong_shape_names_model_key_and_both_shapes():
     state_dict = SiT(tiny(num_classes=7)).state_dict()
     with pytest.raises(CheckpointMismatchError) as error:

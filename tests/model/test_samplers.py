@@ -28,7 +28,9 @@ from model.samplers import (
     randn_per_sample,
     sample_ode,
     sample_sde,
+    sde_drift,
     sde_last_step,
+    time_grid,
 )
 from sitctl.errors import SitctlError
 from tests.model.gaussian import ExactVelocity, GaussianMixture
@@ -302,6 +304,73 @@ def test_sde_sample_does_not_depend_on_its_batch(method):
         start = randn_per_sample(gens, (2, 2), dtype=torch.float64)
         halves.append(sample_sde(velocity, start, interp=interpolant("linear"), method=method, steps=30, generator=gens))
     torch.testing.assert_close(whole, torch.cat(halves), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method", ("euler", "heun"))
+def test_one_sde_step_adds_plus_sqrt_2_w_dt_times_the_samples_own_noise(method):
+    """x_hat = x + sqrt(2 w_t dt) z with z the sample's own draw (the sign fixes which image a seed gives), then the
+    drift v + w_t s: an Euler step from x_hat (euler uses the drift at x), or Heun's average (heun)."""
+    interp = interpolant("linear")
+    velocity = ExactVelocity(DATA, interp)
+    x0 = noise(3, seed=4)
+    t0, t1 = 0.2, 0.8  # sample_eps 0.2: one step from 0.2 to 1 - 0.2
+    z = randn_per_sample(per_sample_generators(9, range(3)), (3, 2), dtype=torch.float64)
+    x = sample_sde(velocity, x0, interp=interp, method=method, steps=1, diffusion="constant", w=0.7, last_step="none",
+                   sample_eps=0.2, generator=per_sample_generators(9, range(3)))
+    full = lambda value: torch.full((3,), value, dtype=torch.float64)  # noqa: E731
+    w_start, w_end = diffusion_coefficient("constant", interp, full(t0), 0.7), diffusion_coefficient("constant", interp, full(t1), 0.7)
+    jump = (2 * w_start[:, None] * (t1 - t0)).sqrt() * z
+    if method == "euler":
+        expected = x0 + (t1 - t0) * sde_drift(velocity, interp, x0, full(t0), w_start) + jump
+    else:
+        d_start = sde_drift(velocity, interp, x0 + jump, full(t0), w_start)
+        d_end = sde_drift(velocity, interp, x0 + jump + (t1 - t0) * d_start, full(t1), w_end)
+        expected = x0 + jump + (t1 - t0) * 0.5 * (d_start + d_end)
+    torch.testing.assert_close(x, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method, per_step", [("euler", 1), ("heun", 2)])
+@pytest.mark.parametrize("last_step", ("none", "mean"))
+def test_sde_solvers_report_their_evaluations(method, per_step, last_step):
+    calls, stats = [], {}
+    interp = interpolant("linear")
+
+    def velocity(x, t):
+        calls.append(1)
+        return ExactVelocity(DATA, interp)(x, t)
+
+    sample_sde(velocity, noise(3), interp=interp, method=method, steps=5, last_step=last_step, sample_eps=0.05,
+               generator=per_sample_generators(0, range(3)), stats=stats)
+    solver_steps = 5 if last_step == "none" else 4
+    assert stats == {"nfe": len(calls)} and len(calls) == solver_steps * per_step + (last_step != "none")
+
+
+def test_sample_ode_defaults_to_50_heun_steps_on_the_uniform_grid():
+    times, stats = [], {}
+
+    def velocity(x, t):
+        times.append(float(t[0]))
+        return -x
+
+    sample_ode(velocity, noise(2), stats=stats)
+    grid = [i / 50 for i in range(51)]
+    assert stats == {"nfe": 100}
+    assert times == pytest.approx([time for a, b in zip(grid, grid[1:]) for time in (a, b)], abs=1e-12)
+
+
+def test_sample_ode_dopri5_defaults_to_atol_1e_6_and_rtol_1e_3():
+    velocity, x0 = ExactVelocity(DATA, interpolant("gvp")), noise(50)
+    default, explicit = {}, {}
+    x = sample_ode(velocity, x0, method="dopri5", stats=default)
+    torch.testing.assert_close(x, sample_ode(velocity, x0, method="dopri5", atol=1e-6, rtol=1e-3, stats=explicit), atol=0, rtol=0)
+    assert default == explicit
+
+
+def test_sample_ode_passes_its_shift_to_the_grid():
+    times = []
+    sample_ode(lambda x, t: times.append(float(t[0])) or -x, noise(2), method="euler", steps=4, shift=3.0)
+    assert times == pytest.approx(time_grid(0.0, 1.0, 4, 3.0)[:-1], abs=1e-12)
+    assert times != pytest.approx([0.0, 0.25, 0.5, 0.75])
 
 
 def test_per_sample_seeds_are_seedsequence_of_seed_and_index_cut_to_63_bits():
