@@ -426,6 +426,35 @@ def test_tweedie_last_step_is_posterior_mean():
     torch.testing.assert_close(out, MIXTURE.posterior_means(interp, x_t, t)[0])
 
 
+@pytest.mark.parametrize("kind", ("mean", "euler"))
+def test_mean_and_euler_last_steps_jump_to_one_along_the_sde_drift_or_the_velocity(kind):
+    interp = interpolant("gvp")  # on the linear path an Euler jump to 1 is exactly Tweedie's posterior mean
+    velocity, x, t = ExactVelocity(MIXTURE, interp), noise(4), 0.9
+    time = torch.full((4,), t, dtype=torch.float64)
+    out = sde_last_step(velocity, x, t, interp=interp, kind=kind, diffusion="sigma", w=0.5)
+    w_t = diffusion_coefficient("sigma", interp, time, 0.5)
+    slope = sde_drift(velocity, interp, x, time, w_t) if kind == "mean" else velocity(x, time)
+    torch.testing.assert_close(out, x + 0.1 * slope, atol=1e-12, rtol=0)
+    assert not torch.allclose(sde_drift(velocity, interp, x, time, w_t), velocity(x, time))  # the two differ here
+
+
+def test_sample_sde_defaults_to_250_steps_w_1_sigma_diffusion_and_the_mean_last_step():
+    interp = interpolant("linear")
+    velocity = ExactVelocity(DATA, interp)
+    default, explicit = {}, {}
+    x = sample_sde(velocity, noise(3), interp=interp, generator=per_sample_generators(1, range(3)), stats=default)
+    same = sample_sde(velocity, noise(3), interp=interp, method="euler", steps=250, diffusion="sigma", w=1.0,
+                      last_step="mean", last_step_size=0.04, generator=per_sample_generators(1, range(3)), stats=explicit)
+    torch.testing.assert_close(x, same, atol=0, rtol=0)
+    assert default == explicit == {"nfe": 250}
+
+
+def test_fewer_than_one_ode_step_is_a_user_error():
+    with pytest.raises(SitctlError) as error:
+        sample_ode(ExactVelocity(DATA, interpolant("linear")), noise(2), method="euler", steps=0)
+    assert str(error.value) == "steps must be at least 1, got 0"
+
+
 @pytest.mark.parametrize("options, message", [
     ({"method": "rk4"}, "unknown SDE method"),
     ({"diffusion": "increasing_decreasing"}, "unknown diffusion form"),
