@@ -449,6 +449,25 @@ def test_sample_sde_defaults_to_250_steps_w_1_sigma_diffusion_and_the_mean_last_
     assert default == explicit == {"nfe": 250}
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"steps": 0, "last_step": "none"}, "steps must be at least 1, got 0"),
+    ({"steps": 1, "last_step": "mean"}, "steps must be at least 2, got 1"),
+    ({"last_step_size": 0.9, "sample_eps": 0.1}, "last_step_size must lie in (0, 0.9), got 0.9"),
+    ({"last_step_size": 0.95, "sample_eps": 0.1}, "last_step_size must lie in (0, 0.9), got 0.95"),
+])
+def test_sde_step_counts_and_last_step_sizes_at_their_bounds(options, message):
+    """One step is enough without a last step and two with one; a last step may not reach back to the start. The
+    same options one notch inside the bounds sample."""
+    velocity, interp = ExactVelocity(DATA, interpolant("linear")), interpolant("linear")
+    with pytest.raises(SitctlError) as error:
+        sample_sde(velocity, noise(2), interp=interp, **options)
+    assert str(error.value) == message
+    inside = options | ({"steps": options["steps"] + 1} if "steps" in options else {"last_step_size": 0.85})
+    assert torch.isfinite(sample_sde(velocity, noise(2), interp=interp, **inside)).all()
+    if "steps" not in options:  # without a last step its size is not looked at
+        assert torch.isfinite(sample_sde(velocity, noise(2), interp=interp, last_step="none", **options)).all()
+
+
 def test_fewer_than_one_ode_step_is_a_user_error():
     with pytest.raises(SitctlError) as error:
         sample_ode(ExactVelocity(DATA, interpolant("linear")), noise(2), method="euler", steps=0)
