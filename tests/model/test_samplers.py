@@ -104,8 +104,9 @@ def test_dopri5_tolerance_controls_error_and_reports_evaluations():
     assert (loose["nfe"] - 1) % 6 == 0  # one first evaluation, then 6 per trial step (FSAL)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
 @pytest.mark.parametrize("method", ("euler", "heun", "dopri5"))
-def test_a_float32_state_stays_float32_in_every_evaluation(method):
+def test_the_state_keeps_its_dtype_in_every_evaluation(method, dtype):
     """Times are kept in float64 between steps, but the network sees x and t in the state's dtype (bf16/fp32 nets
     on GPU); dx/dt = -x lands at x0 e^-1."""
     seen = []
@@ -114,9 +115,9 @@ def test_a_float32_state_stays_float32_in_every_evaluation(method):
         seen.append((x.dtype, t.dtype))
         return -x
 
-    x0 = noise(8).float()
+    x0 = noise(8).to(dtype)
     x1 = sample_ode(decay, x0, method=method, steps=200)
-    assert x1.dtype == torch.float32 and set(seen) == {(torch.float32, torch.float32)}
+    assert x1.dtype == dtype and set(seen) == {(dtype, dtype)}
     torch.testing.assert_close(x1, x0 * math.exp(-1), atol=1e-2, rtol=0)
 
 
@@ -468,6 +469,42 @@ def test_sde_step_counts_and_last_step_sizes_at_their_bounds(options, message):
         assert torch.isfinite(sample_sde(velocity, noise(2), interp=interp, last_step="none", **options)).all()
 
 
+def test_sde_solver_steps_follow_the_shifted_grid_and_the_last_step_starts_at_one_minus_its_size():
+    times = []
+    interp = interpolant("linear")
+
+    def velocity(x, t):
+        times.append(float(t[0]))
+        return ExactVelocity(DATA, interp)(x, t)
+
+    sample_sde(velocity, noise(2), interp=interp, steps=5, shift=3.0, last_step="euler", last_step_size=0.1,
+               generator=per_sample_generators(0, range(2)))
+    assert times == pytest.approx(time_grid(0.0, 0.9, 4, 3.0), abs=1e-12)  # 4 solver steps, then the jump from 0.9
+    times.clear()
+    sample_sde(velocity, noise(2), interp=interp, steps=4, shift=3.0, last_step="none", sample_eps=0.05,
+               generator=per_sample_generators(0, range(2)))
+    assert times == pytest.approx(time_grid(0.05, 0.95, 4, 3.0)[:-1], abs=1e-12)
+
+
+@pytest.mark.parametrize("make", (lambda: None, lambda: torch.Generator().manual_seed(3)), ids=("global", "one"))
+def test_sde_noise_comes_from_the_given_generator_or_the_global_one(make):
+    """None draws from torch's global generator; one generator draws the whole batch and ignores the global one."""
+    interp = interpolant("linear")
+
+    def draw(global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        return sample_sde(ExactVelocity(DATA, interp), noise(3), interp=interp, steps=3, generator=make())
+
+    assert torch.equal(draw(0), draw(0))
+    assert torch.equal(draw(0), draw(1)) == (make() is not None)
+
+
+def test_an_unknown_diffusion_form_is_a_user_error_naming_the_forms():
+    with pytest.raises(SitctlError) as error:
+        diffusion_coefficient("cosine", interpolant("linear"), torch.tensor([0.5]), 1.0)
+    assert str(error.value) == f"unknown diffusion form 'cosine'; choose one of {', '.join(DIFFUSIONS)}"
+
+
 def test_fewer_than_one_ode_step_is_a_user_error():
     with pytest.raises(SitctlError) as error:
         sample_ode(ExactVelocity(DATA, interpolant("linear")), noise(2), method="euler", steps=0)
@@ -481,6 +518,7 @@ def test_fewer_than_one_ode_step_is_a_user_error():
     ({"w": -1.0}, "w must be >= 0"),
     ({"last_step_size": 0.0}, "last_step_size"),
     ({"method": "heun", "diffusion": "constant", "last_step": "none"}, "needs a last step"),
+    ({"method": "heun", "diffusion": "SBDM", "last_step": "none"}, "needs a last step"),
 ])
 def test_bad_sde_options_are_user_errors(options, message):
     with pytest.raises(SitctlError, match=message):
