@@ -162,3 +162,43 @@ def test_drawn_t_and_noise_follow_the_generator():
     assert torch.isfinite(first).all()
 
 
+
+
+@pytest.mark.parametrize("name, pred, discrete_steps", [("linear", "velocity", None), ("vp", "noise", None), ("gvp", "score", 5)])
+def test_drawn_times_are_sample_times_at_the_default_train_eps_then_the_noise(name, pred, discrete_steps):
+    """With t and x0 left out, one generator draws t first (sample_times at interp.default_eps(pred)[0], on the
+    discrete grid if asked) and then x0; the net sees t in x1's dtype."""
+    interp, seen = interpolant(name), []
+    x1, _, _, y = fixed_batch(n=16)
+
+    def net(x, t, y):
+        seen.append(t)
+        return some_net(x, t, y)
+
+    training_loss(net, x1, y, interp=interp, pred=pred, discrete_steps=discrete_steps,
+                  generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    t = sample_times(16, train_eps=interp.default_eps(pred)[0], discrete_steps=discrete_steps, generator=generator)
+    assert seen[0].dtype == torch.float64
+    torch.testing.assert_close(seen[0], t.double(), atol=0, rtol=0)
+    if discrete_steps is not None:
+        assert len(set(seen[0].tolist())) <= discrete_steps
+
+
+def test_drawn_t_and_noise_without_a_generator_come_from_torchs_global_one():
+    x1, _, _, y = fixed_batch()
+
+    def loss(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return training_loss(some_net, x1, y, interp=interpolant("linear"), pred="velocity")
+
+    torch.testing.assert_close(loss(0), loss(0), atol=0, rtol=0)
+    assert not torch.allclose(loss(0), loss(1))
+
+
+def test_two_discrete_steps_are_the_two_ends_and_one_is_a_user_error():
+    u = torch.tensor([0.0, 0.3, 0.6, 0.99])
+    assert times_from_uniform(u, train_eps=0.1, discrete_steps=2).tolist() == pytest.approx([0.1, 0.1, 0.9, 0.9])
+    with pytest.raises(SitctlError) as error:
+        times_from_uniform(u, train_eps=0.1, discrete_steps=1)
+    assert str(error.value) == "discrete_steps must be at least 2, got 1"

@@ -60,3 +60,12 @@ def test_shifted_grids_are_monotone_hit_both_ends_and_crowd_the_noise_end(t0, t1
 
 def test_shift_one_is_the_uniform_grid_itself():
     assert time_grid(1e-3, 0.96, 7, 1.0) == uniform_grid(1e-3, 0.96, 7)
+
+
+def test_shifted_grid_is_sd3s_shift_of_the_fraction_from_the_noise_end():
+    """shift 2 on 4 steps: fractions 1/4, 1/2, 3/4 go to u / (u + 2 (1 - u)) = 1/7, 1/3, 3/5 of the way from the lower
+    end, in either direction; both ends are kept exactly (0.3 + 0.6 * 1 is not 0.9 in floats)."""
+    forward, backward = time_grid(0.3, 0.9, 4, 2.0), time_grid(0.9, 0.3, 4, 2.0)
+    expected = [0.3 + 0.6 * f for f in (0.0, 1 / 7, 1 / 3, 3 / 5, 1.0)]
+    assert forward == pytest.approx(expected, abs=1e-15) and backward == pytest.approx(expected[::-1], abs=1e-15)
+    assert forward[0] == backward[-1] == 0.3 and forward[-1] == backward[0] == 0.9
