@@ -81,6 +81,9 @@ def test_timestep_features_take_t_directly():
     assert torch.equal(features[0], torch.tensor([1.0] * 4 + [0.0] * 4))
     assert math.isclose(features[1, 4].item(), math.sin(0.5), rel_tol=1e-6)
     assert math.isclose(features[1, 1].item(), math.cos(0.05), rel_tol=1e-6)
+    # max_period 10^4 exactly: at t = 1000 a frequency 1e-4 off moves sin(1000 f_1) = sin(100) by 0.01
+    far = timestep_frequencies(torch.tensor([1000.0]), dim=8)
+    assert math.isclose(far[0, 5].item(), math.sin(100.0), abs_tol=1e-4)
 
 
 def test_time_and_label_reach_the_output():
@@ -90,6 +93,66 @@ def test_time_and_label_reach_the_output():
     out = net(x, t, y)
     assert not torch.allclose(out, net(x, 1 - t, y))
     assert not torch.allclose(out, net(x, t, torch.full_like(y, config.num_classes)))
+
+
+def written_out_forward(net: SiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """DiT's forward (Peebles & Xie 2023, Sec. 3.2) in plain tensor ops, reading only the parameters: patches as
+    a linear map on unfolded p x p x C patches, 256 cosine-first time frequencies, adaLN-Zero blocks with the
+    six modulation vectors in the published order, the modulated final layer, DiT's einsum unpatchify.
+    Returns the output and the tokens after each block."""
+    import torch.nn.functional as F
+
+    cfg = net.config
+    n, p, g, width, channels = x.shape[0], cfg.patch_size, cfg.grid_size, cfg.hidden_size, cfg.in_channels
+    linear = lambda z, layer: z @ layer.weight.T + layer.bias  # noqa: E731
+    norm = lambda z: F.layer_norm(z, (width,), eps=1e-6)  # noqa: E731
+    patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(n, g * g, channels * p * p)
+    proj = net.x_embedder.proj
+    tokens = patches @ proj.weight.reshape(width, -1).T + proj.bias + sincos_2d(width, g)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(128) / 128)
+    features = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    mlp = net.t_embedder.mlp
+    c = linear(F.silu(linear(features, mlp[0])), mlp[2]) + net.y_embedder.embedding_table.weight[y]
+    after = []
+    for block in net.blocks:
+        shift1, scale1, gate1, shift2, scale2, gate2 = linear(F.silu(c), block.adaLN_modulation[1]).chunk(6, dim=1)
+        h = norm(tokens) * (1 + scale1[:, None]) + shift1[:, None]
+        tokens = tokens + gate1[:, None] * block.attn(h)
+        h = norm(tokens) * (1 + scale2[:, None]) + shift2[:, None]
+        hidden = F.gelu(linear(h, block.mlp.fc1), approximate="tanh")
+        tokens = tokens + gate2[:, None] * linear(hidden, block.mlp.fc2)
+        after.append(tokens)
+    final = net.final_layer
+    shift, scale = linear(F.silu(c), final.adaLN_modulation[1]).chunk(2, dim=1)
+    out = linear(norm(tokens) * (1 + scale[:, None]) + shift[:, None], final.linear)  # (N, T, p*p*C)
+    out = torch.einsum("nhwpqc->nchpwq", out.reshape(n, g, g, p, p, channels))
+    return out.reshape(n, channels, g * p, g * p), after
+
+
+@pytest.mark.parametrize("patch", (2, 4))
+def test_forward_is_dits_forward_written_out(patch):
+    config = tiny(patch_size=patch) if patch == 2 else model_config("SiT-T/4", input_size=8, in_channels=3, num_classes=10)
+    net = randomised(SiT(config)).eval()
+    x, t, y = inputs(config, n=3)
+    expected, after = written_out_forward(net, x, t, y)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, y), expected, atol=2e-5, rtol=1e-4)
+        for depth in (1, 2):
+            output, hidden = net(x, t, y, hidden_depth=depth)
+            torch.testing.assert_close(hidden, after[depth - 1], atol=1e-3, rtol=1e-3)  # tokens grow to ~100 here
+            torch.testing.assert_close(output, expected, atol=2e-5, rtol=1e-4)
+    norms = [module for module in net.modules() if isinstance(module, nn.LayerNorm)]
+    assert len(norms) == 2 * config.depth + 1 and all(m.eps == 1e-6 and not m.elementwise_affine for m in norms)
+
+
+def test_a_network_cast_to_bf16_runs_in_bf16():
+    """Weights in bf16 (not autocast): the float32 time features and position embedding follow the weights."""
+    config = tiny()
+    net = randomised(SiT(config)).to(torch.bfloat16)
+    x, t, y = inputs(config)
+    with torch.no_grad():
+        out = net(x.bfloat16(), t.bfloat16(), y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 def test_xl2_has_the_published_parameter_count():

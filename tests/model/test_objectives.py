@@ -167,22 +167,24 @@ def test_drawn_t_and_noise_follow_the_generator():
 @pytest.mark.parametrize("name, pred, discrete_steps", [("linear", "velocity", None), ("vp", "noise", None), ("gvp", "score", 5)])
 def test_drawn_times_are_sample_times_at_the_default_train_eps_then_the_noise(name, pred, discrete_steps):
     """With t and x0 left out, one generator draws t first (sample_times at interp.default_eps(pred)[0], on the
-    discrete grid if asked) and then x0; the net sees t in x1's dtype."""
+    discrete grid if asked) and then x0 in x1's dtype; the net sees x_t and t in x1's dtype."""
     interp, seen = interpolant(name), []
     x1, _, _, y = fixed_batch(n=16)
 
     def net(x, t, y):
-        seen.append(t)
+        seen.extend([x, t])
         return some_net(x, t, y)
 
     training_loss(net, x1, y, interp=interp, pred=pred, discrete_steps=discrete_steps,
                   generator=torch.Generator().manual_seed(3))
     generator = torch.Generator().manual_seed(3)
     t = sample_times(16, train_eps=interp.default_eps(pred)[0], discrete_steps=discrete_steps, generator=generator)
-    assert seen[0].dtype == torch.float64
-    torch.testing.assert_close(seen[0], t.double(), atol=0, rtol=0)
+    x0 = torch.randn(x1.shape, generator=generator, dtype=torch.float64)
+    assert seen[1].dtype == torch.float64
+    torch.testing.assert_close(seen[1], t.double(), atol=0, rtol=0)
+    torch.testing.assert_close(seen[0], interpolate(interp, t.double(), x0, x1)[0], atol=1e-12, rtol=0)
     if discrete_steps is not None:
-        assert len(set(seen[0].tolist())) <= discrete_steps
+        assert len(set(seen[1].tolist())) <= discrete_steps
 
 
 def test_drawn_t_and_noise_without_a_generator_come_from_torchs_global_one():
