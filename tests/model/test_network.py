@@ -63,6 +63,30 @@ def test_fresh_blocks_are_identity_maps():
     assert torch.equal(net.blocks[0](tokens, c), tokens)
 
 
+def test_fresh_weights_follow_dits_initialisation():
+    """The patch projection is xavier-uniform as a (D, C p p) linear map; label and time embeddings N(0, 0.02)."""
+    torch.manual_seed(0)
+    config = model_config("SiT-S/2", input_size=8, in_channels=4, num_classes=100)
+    net = SiT(config)
+    proj = net.x_embedder.proj.weight  # (384, 4, 2, 2)
+    bound = math.sqrt(6 / (4 * 2 * 2 + 384))
+    assert 0.99 * bound < proj.abs().max().item() <= bound
+    for weight in (net.y_embedder.embedding_table.weight, net.t_embedder.mlp[0].weight, net.t_embedder.mlp[2].weight):
+        assert abs(weight.std().item() - 0.02) < 0.001 and abs(weight.mean().item()) < 0.001
+
+
+def test_sincos_1d_is_exact_in_float64():
+    """omega_k = 10000^(-k / (dim / 2)) in float64: the table is exact to float64 rounding before its float32 cast."""
+    from model.network import sincos_1d
+
+    positions = torch.tensor([0.0, 3.0, 31.0])
+    table = sincos_1d(8, positions)
+    expected = [[math.sin(p * 10000 ** (-k / 4)) for k in range(4)] + [math.cos(p * 10000 ** (-k / 4)) for k in range(4)]
+                for p in positions.tolist()]
+    assert table.dtype == torch.float64
+    torch.testing.assert_close(table, torch.tensor(expected, dtype=torch.float64), atol=1e-13, rtol=0)
+
+
 def test_position_embedding_is_2d_sincos():
     dim, grid = 16, 3
     embed = sincos_2d(dim, grid)  # (9, 16): [columns: 4 sin, 4 cos | rows: 4 sin, 4 cos]
