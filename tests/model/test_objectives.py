@@ -43,14 +43,15 @@ def test_default_eps_match_reference():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("cosine", "velocity", "none"), "unknown interpolant"),
-    (("linear", "x0", "none"), "unknown prediction"),
-    (("linear", "noise", "snr"), "unknown loss weight"),
-    (("linear", "velocity", "likelihood"), "not velocity"),
+    (("cosine", "velocity", "none"), "unknown interpolant 'cosine'; choose one of linear, gvp, vp"),
+    (("linear", "x0", "none"), "unknown prediction 'x0'; choose one of velocity, score, noise"),
+    (("linear", "noise", "snr"), "unknown loss weight 'snr'; choose one of none, velocity, likelihood"),
+    (("linear", "velocity", "likelihood"), "loss weight 'likelihood' applies to score or noise prediction, not velocity"),
 ])
-def test_bad_objectives_are_user_errors(args, message):
-    with pytest.raises(SitctlError, match=message):
+def test_bad_objectives_are_user_errors_naming_the_choices(args, message):
+    with pytest.raises(SitctlError) as error:
         check_objective(*args)
+    assert str(error.value) == message
 
 
 def test_continuous_times_fill_the_interval_and_discrete_times_sit_on_the_grid():

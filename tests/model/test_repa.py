@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from model.configs import default_repa_depth
+from model.configs import ModelConfigError, default_repa_depth
 from model.network import SiT
 from model.repa import AlignedSiT, Projector, alignment_loss
 from tests.model.test_network import inputs, randomised, tiny
@@ -74,3 +75,6 @@ def test_projector_is_repas_mlp_with_xavier_weights_and_zero_biases():
 
 def test_default_depths_are_repas():
     assert [default_repa_depth(f"SiT-{size}/2") for size in ("XL", "L", "B", "S")] == [8, 8, 4, 4]
+    with pytest.raises(ModelConfigError) as error:
+        default_repa_depth("SiT-XXL/2")
+    assert str(error.value).startswith("unknown model 'SiT-XXL/2'; choose one of SiT-T/2, SiT-T/4, SiT-XS/2, ")
