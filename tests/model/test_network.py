@@ -283,6 +283,25 @@ def test_configs_cover_the_papers_sizes_and_reject_nonsense():
         model_config("SiT-S/8", input_size=12)
 
 
+def test_presets_have_the_papers_depth_width_and_heads_and_bad_settings_are_one_line():
+    """DiT/SiT Table 1: S 12/384/6, B 12/768/12, L 24/1024/16, XL 28/1152/16 (layers, hidden size, heads)."""
+    published = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+    for size, shape in published.items():
+        for patch in (2, 4, 8):
+            config = model_config(f"SiT-{size}/{patch}")
+            assert (config.depth, config.hidden_size, config.num_heads, config.patch_size) == (*shape, patch)
+    with pytest.raises(ModelConfigError) as error:
+        model_config("SiT-S/2", width=3, depth_size=2)
+    assert str(error.value) == "unknown model setting(s) depth_size, width"
+    with pytest.raises(ModelConfigError) as error:
+        model_config("SiT-S/2", depth=0)
+    assert str(error.value) == "depth must be a positive integer, got 0"
+    with pytest.raises(ModelConfigError) as error:
+        model_config("SiT-XXL/2")
+    assert str(error.value) == f"unknown model 'SiT-XXL/2'; choose one of {', '.join(MODEL_NAMES)}"
+    assert MODEL_NAMES[:2] == ("SiT-T/2", "SiT-T/4") and MODEL_NAMES[-1] == "SiT-XL/8"
+
+
 def test_ddpm_schedule_of_dit_is_the_vp_interpolant_at_the_mapped_time():
     from model.interpolants import interpolant
     from model.network import ddpm_alphas_cumprod
