@@ -47,7 +47,7 @@ def test_default_eps_match_reference():
     (("linear", "x0", "none"), "unknown prediction 'x0'; choose one of velocity, score, noise"),
     (("linear", "noise", "snr"), "unknown loss weight 'snr'; choose one of none, velocity, likelihood"),
     (("linear", "velocity", "likelihood"), "loss weight 'likelihood' applies to score or noise prediction, not velocity"),
-])
+], ids=("interpolant", "prediction", "weight", "likelihood-weight-of-velocity"))
 def test_bad_objectives_are_user_errors_naming_the_choices(args, message):
     with pytest.raises(SitctlError) as error:
         check_objective(*args)

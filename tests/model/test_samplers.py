@@ -193,13 +193,18 @@ def climb(x, t):  # a slope so steep that the first guess (1e-7) is below the sm
 
 
 # (problem, start, t0, t1, atol, rtol, rejections at least); start times not exact in float32
-DOPRI5_CASES = [(oscillator, [1.0, 0.0, 40.0], 0.1, 2.0, 1e-6, 1e-3, 1), (oscillator, [1.0, 0.0, 40.0], 1.3, 0.25, 1e-8, 1e-5, 0),
-                (oscillator, [1.0, 0.0, 40.0], 0.0, 1.0, 1e-2, 1e-1, 0), (burst, [1.0], 0.0, 1.0, 1e-6, 1e-6, 10),
-                (climb, [1.0], 0.0, 1.0, 1e-6, 1e-3, 0)]
+DOPRI5_CASES = [
+    (oscillator, [1.0, 0.0, 40.0], 0.1, 2.0, 1e-6, 1e-3, 1),
+    (oscillator, [1.0, 0.0, 40.0], 1.3, 0.25, 1e-8, 1e-5, 0),
+    (oscillator, [1.0, 0.0, 40.0], 0.0, 1.0, 1e-2, 1e-1, 0),
+    (burst, [1.0], 0.0, 1.0, 1e-6, 1e-6, 10),
+    (burst, [1.0], 0.0, 1.0, 1e-1, 1e-1, 1),  # no slope but a loose norm: the first guess 0.05, not the span
+    (climb, [1.0], 0.0, 1.0, 1e-6, 1e-3, 0),
+]
 
 
 @pytest.mark.parametrize("f, start, t0, t1, atol, rtol, rejections", DOPRI5_CASES,
-                         ids=("oscillator", "backwards", "loose", "burst", "climb"))
+                         ids=("oscillator", "backwards", "loose", "burst", "burst-loose", "climb"))
 def test_dopri5_takes_hairers_steps(f, start, t0, t1, atol, rtol, rejections):
     """Every evaluation time and the end state equal an independent scalar implementation of the documented
     controller."""
@@ -455,7 +460,7 @@ def test_sample_sde_defaults_to_250_steps_w_1_sigma_diffusion_and_the_mean_last_
     ({"steps": 1, "last_step": "mean"}, "steps must be at least 2, got 1"),
     ({"last_step_size": 0.9, "sample_eps": 0.1}, "last_step_size must lie in (0, 0.9), got 0.9"),
     ({"last_step_size": 0.95, "sample_eps": 0.1}, "last_step_size must lie in (0, 0.9), got 0.95"),
-])
+], ids=("one-step", "two-steps", "size-at-bound", "size-past-bound"))
 def test_sde_step_counts_and_last_step_sizes_at_their_bounds(options, message):
     """One step is enough without a last step and two with one; a last step may not reach back to the start. The
     same options one notch inside the bounds sample."""
