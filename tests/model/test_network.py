@@ -293,9 +293,12 @@ def test_presets_have_the_papers_depth_width_and_heads_and_bad_settings_are_one_
     with pytest.raises(ModelConfigError) as error:
         model_config("SiT-S/2", width=3, depth_size=2)
     assert str(error.value) == "unknown model setting(s) depth_size, width"
-    with pytest.raises(ModelConfigError) as error:
-        model_config("SiT-S/2", depth=0)
-    assert str(error.value) == "depth must be a positive integer, got 0"
+    for settings, message in (({"depth": 0}, "depth must be a positive integer, got 0"),
+                              ({"hidden_size": 388}, "hidden_size 388 is not divisible by num_heads 6"),
+                              ({"hidden_size": 6, "num_heads": 2}, "hidden_size 6 must be divisible by 4 (2-D sin-cos embedding)")):
+        with pytest.raises(ModelConfigError) as error:
+            model_config("SiT-S/2", **settings)
+        assert str(error.value) == message
     with pytest.raises(ModelConfigError) as error:
         model_config("SiT-XXL/2")
     assert str(error.value) == f"unknown model 'SiT-XXL/2'; choose one of {', '.join(MODEL_NAMES)}"
