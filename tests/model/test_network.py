@@ -295,10 +295,14 @@ def test_presets_have_the_papers_depth_width_and_heads_and_bad_settings_are_one_
     assert str(error.value) == "unknown model setting(s) depth_size, width"
     for settings, message in (({"depth": 0}, "depth must be a positive integer, got 0"),
                               ({"hidden_size": 388}, "hidden_size 388 is not divisible by num_heads 6"),
-                              ({"hidden_size": 6, "num_heads": 2}, "hidden_size 6 must be divisible by 4 (2-D sin-cos embedding)")):
+                              ({"hidden_size": 6, "num_heads": 2}, "hidden_size 6 must be divisible by 4 (2-D sin-cos embedding)"),
+                              ({"mlp_ratio": 0.0}, "mlp_ratio must be positive, got 0.0"),
+                              ({"class_dropout_prob": 1.0}, "class_dropout_prob must be in [0, 1), got 1.0"),
+                              ({"class_dropout_prob": 1.5}, "class_dropout_prob must be in [0, 1), got 1.5")):
         with pytest.raises(ModelConfigError) as error:
             model_config("SiT-S/2", **settings)
         assert str(error.value) == message
+    assert model_config("SiT-S/2", mlp_ratio=0.5, class_dropout_prob=0.0).mlp_ratio == 0.5  # the bounds' other sides
     with pytest.raises(ModelConfigError) as error:
         model_config("SiT-XXL/2")
     assert str(error.value) == f"unknown model 'SiT-XXL/2'; choose one of {', '.join(MODEL_NAMES)}"
