@@ -564,6 +564,11 @@ class ClassGaussians(torch.nn.Module):
         return out
 
 
+def class_velocity(net: ClassGaussians, x, t, y):
+    """Each sample's velocity under its own class (the conditional velocity), from the closed form."""
+    return torch.stack([net.classes[k].velocity(net.interp, x[i:i + 1], t[i:i + 1])[0] for i, k in enumerate(y.tolist())])
+
+
 @pytest.mark.parametrize("pred", ("velocity", "noise"))
 def test_guidance_combines_cond_and_uncond_in_one_forward(pred):
     interp = interpolant("linear")
@@ -572,8 +577,7 @@ def test_guidance_combines_cond_and_uncond_in_one_forward(pred):
     t = torch.tensor([0.1, 0.3, 0.5, 0.6, 0.8, 0.95], dtype=torch.float64)
     guided = GuidedVelocity(net, y, interp=interp, pred=pred, cfg_scale=4.0, null_class=2)(x, t)
     assert net.batches == [12]
-    v_cond = torch.stack([net.classes[k].velocity(interp, x[i:i + 1], t[i:i + 1])[0] for i, k in enumerate(y.tolist())])
-    v_uncond = MIXTURE.velocity(interp, x, t)
+    v_cond, v_uncond = class_velocity(net, x, t, y), MIXTURE.velocity(interp, x, t)
     torch.testing.assert_close(guided, v_uncond + 4.0 * (v_cond - v_uncond))
 
 
@@ -590,11 +594,6 @@ def test_guidance_interval_and_unit_scale_give_conditional_velocity():
     unit = GuidedVelocity(net, y, interp=interp, pred="velocity", cfg_scale=1.0, null_class=2)(x, t)
     torch.testing.assert_close(unit, v_cond)
     assert net.batches == [8, 4]  # scale 1 skips the unconditional half
-
-
-def class_velocity(net: ClassGaussians, x, t, y):
-    """Each sample's velocity under its own class (the conditional velocity), from the closed form."""
-    return torch.stack([net.classes[k].velocity(net.interp, x[i:i + 1], t[i:i + 1])[0] for i, k in enumerate(y.tolist())])
 
 
 @pytest.mark.parametrize("interval", ((0.0, 0.5), (0.5, 1.0), (0.2, 0.4)))
