@@ -273,27 +273,24 @@ def test_compiled_network_matches_eager():
 
 
 def test_configs_cover_the_papers_sizes_and_reject_nonsense():
+    """DiT/SiT Table 1: S 12/384/6, B 12/768/12, L 24/1024/16, XL 28/1152/16 (layers, hidden size, heads); each bad
+    setting is one exact line."""
     assert {"SiT-S/2", "SiT-B/4", "SiT-L/8", "SiT-XL/2", "SiT-T/2"} <= set(MODEL_NAMES)
-    xl = model_config("SiT-XL/2")
-    assert (xl.depth, xl.hidden_size, xl.num_heads, xl.patch_size) == (28, 1152, 16, 2)
-    assert SiTConfig(**asdict(xl)) == xl
-    with pytest.raises(ModelConfigError, match="unknown model"):
-        model_config("SiT-XXL/2")
-    with pytest.raises(ModelConfigError, match="not divisible by patch_size"):
-        model_config("SiT-S/8", input_size=12)
-
-
-def test_presets_have_the_papers_depth_width_and_heads_and_bad_settings_are_one_line():
-    """DiT/SiT Table 1: S 12/384/6, B 12/768/12, L 24/1024/16, XL 28/1152/16 (layers, hidden size, heads)."""
     published = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
     for size, shape in published.items():
         for patch in (2, 4, 8):
             config = model_config(f"SiT-{size}/{patch}")
             assert (config.depth, config.hidden_size, config.num_heads, config.patch_size) == (*shape, patch)
+            assert SiTConfig(**asdict(config)) == config
+    with pytest.raises(ModelConfigError) as error:
+        model_config("SiT-XXL/2")
+    assert str(error.value) == f"unknown model 'SiT-XXL/2'; choose one of {', '.join(MODEL_NAMES)}"
+    assert MODEL_NAMES[:2] == ("SiT-T/2", "SiT-T/4") and MODEL_NAMES[-1] == "SiT-XL/8"
     with pytest.raises(ModelConfigError) as error:
         model_config("SiT-S/2", width=3, depth_size=2)
     assert str(error.value) == "unknown model setting(s) depth_size, width"
     for settings, message in (({"depth": 0}, "depth must be a positive integer, got 0"),
+                              ({"input_size": 12, "patch_size": 8}, "input_size 12 is not divisible by patch_size 8"),
                               ({"hidden_size": 388}, "hidden_size 388 is not divisible by num_heads 6"),
                               ({"hidden_size": 6, "num_heads": 2}, "hidden_size 6 must be divisible by 4 (2-D sin-cos embedding)"),
                               ({"mlp_ratio": 0.0}, "mlp_ratio must be positive, got 0.0"),
@@ -303,10 +300,6 @@ def test_presets_have_the_papers_depth_width_and_heads_and_bad_settings_are_one_
             model_config("SiT-S/2", **settings)
         assert str(error.value) == message
     assert model_config("SiT-S/2", mlp_ratio=0.5, class_dropout_prob=0.0).mlp_ratio == 0.5  # the bounds' other sides
-    with pytest.raises(ModelConfigError) as error:
-        model_config("SiT-XXL/2")
-    assert str(error.value) == f"unknown model 'SiT-XXL/2'; choose one of {', '.join(MODEL_NAMES)}"
-    assert MODEL_NAMES[:2] == ("SiT-T/2", "SiT-T/4") and MODEL_NAMES[-1] == "SiT-XL/8"
 
 
 def test_ddpm_schedule_of_dit_is_the_vp_interpolant_at_the_mapped_time():

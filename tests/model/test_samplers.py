@@ -54,6 +54,17 @@ def assert_distribution(x: torch.Tensor, data: GaussianMixture, tol: float = STA
     assert mean_error < tol and cov_error < tol, f"mean error {mean_error:.4f}, covariance error {cov_error:.4f}"
 
 
+class Recording:
+    """A velocity that records the time of each evaluation (its first sample's) before it answers."""
+
+    def __init__(self, velocity):
+        self.velocity, self.times = velocity, []
+
+    def __call__(self, x, t):
+        self.times.append(float(t[0]))
+        return self.velocity(x, t)
+
+
 # ---------------------------------------------------------------------------------------------
 # ODE
 # ---------------------------------------------------------------------------------------------
@@ -232,10 +243,9 @@ def test_dopri5_that_cannot_arrive_is_a_user_error_naming_its_settings():
 
 @pytest.mark.parametrize("method, per_step", [("euler", 1), ("heun", 2)])
 def test_fixed_step_solvers_report_their_evaluations(method, per_step):
-    calls = []
-    stats = {"nfe": 5}  # counts add up over calls
-    sample_ode(lambda x, t: calls.append(1) or -x, noise(3), method=method, steps=7, stats=stats)
-    assert stats == {"nfe": 5 + 7 * per_step} and len(calls) == 7 * per_step
+    velocity, stats = Recording(lambda x, t: -x), {"nfe": 5}  # counts add up over calls
+    sample_ode(velocity, noise(3), method=method, steps=7, stats=stats)
+    assert stats == {"nfe": 5 + 7 * per_step} and len(velocity.times) == 7 * per_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,30 +348,20 @@ def test_one_sde_step_adds_plus_sqrt_2_w_dt_times_the_samples_own_noise(method):
 @pytest.mark.parametrize("method, per_step", [("euler", 1), ("heun", 2)])
 @pytest.mark.parametrize("last_step", ("none", "mean"))
 def test_sde_solvers_report_their_evaluations(method, per_step, last_step):
-    calls, stats = [], {}
-    interp = interpolant("linear")
-
-    def velocity(x, t):
-        calls.append(1)
-        return ExactVelocity(DATA, interp)(x, t)
-
+    interp, stats = interpolant("linear"), {}
+    velocity = Recording(ExactVelocity(DATA, interp))
     sample_sde(velocity, noise(3), interp=interp, method=method, steps=5, last_step=last_step, sample_eps=0.05,
                generator=per_sample_generators(0, range(3)), stats=stats)
     solver_steps = 5 if last_step == "none" else 4
-    assert stats == {"nfe": len(calls)} and len(calls) == solver_steps * per_step + (last_step != "none")
+    assert stats == {"nfe": len(velocity.times)} and len(velocity.times) == solver_steps * per_step + (last_step != "none")
 
 
 def test_sample_ode_defaults_to_50_heun_steps_on_the_uniform_grid():
-    times, stats = [], {}
-
-    def velocity(x, t):
-        times.append(float(t[0]))
-        return -x
-
+    velocity, stats = Recording(lambda x, t: -x), {}
     sample_ode(velocity, noise(2), stats=stats)
     grid = [i / 50 for i in range(51)]
     assert stats == {"nfe": 100}
-    assert times == pytest.approx([time for a, b in zip(grid, grid[1:]) for time in (a, b)], abs=1e-12)
+    assert velocity.times == pytest.approx([time for a, b in zip(grid, grid[1:]) for time in (a, b)], abs=1e-12)
 
 
 def test_sample_ode_dopri5_defaults_to_atol_1e_6_and_rtol_1e_3():
@@ -373,10 +373,10 @@ def test_sample_ode_dopri5_defaults_to_atol_1e_6_and_rtol_1e_3():
 
 
 def test_sample_ode_passes_its_shift_to_the_grid():
-    times = []
-    sample_ode(lambda x, t: times.append(float(t[0])) or -x, noise(2), method="euler", steps=4, shift=3.0)
-    assert times == pytest.approx(time_grid(0.0, 1.0, 4, 3.0)[:-1], abs=1e-12)
-    assert times != pytest.approx([0.0, 0.25, 0.5, 0.75])
+    velocity = Recording(lambda x, t: -x)
+    sample_ode(velocity, noise(2), method="euler", steps=4, shift=3.0)
+    assert velocity.times == pytest.approx(time_grid(0.0, 1.0, 4, 3.0)[:-1], abs=1e-12)
+    assert velocity.times != pytest.approx([0.0, 0.25, 0.5, 0.75])
 
 
 def test_per_sample_seeds_are_seedsequence_of_seed_and_index_cut_to_63_bits():
@@ -475,20 +475,15 @@ def test_sde_step_counts_and_last_step_sizes_at_their_bounds(options, message):
 
 
 def test_sde_solver_steps_follow_the_shifted_grid_and_the_last_step_starts_at_one_minus_its_size():
-    times = []
     interp = interpolant("linear")
-
-    def velocity(x, t):
-        times.append(float(t[0]))
-        return ExactVelocity(DATA, interp)(x, t)
-
+    velocity = Recording(ExactVelocity(DATA, interp))
     sample_sde(velocity, noise(2), interp=interp, steps=5, shift=3.0, last_step="euler", last_step_size=0.1,
                generator=per_sample_generators(0, range(2)))
-    assert times == pytest.approx(time_grid(0.0, 0.9, 4, 3.0), abs=1e-12)  # 4 solver steps, then the jump from 0.9
-    times.clear()
+    assert velocity.times == pytest.approx(time_grid(0.0, 0.9, 4, 3.0), abs=1e-12)  # 4 solver steps, then the jump
+    velocity.times.clear()
     sample_sde(velocity, noise(2), interp=interp, steps=4, shift=3.0, last_step="none", sample_eps=0.05,
                generator=per_sample_generators(0, range(2)))
-    assert times == pytest.approx(time_grid(0.05, 0.95, 4, 3.0)[:-1], abs=1e-12)
+    assert velocity.times == pytest.approx(time_grid(0.05, 0.95, 4, 3.0)[:-1], abs=1e-12)
 
 
 @pytest.mark.parametrize("make", (lambda: None, lambda: torch.Generator().manual_seed(3)), ids=("global", "one"))
