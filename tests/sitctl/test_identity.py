@@ -65,3 +65,77 @@ def test_a_record_made_before_a_field_existed_counts_as_its_default():
     check_continues(recorded, tiny("lat", "run", steps=10), "run r", "hint")  # the default, 0: the same run
     with pytest.raises(SitctlError, match="--seed 0, now 3"):
         check_continues(recorded, tiny("lat", "run", steps=10, seed=3), "run r", "hint")
+
+
+# The role of every field of every stage config, written out rather than read back: a shaping setting
+# re-declared free would let a resume change it without a word (check_continues no longer looks at
+# it), so a change of role, a new field or a new stage config is an edit here that a reviewer sees.
+ENCODE_ROLES = {
+    SHAPES: {"src", "image_size", "vae", "shard_size", "batch_size", "limit", "order_seed", "precision",
+             "encoder_targets"},
+    FREE: {"out", "workers", "device"},
+}
+TRAIN_ROLES = {
+    SHAPES: {"model", "qk_norm", "interp", "pred", "loss_weight", "train_eps", "discrete_steps", "time_dist",
+             "time_mean", "time_std", "global_batch", "lr", "weight_decay", "betas", "ema_decay", "label_dropout",
+             "flip", "grad_clip", "precision", "seed", "data_lanes", "shuffle_buffer", "repa_encoder", "repa_depth",
+             "repa_coeff", "repa_projector_width", "repa_image_size"},
+    EXTENDS: {"steps"},
+    INPUT: {"latents"},
+    FREE: {"out", "micro_batch", "compile", "loader_workers", "ckpt_every", "keep_last", "keep_every", "log_every",
+           "preview_every", "preview_images", "preview_steps", "preview_cfg", "tracker", "log_dir", "eval_every",
+           "eval_num", "eval_mode", "eval_steps", "eval_cfg", "eval_batch", "eval_ref", "resume", "recipe", "device"},
+}
+SAMPLE_ROLES = {
+    SHAPES: {"mode", "method", "steps", "atol", "rtol", "w", "diffusion", "last_step", "last_step_size", "sample_eps",
+             "time_shift", "cfg_scale", "guidance_interval", "guided_channels", "reference_steps", "num", "seed",
+             "labels", "ema", "model", "vae", "published", "npz", "preview", "precision", "tf32"},
+    INPUT: {"checkpoint"},
+    FREE: {"out", "batch_size", "device", "compile", "cuda_graphs", "recipe"},
+}
+INCEPTION_FREE = {"batch_size", "device", "fetch_weights"}  # InceptionSettings, shared by the three below
+EVAL_ROLES = {
+    SHAPES: {"inception_weights", "metrics", "is_splits", "kid_subsets", "kid_subset_size", "prc_neighborhood", "seed"},
+    INPUT: {"samples", "ref"},
+    FREE: INCEPTION_FREE | {"out", "results", "num_expected", "allow_fewer"},
+}
+REFERENCE_ROLES = {
+    SHAPES: {"inception_weights", "source", "image_size", "max_images", "sample_of"},
+    FREE: INCEPTION_FREE | {"out"},
+}
+SWEEP_ROLES = {
+    SHAPES: {"inception_weights", "w_values", "cfg_values", "mode", "num", "metric"},
+    INPUT: {"run", "ref"},
+    FREE: INCEPTION_FREE | {"out"},
+}
+DEMO_ROLES = {
+    SHAPES: {"image_size", "model", "steps", "num_samples", "sample_steps", "cfg_scale", "seed", "reference_images"},
+    FREE: {"out"},
+}
+STUDY_ROLES = {
+    SHAPES: {"train_source", "reference_source", "image_size", "train_images", "reference_images", "model",
+             "train_steps", "global_batch", "lr", "ema_decay", "num_samples", "ode_steps", "sde_steps", "bootstrap",
+             "seed", "convergence_ema_decay", "repa_projector_width", "encoder_epochs"},
+    FREE: {"out", "sample_batch", "w_values", "diffusions", "cfg_values", "sde_step_values", "ode_step_values",
+           "train_seeds", "sample_seeds", "ablations", "convergence_steps", "shift_values", "grid_ode_steps",
+           "grid_sde_steps", "models", "max_minutes", "device", "report_only"},
+}
+DOCTOR_ROLES = {SHAPES: {"as_json", "device", "measure", "compile_on_cpu"}}
+DECLARED_ROLES = {configs.EncodeConfig: ENCODE_ROLES, configs.TrainConfig: TRAIN_ROLES,
+                  configs.SampleConfig: SAMPLE_ROLES, configs.EvalConfig: EVAL_ROLES,
+                  configs.ReferenceConfig: REFERENCE_ROLES, configs.SweepConfig: SWEEP_ROLES,
+                  configs.DemoConfig: DEMO_ROLES, configs.StudyConfig: STUDY_ROLES, configs.DoctorConfig: DOCTOR_ROLES}
+
+
+@pytest.mark.parametrize("config_class", DECLARED_ROLES, ids=lambda c: c.__name__)
+def test_each_fields_role_is_the_reviewed_one_and_a_new_field_fails_until_it_is_listed(config_class):
+    table = DECLARED_ROLES[config_class]
+    listed = {name: listed_role for listed_role, names in table.items() for name in names}
+    assert len(listed) == sum(map(len, table.values())), "a field is listed under two roles"
+    assert {field.name: role(field) for field in dataclasses.fields(config_class)} == listed
+
+
+def test_the_role_table_covers_every_stage_config():
+    stage_configs = {value for name, value in vars(configs).items() if name.endswith("Config")
+                     and dataclasses.is_dataclass(value) and value.__module__ == configs.__name__}
+    assert stage_configs == set(DECLARED_ROLES)
