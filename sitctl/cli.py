@@ -18,7 +18,7 @@ import typer
 from sitctl import __version__, configs
 from sitctl.errors import SitctlError
 from sitctl.evaluate.registry import ALL_WITH_REFERENCE, REGISTRY
-from sitctl.options import config_command, given_fields
+from sitctl.options import config_command
 from sitctl.signals import Interrupted
 
 app = typer.Typer(
@@ -57,9 +57,22 @@ def _main(
 
 
 def _command(typer_app: typer.Typer, command: str, config_class: type, report: Callable[[Any], None],
-             doc: str, **options: Any) -> None:
-    """Register `command`: its options come from the config dataclass (declared once there)."""
+             doc: str, stage: bool = False, **options: Any) -> None:
+    """Register `command`: its options come from the config dataclass (declared once there).
+
+    stage: the command makes or reads artifacts, so its config is settled by sitctl/defaults.py
+    (recipe, what it continues, the workspace's inputs and --out); else it is the command line's alone.
+    """
+    if stage:
+        options["settle"] = _settled
     typer_app.command(command)(config_command(config_class, report, doc=doc, **options))
+
+
+def _settled(cls: type, typed: dict[str, Any], untyped: dict[str, Any]):
+    """The stage's config from every source, built once (sitctl/defaults.py); choices said on rank 0."""
+    from sitctl.defaults import settled_config  # start-up cost: the stages' modules import torch
+
+    return settled_config(cls, typed, untyped, say=_say)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,27 +90,17 @@ def _say(line: str) -> None:
         typer.echo(line)
 
 
-def _with_defaults(config):
-    """Missing inputs and --out filled from the workspace (sitctl/defaults.py), in one place; a
-    command that continues something takes every setting it was not given from what it continues."""
-    from sitctl.defaults import with_defaults
-    from sitctl.recipes import apply_recipe
-
-    given = given_fields()
-    return with_defaults(apply_recipe(config, given), say=_say, given=given)
-
-
 def _encode(config) -> None:
     from sitctl.encode import encode
     from sitctl.records import LatentsInfo
 
-    artifact = encode(_with_defaults(config))
+    artifact = encode(config)
     if artifact is not None:
         info = LatentsInfo.from_artifact(artifact)
         typer.echo(f"wrote {artifact.path}: {info.num_samples} samples in {len(info.shards)} shards, {info.num_errors} skipped")
 
 
-_command(app, "encode", configs.EncodeConfig, _encode, doc="""Encode images into a latents artifact: VAE moments of each image and its flip, in WebDataset shards.
+_command(app, "encode", configs.EncodeConfig, _encode, stage=True, doc="""Encode images into a latents artifact: VAE moments of each image and its flip, in WebDataset shards.
 
     Runs as one process or under torchrun (shard i goes to rank i % world); rerunning after a crash
     resumes from the complete shards.
@@ -155,12 +158,12 @@ def _train(config) -> None:
     from sitctl.records import CheckpointInfo
     from sitctl.train import train
 
-    artifact = train(_with_defaults(config))
+    artifact = train(config)
     if artifact is not None:
         typer.echo(f"checkpoint {artifact.path} (step {CheckpointInfo.from_artifact(artifact).step})")
 
 
-_command(app, "train", configs.TrainConfig, _train, doc="""Train a SiT on a latents artifact, as one process or under torchrun; checkpoints are artifacts.
+_command(app, "train", configs.TrainConfig, _train, stage=True, doc="""Train a SiT on a latents artifact, as one process or under torchrun; checkpoints are artifacts.
 
     SIGTERM or Ctrl-C saves a checkpoint and exits; rerun with --resume to continue exactly.
     """)
@@ -185,13 +188,13 @@ def _sample(config) -> None:
     from sitctl.records import SamplesInfo
     from sitctl.sample import sample_stage
 
-    artifact = sample_stage(_with_defaults(config))
+    artifact = sample_stage(config)
     if _main_rank():
         info = SamplesInfo.from_artifact(artifact)
         typer.echo(f"wrote {artifact.path}: {info.num_samples} images of {info.image_size}px ({artifact.id})")
 
 
-_command(app, "sample", configs.SampleConfig, _sample, doc="""Draw images from a checkpoint into a samples artifact (one process or under torchrun).
+_command(app, "sample", configs.SampleConfig, _sample, stage=True, doc="""Draw images from a checkpoint into a samples artifact (one process or under torchrun).
 
     Defaults are the paper's: SDE Euler-Maruyama, 250 steps, diffusion sigma, w 1, last step mean
     0.04; ODE dopri5 with atol 1e-6, rtol 1e-3; EMA weights; no guidance. Image i is the same on
@@ -216,7 +219,7 @@ def _evaluate(config) -> None:
     from sitctl.evaluate.stage import evaluate_stage
     from sitctl.records import MetricsInfo
 
-    info = MetricsInfo.from_artifact(artifact := evaluate_stage(_with_defaults(config)))
+    info = MetricsInfo.from_artifact(artifact := evaluate_stage(config))
     if "paper" in config.metrics:
         for line in paper_row(info.values, info.unavailable, info.num_samples):
             typer.echo(line)
@@ -227,9 +230,9 @@ def _evaluate(config) -> None:
 
 
 for _metric in REGISTRY.values():  # one `sitctl eval NAME` per registered metric
-    _command(eval_app, _metric.name, configs.EvalConfig, _evaluate, doc=_metric.help,
+    _command(eval_app, _metric.name, configs.EvalConfig, _evaluate, stage=True, doc=_metric.help,
              fixed={"metrics": (_metric.name,)})
-_command(eval_app, "all", configs.EvalConfig, _evaluate, fixed={"metrics": ALL_WITH_REFERENCE},
+_command(eval_app, "all", configs.EvalConfig, _evaluate, stage=True, fixed={"metrics": ALL_WITH_REFERENCE},
          doc="FID, KID and precision/recall in one pass (add IS with `eval is`).")
 
 
@@ -237,11 +240,11 @@ def _reference(config) -> None:
     from sitctl.evaluate.reference import build_reference
     from sitctl.records import ReferenceInfo
 
-    artifact = build_reference(_with_defaults(config))
+    artifact = build_reference(config)
     typer.echo(f"reference artifact: {artifact.path} ({ReferenceInfo.from_artifact(artifact).num_images} images, id {artifact.id})")
 
 
-_command(eval_app, "ref", configs.ReferenceConfig, _reference,
+_command(eval_app, "ref", configs.ReferenceConfig, _reference, stage=True,
          doc="Make a reference artifact: real images cropped as encode crops them, their Inception features and mu/sigma.")
 
 
@@ -273,14 +276,13 @@ def eval_table(path: str = typer.Argument(None, help="A results.jsonl, or a fold
 def _sweep(config) -> None:
     from sitctl.evaluate.sweep import sweep_stage
 
-    config = _with_defaults(config)
     summary = sweep_stage(config)
     for point in summary["points"]:
         typer.echo(f"cfg {point['cfg_scale']}  w {point['w']}  {config.metric} {point['value']:.6g}")
     typer.echo(f"plot: {summary['plot']}")
 
 
-_command(eval_app, "sweep", configs.SweepConfig, _sweep,
+_command(eval_app, "sweep", configs.SweepConfig, _sweep, stage=True,
          doc="Sample and score RUN for each w and/or guidance scale (reusing finished points); plot metric vs value.")
 
 

@@ -7,7 +7,7 @@ torch, so `sitctl --help` stays fast; checks that need the math import it when a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sitctl.errors import EvalError, ReferenceError, SampleError, SitctlError, SweepError
 from sitctl.options import check_device, check_finite, setting
@@ -342,21 +342,18 @@ class SampleConfig:
             raise SampleError(f"--published must be one of {', '.join(PUBLISHED_KINDS)}, got {self.published!r}")
         if self.mode not in MODES:
             raise SampleError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        # Fill the mode's defaults so the manifest records what actually ran.
-        if self.method is None:
-            object.__setattr__(self, "method", DEFAULT_METHOD[self.mode])
-        if self.steps is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS[self.mode])
-        object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
-        for name in ("num", "batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise SampleError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        # The mode's solver and steps when not given (resolve_sample fills them in; here they are checked).
+        method, steps = self.method or DEFAULT_METHOD[self.mode], self.steps or DEFAULT_STEPS[self.mode]
+        for name, value in (("num", self.num), ("batch_size", self.batch_size), ("steps", self.steps)):
+            if value is not None and value < 1:
+                raise SampleError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         methods = ODE_METHODS if self.mode == "ode" else SDE_METHODS
-        choices = {"method": methods, "diffusion": DIFFUSIONS, "last_step": LAST_STEPS, "labels": LABEL_SCHEMES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        choices = {"method": (method, methods), "diffusion": (self.diffusion, DIFFUSIONS),
+                   "last_step": (self.last_step, LAST_STEPS), "labels": (self.labels, LABEL_SCHEMES)}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
                 where = f" with --mode {self.mode}" if name == "method" else ""
-                raise SampleError(f"--{name.replace('_', '-')}{where} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise SampleError(f"--{name.replace('_', '-')}{where} must be one of {', '.join(allowed)}, got {value!r}")
         for option, value, positive in (("w", self.w, False), ("cfg", self.cfg_scale, False), ("preview", self.preview, False),
                                         ("atol", self.atol, True), ("rtol", self.rtol, True)):
             if value < 0 or (positive and value == 0):
@@ -369,17 +366,23 @@ class SampleConfig:
             raise SampleError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.guided_channels is not None and self.guided_channels < 1:
             raise SampleError(f"--guided-channels must be at least 1, got {self.guided_channels}")
-        if self.reference_steps and self.mode == "ode" and self.method != "dopri5" and self.steps < 2:
+        if self.reference_steps and self.mode == "ode" and method != "dopri5" and steps < 2:
             raise SampleError("--reference-steps counts grid points: an ODE needs --steps of at least 2")
         if not 0.0 < self.last_step_size < 1.0:
             raise SampleError(f"--last-step-size must be in (0, 1), got {self.last_step_size}")
         if self.time_shift <= 0:
             raise SampleError(f"--time-shift must be > 0, got {self.time_shift}")
-        if self.time_shift != 1.0 and self.mode == "ode" and self.method == "dopri5":
+        if self.time_shift != 1.0 and self.mode == "ode" and method == "dopri5":
             raise SampleError("--time-shift shapes a fixed-step grid; dopri5 chooses its own steps (use --method heun or euler)")
         if self.sample_eps is not None and not 0.0 <= self.sample_eps < 0.5:
             raise SampleError(f"--sample-eps must be in [0, 0.5), got {self.sample_eps}")
         check_device(self.device)
+
+
+def resolve_sample(config: SampleConfig) -> SampleConfig:
+    """`config` with the mode's default solver and steps filled in: what the samples manifest records."""
+    return replace(config, method=config.method or DEFAULT_METHOD[config.mode],
+                   steps=config.steps or DEFAULT_STEPS[config.mode])
 
 
 # =============================================================================================

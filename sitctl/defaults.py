@@ -11,50 +11,62 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from sitctl import configs
 from sitctl.artifacts import MANIFEST, open_artifact, staging_dir
 from sitctl.checkpoint import latest_checkpoint
 from sitctl.evaluate import auto_reference
 from sitctl.evaluate.registry import NEEDS_REFERENCE
+from sitctl.configs import resolve_sample
 from sitctl.identity import REQUEST, made_for, read_request, resumed
+from sitctl.recipes import recipe_layers
+from sitctl.settings import Layer, build, merge
 from sitctl.workspace import (
     FOLDERS, WorkspaceError, claim, facts, find_root, latest, latest_run_dir, name_of, next_version, open_version,
     resolve, unfinished, unfinished_numbers, version_name
 )
 
 
-def with_defaults(config, say: Callable[[str], None] = print, root: Path | None = None,
-                  given: frozenset[str] | None = None):
-    """`config` with every missing input (the latest finished artifact of its kind), named input
-    (`kind/vN`, id prefix) and missing --out (the next version) filled in; each choice said in one line.
+def settled_config(cls: type, typed: dict[str, Any], untyped: dict[str, Any], say: Callable[[str], None] = print,
+                   root: Path | None = None):
+    """The config a command means, built once from its layers (sitctl/settings.py), then its
+    missing inputs and --out filled from the workspace (`with_defaults`).
 
-    given: the fields typed on the command line. When the command continues something (train
-    --resume, or encode/sample into an interrupted --out), every other setting is taken from it.
+    Lowest first: the defaults, the recipe's settings, the settings of what the command continues
+    (train --resume, or encode/sample into an interrupted --out), and what was typed.
     """
     root = root or find_root()
-    if given is not None:
-        config = _continued(config, root, say, given)
+    typed_layer = ("the command line", typed)
+    layers = [("defaults", untyped), *recipe_layers(cls, {**untyped, **typed}.get("recipe"), typed)]
+    continued = _continued(cls, merge(cls, [*layers, typed_layer]), root, typed)
+    config = build(cls, [*layers, *continued, typed_layer])
+    return with_defaults(config, say=say, root=root)
+
+
+def with_defaults(config, say: Callable[[str], None] = print, root: Path | None = None):
+    """`config` with every missing input (the latest finished artifact of its kind), named input
+    (`kind/vN`, id prefix) and missing --out (the next version) filled in; each choice said in one line."""
+    root = root or find_root()
     fill = {configs.EncodeConfig: _encode_defaults, configs.TrainConfig: _train_defaults,
             configs.SampleConfig: _sample_defaults, configs.EvalConfig: _eval_defaults,
             configs.ReferenceConfig: _reference_defaults, configs.SweepConfig: _sweep_defaults}[type(config)]
     return fill(config, root, say)
 
 
-def _continued(config, root: Path, say: Callable[[str], None], given: frozenset[str]):
-    """`config` with the untyped settings of the run or interrupted artifact it continues, if any."""
-    if isinstance(config, configs.TrainConfig):
-        if not config.resume:
-            return config
-        run_dir = Path(config.out) if config.out is not None else latest_run_dir(root)
+def _continued(cls: type, values: dict[str, Any], root: Path, typed: dict[str, Any]) -> list[Layer]:
+    """The layer of the run or interrupted artifact `values` continue, if any: its settings not typed."""
+    if cls is configs.TrainConfig:
+        if not values.get("resume"):
+            return []
+        run_dir = Path(values["out"]) if values.get("out") is not None else latest_run_dir(root)
         newest = open_version("checkpoint", run_dir)
         # A run continues on its own latents (found by _train_defaults), so inputs are not taken here.
-        return resumed(config, newest.config, given) if newest is not None else config
-    if isinstance(config, (configs.EncodeConfig, configs.SampleConfig)) and config.out is not None:
-        note = read_request(staging_dir(config.out))
-        return resumed(config, note, given, REQUEST) if note is not None else config
-    return config
+        return [(f"run {newest.path}", resumed(cls, newest.config, typed))] if newest is not None else []
+    if cls in (configs.EncodeConfig, configs.SampleConfig) and values.get("out") is not None:
+        note = read_request(staging_dir(values["out"]))
+        return [(f"the request of {values['out']}", resumed(cls, note, typed, REQUEST))] if note is not None else []
+    return []
 
 
 def _input(root: Path, name: str | None, kind: str, say: Callable[[str], None], *, chosen: bool = False) -> str:
@@ -121,7 +133,8 @@ def _latents_of_run(run_dir: Path) -> str | None:
 
 
 def _sample_defaults(config, root: Path, say):
-    config = replace(config, checkpoint=_input(root, config.checkpoint, "checkpoint", say))
+    # Resolved first: an interrupted version's note holds the sampler it resolved to.
+    config = replace(resolve_sample(config), checkpoint=_input(root, config.checkpoint, "checkpoint", say))
     return replace(config, out=_output(root, config.out, "samples", say, request=config))
 
 

@@ -80,27 +80,17 @@ def check_continues(recorded: Mapping[str, Any], config: Any, what: str, hint: s
         raise error(f"cannot continue {what}: it was made with {change}; {hint}")
 
 
-def resumed(config: Any, recorded: Mapping[str, Any], given: Iterable[str], roles: Iterable[str] = IDENTITY) -> Any:
-    """`config` with every setting of these roles that was not typed (`given`) taken from the record.
+def resumed(config_class: type, recorded: Mapping[str, Any], given: Iterable[str],
+            roles: Iterable[str] = IDENTITY) -> dict[str, Any]:
+    """The record's settings of these roles that were not typed (`given`): the layer of settings
+    (sitctl/settings.py) that what a command continues contributes.
 
     What a resume continues decides its settings; the command line changes only what it names,
     and a change to a shaping setting is then refused by `check_continues`.
     """
     given = set(given)
-    taken = {}
-    for field in fields_with(type(config), roles):
-        if field.name in given or field.name not in recorded:
-            continue
-        value = recorded[field.name]
-        taken[field.name] = _like(getattr(config, field.name), value)
-    return dataclasses.replace(config, **taken)
-
-
-def _like(current: Any, value: Any) -> Any:
-    """A JSON value back in the shape the config holds (lists were tuples)."""
-    if isinstance(current, tuple) and isinstance(value, list):
-        return tuple(value)
-    return value
+    return {field.name: recorded[field.name] for field in fields_with(config_class, roles)
+            if field.name not in given and field.name in recorded}
 
 
 # ---------------------------------------------------------------------------------------------

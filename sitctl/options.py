@@ -11,7 +11,6 @@ new field shows up on the command line with its default and help and nothing els
 from __future__ import annotations
 
 import ast
-import contextvars
 import dataclasses
 import functools
 import inspect
@@ -46,7 +45,7 @@ def setting(default: Any = MISSING, *, flags: tuple[str, ...] = (), argument: bo
     return dataclasses.field(default=default, metadata={"sitctl": metadata})
 
 
-def _spelling(field: dataclasses.Field) -> dict[str, Any]:
+def spelling(field: dataclasses.Field) -> dict[str, Any]:
     return field.metadata.get("sitctl") or setting().metadata["sitctl"]
 
 
@@ -72,7 +71,7 @@ def _flag(name: str) -> str:
 
 def flag_of(field: dataclasses.Field) -> str:
     """How a user spells this field on the command line (for error messages)."""
-    spell = _spelling(field)
+    spell = spelling(field)
     return spell["invert"] or (spell["flags"] or (_flag(field.name),))[0]
 
 
@@ -92,7 +91,7 @@ def _options(cls: type, exclude: tuple[str, ...]) -> list[dict]:
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     out: list[dict] = []
     for field in dataclasses.fields(cls):
-        spell = _spelling(field)
+        spell = spelling(field)
         if not spell["cli"] or field.name in exclude or not field.init:
             continue
         help_text = docs.get(field.name)
@@ -160,29 +159,29 @@ def _comma_list(item_type: type, flags: tuple[str, ...]) -> Callable[[str | None
     return parse
 
 
-# The fields typed on the command line of the command now running (set by config_command).
-_TYPED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("typed_fields", default=frozenset())
-
-
-def given_fields() -> frozenset[str]:
-    """The config fields typed on the command line of the command now running (empty outside one)."""
-    return _TYPED.get()
+def build_plain(cls: type, typed: dict[str, Any], untyped: dict[str, Any]) -> Any:
+    """The config of one command line, with no other source of settings."""
+    return cls(**untyped, **typed)
 
 
 def config_command(cls: type, run: Callable[[Any], None], *, doc: str, exclude: tuple[str, ...] = (),
-                   fixed: dict[str, Any] | None = None) -> Callable:
-    """A typer command function whose options are `cls`'s fields; it builds `cls` and calls `run`."""
+                   fixed: dict[str, Any] | None = None,
+                   settle: Callable[[type, dict[str, Any], dict[str, Any]], Any] = build_plain) -> Callable:
+    """A typer command function whose options are `cls`'s fields; it builds `cls` and calls `run`.
+
+    settle(cls, typed, untyped) builds the config from the values typed on the command line and
+    the rest (defaults and `fixed`); the CLI's adds recipes, resumes and the workspace
+    (sitctl/defaults.py: settled_config).
+    """
     options = _options(cls, exclude)
 
     def command(ctx: typer.Context, **values: Any) -> None:
         sources = {name: ctx.get_parameter_source(name) for name in values}
-        typed = frozenset(option["field"] for option in options  # --beta1 is typing betas, --no-fetch fetch_weights
-                          if (source := sources[option["parameter"].name]) is not None and source.name in TYPED_SOURCES)
-        token = _TYPED.set(typed)  # read by given_fields while the command runs
-        try:
-            run(cls(**{**(fixed or {}), **_config_kwargs(options, values)}))
-        finally:
-            _TYPED.reset(token)
+        typed_names = frozenset(option["field"] for option in options  # --beta1 is typing betas, --no-fetch fetch_weights
+                                if (source := sources[option["parameter"].name]) is not None and source.name in TYPED_SOURCES)
+        kwargs = {**(fixed or {}), **_config_kwargs(options, values)}
+        typed = {name: value for name, value in kwargs.items() if name in typed_names}
+        run(settle(cls, typed, {name: value for name, value in kwargs.items() if name not in typed_names}))
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([context] + [option["parameter"] for option in options])  # type: ignore[attr-defined]

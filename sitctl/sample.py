@@ -32,7 +32,7 @@ from sitctl import distributed
 from sitctl.artifacts import (
     begin_artifact, disk_errors, finish_artifact, open_artifact, output_lock, staging_dir, write_failure
 )
-from sitctl.configs import SampleConfig
+from sitctl.configs import SampleConfig, resolve_sample
 from sitctl.decode import Decoder, load_decoder
 from sitctl.distributed import barrier
 from sitctl.errors import ArtifactError, SampleError
@@ -157,6 +157,7 @@ def sample_stage(config: SampleConfig):
 
     Run it as one process or under torchrun; every rank returns the finished Artifact.
     """
+    config = resolve_sample(config)  # the mode's solver and steps, as the manifest records them
     d = distributed.setup(config.device)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32

@@ -9,10 +9,9 @@ records every resolved setting plus the recipe's name, so a recipe is never need
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from sitctl.errors import SitctlError
 
@@ -35,21 +34,16 @@ def load_recipe(name: str) -> dict[str, Any]:
         raise SitctlError(f"recipe {path} cannot be read: {error}") from None
 
 
-def apply_recipe(config: Any, given: frozenset[str]) -> Any:
-    """`config` with its recipe's settings for this stage, except those typed on the command line."""
-    if getattr(config, "recipe", None) is None:
-        return config
-    stage = STAGES[type(config).__name__]
-    values = load_recipe(config.recipe).get(stage)
+def recipe_layers(config_class: type, name: str | None, typed: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The layer of settings (sitctl/settings.py) that recipe `name` gives this stage, less those
+    typed on the command line; none without a recipe. Its values are converted and checked as typed ones are."""
+    if name is None:
+        return []
+    stage = STAGES[config_class.__name__]
+    values = load_recipe(name).get(stage)
     if values is None:
-        raise SitctlError(f"recipe {config.recipe!r} has no [{stage}] settings")
-    fields = {field.name: field for field in dataclasses.fields(config) if field.init}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise SitctlError(f"recipe {config.recipe!r} sets unknown {stage} setting(s): {', '.join(unknown)}")
-    taken = {name: tuple(value) if isinstance(value, list) else value
-             for name, value in values.items() if name not in given}
-    return dataclasses.replace(config, **taken)
+        raise SitctlError(f"recipe {name!r} has no [{stage}] settings")
+    return [(f"recipe {name!r} [{stage}]", {key: value for key, value in values.items() if key not in typed})]
 
 
 def describe(name: str) -> dict[str, str]:

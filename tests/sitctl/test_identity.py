@@ -8,6 +8,7 @@ from sitctl import configs
 from sitctl.errors import SitctlError
 from sitctl.identity import EXTENDS, FREE, INPUT, SHAPES, check_continues, resumed, role, settings_of
 from sitctl.options import setting
+from sitctl.settings import build
 from tests.sitctl.test_reliability import cli
 from tests.sitctl.test_train import TINY, assert_same_files, tiny
 
@@ -38,8 +39,9 @@ def test_a_new_field_shapes_the_output_unless_declared_otherwise_and_a_resume_re
 
 def test_resumed_takes_every_untyped_setting_from_the_record_and_keeps_the_typed_ones():
     recorded = settings_of(tiny("lat", "run", steps=10, seed=3, betas=(0.8, 0.9)))
-    bare = configs.TrainConfig(resume=True, steps=20, loader_workers=2)
-    config = resumed(bare, recorded, given={"steps", "resume", "loader_workers"})
+    typed = {"resume": True, "steps": 20, "loader_workers": 2}
+    config = build(configs.TrainConfig, [("run r", resumed(configs.TrainConfig, recorded, given=typed)),
+                                         ("the command line", typed)])
     assert (config.steps, config.seed, config.betas, config.model) == (20, 3, (0.8, 0.9), TINY["model"])
     assert (config.loader_workers, config.latents, config.out) == (2, None, None)  # free and input fields stay
 
