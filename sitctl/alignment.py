@@ -9,7 +9,7 @@ never read by sampling, which loads only the SiT weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,11 +46,11 @@ class Alignment:
             return self.encoder(images)
 
 
-def resolve_depth(config: TrainConfig) -> TrainConfig:
-    """--repa-depth's default for the model (REPA's: 8 for L/XL, 4 for B/S); the run records it."""
+def resolve_depth(config: TrainConfig) -> int | None:
+    """--repa-depth, else its default for the model (REPA's: 8 for L/XL, 4 for B/S); None without REPA."""
     if config.repa_encoder is None or config.repa_depth is not None:
-        return config
-    return replace(config, repa_depth=default_repa_depth(config.model))
+        return config.repa_depth
+    return default_repa_depth(config.model)
 
 
 def prepare_alignment(config: TrainConfig, model_config: Any, latents: Any, device: torch.device) -> Alignment | None:

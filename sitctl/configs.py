@@ -170,8 +170,8 @@ class TrainConfig:
     """Watch the run in: tensorboard (event files in --log-dir), wandb (pip install wandb; WANDB_MODE=offline and the other WANDB_* variables apply) or none."""
     log_dir: str | None = setting(None, role="free")
     """Folder of the tracker's files (default: OUT/logs, so `tensorboard --logdir runs` shows every run)."""
-    eval_every: int = setting(25_000, role="free")
-    """Measure FID every N steps with the EMA weights, as `sitctl sample` + `sitctl eval fid` would (0: never)."""
+    eval_every: int | None = setting(None, role="free")
+    """Measure FID every N steps with the EMA weights, as `sitctl sample` + `sitctl eval fid` would (0: never). Given, it needs a reference (--eval-ref, or the workspace's); default: every 25,000 steps when there is one, else a note."""
     eval_num: int = setting(10_000, role="free")
     """Images per FID during training, split over the processes."""
     eval_mode: str = setting("sde", role="free")
@@ -241,7 +241,7 @@ class TrainConfig:
             raise SitctlError(f"unknown precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
         if self.seed < 0:  # numpy's seed sequences refuse negative seeds, late and with a traceback
             raise SitctlError(f"--seed must be 0 or more, got {self.seed}")
-        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers, self.eval_every) < 0:
+        if min(self.weight_decay, self.keep_last, self.keep_every, self.preview_every, self.loader_workers, self.eval_every or 0) < 0:
             raise SitctlError("--weight-decay, --keep-last, --keep-every, --preview-every, --loader-workers and --eval-every must be >= 0")
         self._check_repa()
 

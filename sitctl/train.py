@@ -58,6 +58,7 @@ from sitctl.signals import StopRequest, stop_on_signals
 TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
 STOP_VOTES = (signal.SIGTERM, signal.SIGINT)  # the signals ranks vote on, in the order they win
 NAN_HOOK = "SITCTL_TEST_NAN_AT_STEP"  # tests plant a NaN loss at this (1-based) step
+DEFAULT_EVAL_EVERY = 25_000  # steps between FIDs when --eval-every is not given (and a reference is found)
 
 class NonFiniteLossError(SitctlError):
     """The loss became NaN or inf; the run stops before saving anything trained from it."""
@@ -82,7 +83,8 @@ class Run:
     ema: nn.Module
     forward: nn.Module  # net wrapped by DDP and/or torch.compile: what the loss calls
     optimizer: torch.optim.Optimizer
-    train_eps: float
+    train_eps: float  # the range of training times, [train_eps, 1 - train_eps]
+    sample_eps: float  # the end of sampling time the checkpoint records (previews and the FID use it too)
     micro_batch: int
     interp: Any = None  # the interpolant object, resolved from config.interp once when the run is prepared
     time_distribution: Any = UniformTime()  # resolved from --time-dist once, likewise
@@ -143,14 +145,17 @@ def time_distribution(config: TrainConfig):
     return TIME_DISTRIBUTIONS[config.time_dist](mean=config.time_mean, std=config.time_std)
 
 
-def resolve_precision(config: TrainConfig, device: torch.device) -> TrainConfig:
-    """--precision auto: bf16 autocast on CUDA (tensor cores, SDPA's flash kernels), fp32 elsewhere.
+def resolve(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """Every derived setting filled in, once; the run records these values.
 
-    The run records the resolved value, so a checkpoint says what it was trained in.
+    --precision auto: bf16 autocast on CUDA (tensor cores, SDPA's flash kernels), fp32 elsewhere, so
+    a checkpoint says what it was trained in; REPA's depth of the model; the FID's period; the
+    tracker's folder, absolute so that `sitctl show` and `sitctl eval` find it from anywhere.
     """
-    if config.precision != "auto":
-        return config
-    return replace(config, precision="bf16" if device.type == "cuda" else "fp32")
+    precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return replace(config, precision=precision, repa_depth=repa.resolve_depth(config),
+                   eval_every=DEFAULT_EVAL_EVERY if config.eval_every is None else config.eval_every,
+                   log_dir=None if config.log_dir is None else os.path.abspath(config.log_dir))
 
 
 def set_precision(precision: str) -> None:
@@ -159,8 +164,10 @@ def set_precision(precision: str) -> None:
     torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
-def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
-    """Check everything a user can get wrong, then build the network, EMA, optimizer and data."""
+def prepare(config: TrainConfig, d: distributed.Dist, fid_required: bool = True) -> Run:
+    """Check everything a user can get wrong, then build the network, EMA, optimizer and data.
+
+    fid_required: a FID due in this run that finds no reference is an error, not a note."""
     if is_finished(config.out):  # never write a run into another stage's artifact
         raise SitctlError(f"{config.out} is a finished artifact, not a run directory; choose a new --out")
     latents = open_latents(config.latents)
@@ -192,14 +199,15 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     run = Run(config=config, dist=d, latents=latents, model_config=model_config, net=net, ema=ema, forward=net,
               optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step, interp=interp, tracker=tracker,
               time_distribution=time_distribution(config), alignment=alignment,
-              train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0])
+              train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0],
+              sample_eps=interp.default_eps(config.pred)[1])
     if resume_from is not None:
         saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer,
                                                 modules=extra_modules(run))
         run.last_saved, run.saved_step = resume_from, start_step
         run.window.update(_window_from_record(saved.get("log_window"), config, d.device))
     run.forward = wrap_for_training(alignment.module(net) if alignment else net, config, d)
-    run.evaluation = train_eval.prepare_eval(run)
+    run.evaluation = train_eval.prepare_eval(run, required=fid_required)
     return run
 
 
@@ -350,15 +358,14 @@ def is_log_step(run: Run, step: int) -> bool:
 def train(config: TrainConfig) -> Artifact | None:
     """Run (or resume) training; returns the last checkpoint artifact on rank 0, None elsewhere."""
     d = distributed.setup(config.device)
-    config = repa.resolve_depth(resolve_precision(config, d.device))
-    if config.log_dir is not None:  # recorded absolute: `sitctl show` and `sitctl eval` find it from anywhere
-        config = replace(config, log_dir=os.path.abspath(config.log_dir))
+    fid_required = config.eval_every is not None  # a period asked for is honoured or refused; the default may skip
+    config = resolve(config, d.device)
     run = None
     hint = "free space (or make it writable) and rerun with --resume"
     try:
         # A signal while preparing is kept too: the run then stops after its first step.
         with stop_on_signals(), output_lock(config.out, d), disk_errors("write the run", config.out, hint=hint):
-            run = prepare(config, d)
+            run = prepare(config, d, fid_required)
             train_loop(run)
         return run.last_saved if d.is_main else None
     finally:
@@ -482,7 +489,7 @@ def checkpoint_extra(run: Run) -> dict[str, Any]:
     """What later stages read from a checkpoint's manifest, so no flag is repeated."""
     return CheckpointInfo(
         step=run.step, model=run.config.model, model_config=asdict(run.model_config), interp=run.config.interp,
-        pred=run.config.pred, train_eps=run.train_eps, sample_eps=run.interp.default_eps(run.config.pred)[1],
+        pred=run.config.pred, train_eps=run.train_eps, sample_eps=run.sample_eps,
         latent_shape=list(run.latents.latent_shape), num_classes=run.latents.num_classes,
     ).to_extra()
 
@@ -542,7 +549,7 @@ def maybe_preview(run: Run, decoder) -> None:
                               null_class=run.latents.num_classes)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
         latents = sample_ode(velocity, x0, method="heun", steps=config.preview_steps,
-                             sample_eps=run.interp.default_eps(config.pred)[1]).float()
+                             sample_eps=run.sample_eps).float()
         images = decoder(latents)  # (n, H, W, C) uint8
     path = Path(config.out) / "previews" / f"step-{run.step:07d}.png"
     save_image_grid(images, path)

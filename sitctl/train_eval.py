@@ -29,7 +29,7 @@ import torch
 from sitctl import distributed
 from sitctl.configs import EvalConfig, SampleConfig, TrainConfig
 from sitctl.decode import Decoder, load_decoder
-from sitctl.errors import SitctlError
+from sitctl.errors import OtherRankStopped, SitctlError
 from sitctl.evaluate.auto_reference import reference_for
 from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_features, resolve_weights
 from sitctl.evaluate.reference import Reference, load_reference
@@ -76,17 +76,26 @@ def eval_steps_ahead(config: TrainConfig, step: int) -> bool:
 # =============================================================================================
 
 
-def prepare_eval(run) -> TrainingEval | None:
+def prepare_eval(run, required: bool = True) -> TrainingEval | None:
     """Everything the FID needs, checked before the first step; None when no FID is due in this run.
 
-    Without a reference (the latents' source images are unknown or gone) rank 0 says so once
-    and the run trains on; a wrong --eval-ref or no Inception network is an error.
+    Without a reference (the latents' source images are unknown or gone, or the run is in no
+    workspace and has no --eval-ref): an error when the FID was asked for (`required`: --eval-every
+    given), else rank 0 says so once and the run trains on. A wrong --eval-ref or no Inception
+    network is always an error.
     """
     config, d = run.config, run.dist
     if not eval_steps_ahead(config, run.step):
         return None
-    reference = find_reference(run) if d.is_main else None
+    reference, missing = find_reference(run) if d.is_main else (None, None)
     if not distributed.all_agree(d, reference is not None or not d.is_main):
+        if required and not d.is_main:  # every rank stops here; rank 0 says why
+            raise OtherRankStopped("rank 0 found no reference for --eval-every")
+        if required:
+            raise SitctlError(f"--eval-every {config.eval_every} needs a reference: {missing}; pass --eval-ref "
+                              "(a reference artifact or an ADM .npz), or --eval-every 0")
+        if d.is_main:
+            print(f"warning: no FID during training: {missing}; training goes on without it", file=sys.stderr, flush=True)
         return None
     eval_config = EvalConfig(metrics=("fid",), num_expected=config.eval_num, device=str(d.device))
     weights = resolve_weights(eval_config.inception_weights, fetch=eval_config.fetch_weights)
@@ -95,7 +104,7 @@ def prepare_eval(run) -> TrainingEval | None:
     vae, scale_factor = lineage_vae(run.latents.artifact, None)
     source = Source(net=run.ema, model_config=run.model_config, interp=run.interp, pred=config.pred, vae=vae,
                     scale_factor=scale_factor, artifact=None, identity="training",
-                    sample_eps=run.interp.default_eps(config.pred)[1])  # what the checkpoint records
+                    sample_eps=run.sample_eps)  # what the checkpoint records
     source = with_precision(source, settings)
     labels = class_labels(settings.num, run.model_config.num_classes, settings.seed, settings.labels)
     return TrainingEval(settings=settings, source=source, decoder=load_decoder(source, d.device), extractor=extractor,
@@ -103,27 +112,25 @@ def prepare_eval(run) -> TrainingEval | None:
                         reference=reference, eval_config=eval_config)
 
 
-def find_reference(run) -> Reference | None:
-    """--eval-ref, else the workspace reference of the latents' source (built once if missing), else None."""
+def find_reference(run) -> tuple[Reference | None, str | None]:
+    """--eval-ref, else the workspace reference of the latents' source (built once if missing);
+    else (None, why there is none)."""
     config = run.config
     image_size = LatentsInfo.from_artifact(run.latents.artifact).image_size
     if config.eval_ref is not None:
         reference = load_reference(config.eval_ref)
         if image_size is not None:
             check_reference(reference, image_size)
-        return reference
+        return reference, None
     settings = EvalConfig(metrics=("fid",), device=str(run.dist.device))
     root = workspace_root(config.out)
     if root is None:  # never make a folder a workspace (and fill it with references) behind the user's back
-        print(f"warning: no FID during training: {config.out} is in no workspace; pass --eval-ref "
-              "(a reference artifact or an ADM .npz); training goes on without it", file=sys.stderr, flush=True)
-        return None
+        return None, f"{config.out} is in no workspace"
     try:
         path = reference_for(run.latents.artifact, root, settings, say=print)
     except SitctlError as error:
-        print(f"warning: no FID during training: {error}; training goes on without it", file=sys.stderr, flush=True)
-        return None
-    return load_reference(path)
+        return None, str(error)
+    return load_reference(path), None
 
 
 def workspace_root(out: str) -> Path | None:

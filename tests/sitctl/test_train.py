@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -43,14 +44,26 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_latents_di
 
 
 def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu_and_the_run_records_which(digits_latents_dir, tmp_path):
-    from sitctl.train import resolve_precision
+    from sitctl.train import resolve
 
     config = tiny(digits_latents_dir, tmp_path / "run", steps=1)
     assert config.precision == "auto"
-    assert resolve_precision(config, torch.device("cuda")).precision == "bf16"
-    assert resolve_precision(config, torch.device("cpu")).precision == "fp32"
-    assert resolve_precision(tiny(digits_latents_dir, tmp_path, precision="tf32"), torch.device("cuda")).precision == "tf32"
+    assert resolve(config, torch.device("cuda")).precision == "bf16"
+    assert resolve(config, torch.device("cpu")).precision == "fp32"
+    assert resolve(tiny(digits_latents_dir, tmp_path, precision="tf32"), torch.device("cuda")).precision == "tf32"
     assert train(config).config["precision"] == "fp32"
+
+
+def test_resolve_fills_every_derived_setting_once(digits_latents_dir, tmp_path, monkeypatch):
+    from sitctl.train import DEFAULT_EVAL_EVERY, resolve
+
+    monkeypatch.chdir(tmp_path)
+    config = tiny(digits_latents_dir, tmp_path / "run", steps=1, eval_every=None, log_dir="logs")
+    resolved = resolve(config, torch.device("cpu"))
+    assert (resolved.eval_every, resolved.log_dir, resolved.repa_depth) == (DEFAULT_EVAL_EVERY, str(tmp_path / "logs"), None)
+    assert resolve(replace(config, eval_every=0), torch.device("cpu")).eval_every == 0
+    assert resolve(replace(config, repa_encoder="dinov2-vitb14", model="SiT-XL/2"), torch.device("cpu")).repa_depth == 8
+    assert resolve(resolved, torch.device("cpu")) == resolved  # resolving twice changes nothing
 
 
 def test_checkpoint_links_its_latents_and_rebuilds_the_network_alone(digits_latents_dir, tmp_path):
