@@ -15,3 +15,12 @@ class ArtifactError(SitctlError):
 
 class CheckpointMismatchError(SitctlError):
     """A state dict does not fit the model it is loaded into."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message, else its type's name: what a one-line warning or error quotes.
+
+    Library messages (HDF5, huggingface_hub, W&B) run over several lines: a timestamp, a URL, a hint.
+    """
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

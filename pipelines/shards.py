@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.errors import ArtifactError
 from pipelines.files import sha256_file, write_json_atomic
 from pipelines.images import decode_png, png_bytes
 
@@ -158,7 +159,6 @@ def _header_checksums_ok(buffer: np.ndarray, offsets: list[int]) -> bool:
 
 def tar_members(data, where: str) -> list[TarMember]:
     """The regular files of an uncompressed tar in `data` (bytes or mmap); ArtifactError if broken."""
-    from model.errors import ArtifactError
 
     members, headers, position, pax = [], [], 0, {}
     while position + TAR_BLOCK <= len(data):
@@ -228,7 +228,6 @@ class ShardIndex:
 
 def _npy_header(payload: bytes, where: str, what: str = "moments", expected=np.float16) -> tuple[int, tuple[int, ...]]:
     """(header length, shape) of a C-ordered .npy payload of dtype `expected`; parsed without unpickling anything."""
-    from model.errors import ArtifactError
 
     stream = io.BytesIO(payload[:4096])
     try:
@@ -254,7 +253,6 @@ class ShardImages:
 
     def read_into(self, samples: np.ndarray, out: np.ndarray, where: str) -> None:
         """Write the (unflipped) crops of `samples` into `out` (n, S, S, 3) uint8."""
-        from model.errors import ArtifactError
 
         for row, sample in enumerate(samples.tolist()):
             start, size = int(self.offsets[sample]), int(self.sizes[sample])
@@ -269,7 +267,6 @@ class ShardImages:
 
 def _index_images(data, where: str, samples: dict[str, dict[str, TarMember]]) -> ShardImages | None:
     """The kept crops of a shard's samples (in `samples` order), or None when it has none."""
-    from model.errors import ArtifactError
 
     formats = {suffix for members in samples.values() for suffix in members if suffix.startswith("image.")}
     if not formats:
@@ -305,7 +302,6 @@ def _index_images(data, where: str, samples: dict[str, dict[str, TarMember]]) ->
 
 def index_shard(path: str | Path, data, moments_shape: tuple[int, ...]) -> ShardIndex:
     """Index a latents shard held in `data` (bytes or mmap): each sample needs .cls and .moments.npy."""
-    from model.errors import ArtifactError
 
     where = str(path)
     samples: dict[str, dict[str, TarMember]] = {}
@@ -362,7 +358,6 @@ def open_shard(path: str | Path, moments_shape: tuple[int, ...], sha256: str | N
     import hashlib
     import mmap
 
-    from model.errors import ArtifactError
 
     try:
         with open(path, "rb") as handle:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.images import center_crop_arr
-from model.errors import SitctlError
+from model.errors import SitctlError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DIGITS_TRAIN = 1500  # digits:train is items [0, 1500), digits:holdout the other 297
@@ -273,7 +273,7 @@ def _reason(error: Exception) -> str:
         return "not an image PIL can identify"
     if isinstance(error, OSError) and error.strerror:
         return f"unreadable: {error.strerror}"
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__
 
 
 def collate_items(batch: list) -> list:

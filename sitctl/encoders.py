@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sitctl.errors import SitctlError
+from sitctl.errors import SitctlError, first_line
 
 # Short names of the encoders REPA used (its --enc-type dinov2-vit-b is the default), as timm's hub repos.
 ENCODERS = {
@@ -126,7 +126,7 @@ def _from_hub(name: str, repo: str) -> nn.Module:
     except Exception as error:  # hub, JSON, timm and state-dict errors alike
         from huggingface_hub.errors import LocalEntryNotFoundError
 
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         if isinstance(error, LocalEntryNotFoundError):
             reason = "it is not in the cache and the hub cannot be reached"
         raise EncoderError(f"cannot load encoder {name} ({repo}) from the Hugging Face cache or hub: {reason[:200]}; "

@@ -4,7 +4,7 @@ Anything else (a bug) is left to raise with its traceback.
 """
 
 
-from model.errors import ArtifactError, CheckpointMismatchError, SitctlError  # noqa: F401 (re-exported: shared below all packages)
+from model.errors import ArtifactError, CheckpointMismatchError, SitctlError, first_line  # noqa: F401 (re-exported: shared below all packages)
 
 
 

@@ -18,6 +18,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from sitctl.errors import first_line
+
 RANK_FILE = "images-rank{rank:05d}.h5"
 
 
@@ -63,7 +65,7 @@ class SampleWriter:
         except (OSError, RuntimeError) as error:
             self.failed = True
             code = getattr(error, "errno", None)
-            raise OSError(code, os.strerror(code) if code else _first_line(error)) from None
+            raise OSError(code, os.strerror(code) if code else first_line(error)) from None
 
     def close(self) -> None:
         """Close the file; after a failed write (a full disk) the close fails too, and that adds nothing."""
@@ -72,11 +74,6 @@ class SampleWriter:
         except (OSError, RuntimeError):
             if not self.failed:
                 raise
-
-
-def _first_line(error: Exception) -> str:
-    """HDF5 messages run over several lines (a timestamp, the file descriptor, ...): keep the first."""
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def quantize(x: np.ndarray) -> np.ndarray:

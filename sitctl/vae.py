@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sitctl.errors import SitctlError
+from sitctl.errors import SitctlError, first_line
 
 VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scaling, used when a config lacks one
@@ -59,7 +59,7 @@ def _from_pretrained(name: str, source: str):
             warnings.simplefilter("ignore")
             return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
     except Exception as error:  # diffusers/hub raise OSError, ValueError, JSON and HTTP errors alike
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         if name == "local":
             raise VaeError(f"cannot load a diffusers AutoencoderKL from {source}: {reason}") from None
         raise VaeError(

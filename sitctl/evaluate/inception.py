@@ -28,7 +28,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
-from sitctl.errors import SitctlError
+from sitctl.errors import SitctlError, first_line
 from sitctl.progress import progress_bar
 from sitctl.signals import stop_on_signals
 
@@ -283,7 +283,7 @@ def create_extractor(weights: InceptionWeights, features: Iterable[str], device:
         extractor = create_feature_extractor(name, list(features), cuda=False, verbose=False,
                                              feature_extractor_weights_path=source)
     except (RuntimeError, ValueError, KeyError) as error:  # wrong tensors, or a broken TorchScript archive
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise InceptionWeightsError(f"{weights.path} does not hold the FID Inception network: {reason}") from None
     return extractor.to(device)
 

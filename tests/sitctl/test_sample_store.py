@@ -8,8 +8,9 @@ import h5py
 import pytest
 import numpy as np
 
+from model.errors import first_line
 from sitctl.sample_store import (
-    SampleWriter, _first_line, export_npz, image_shape, iter_batches, rank_file, repair_rank_file, stored_indices, write_virtual_dataset,
+    SampleWriter, export_npz, image_shape, iter_batches, rank_file, repair_rank_file, stored_indices, write_virtual_dataset,
 )
 
 
@@ -85,8 +86,9 @@ def test_a_rank_file_killed_in_its_first_append_keeps_nothing(tmp_path):
 
 def test_a_failed_write_is_told_by_the_first_line_of_hdf5s_message_or_the_errors_name():
     message = "Can't synchronously write data (file write failed: time = Sun Dec  6, filename = 'x.h5')\n  errno = 28"
-    assert _first_line(OSError(message)) == "Can't synchronously write data (file write failed: time = Sun Dec  6, filename = 'x.h5')"
-    assert _first_line(RuntimeError()) == "RuntimeError"
+    assert first_line(OSError(message)) == "Can't synchronously write data (file write failed: time = Sun Dec  6, filename = 'x.h5')"
+    assert first_line(OSError("\n  only on the second line")) == "only on the second line"
+    assert first_line(RuntimeError()) == first_line(RuntimeError("  ")) == "RuntimeError"
 
 
 # Rank files as a resumed run with another world size leaves them: each file holds its indices in
