@@ -1,9 +1,9 @@
 """Experiment trackers: what a training run shows in TensorBoard or Weights & Biases while it trains.
 
 A tracker is a small object with one method per kind of record (scalars, an image, the config,
-a checkpoint), chosen from `TRACKERS` by `--tracker` where the run is prepared; the training
-loop calls the same methods whichever it is and never branches on the name. Rank 0 holds the
-real one, the other ranks a `NullTracker`.
+a checkpoint, `sitctl eval`'s results), chosen from `TRACKERS` by `--tracker` where the run is
+prepared; the training loop and `sitctl eval` call the same methods whichever it is and never
+branch on the name. Rank 0 holds the real one, the other ranks a `NullTracker`.
 
 Resume rule, the same as metrics.jsonl's: a run resumed from its checkpoint at step S redoes
 steps S+1..., so whatever the killed run logged past S must not count twice. TensorBoard's event
@@ -51,6 +51,9 @@ class Tracker(Protocol):
 
     def hyperparameters(self, settings: dict[str, Any]) -> None: ...
 
+    def eval_series(self, step: int, values: dict[str, float]) -> None:
+        """`sitctl eval`'s values for the checkpoint at `step`, as a series beside the training curves."""
+
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
@@ -68,6 +71,7 @@ class NullTracker:
     def image(self, step, tag, image): pass
     def text(self, step, tag, text): pass
     def hyperparameters(self, settings): pass
+    def eval_series(self, step, values): pass
     def flush(self): pass
     def close(self): pass
 
@@ -108,6 +112,9 @@ class TensorBoardTracker:
             self.writer.file_writer.add_summary(summary)
         self.text(0, "config", "```\n" + json.dumps(settings, indent=2) + "\n```")
 
+    def eval_series(self, step, values):
+        self.scalars(step, {f"eval/{key}": value for key, value in values.items()})
+
     def flush(self):
         self.writer.flush()
 
@@ -116,6 +123,11 @@ class TensorBoardTracker:
             self.writer.close()
         finally:
             threading.excepthook = self.previous_hook
+
+    @staticmethod
+    def eval_series_dir(log_dir, series):
+        # A sub-run: the same tag (eval/fid) puts the series on the training FID's chart, as a line of its own.
+        return log_dir / series
 
 
 class WandbTracker:
@@ -151,6 +163,13 @@ class WandbTracker:
     def hyperparameters(self, settings):
         self.run.config.update(settings, allow_val_change=True)
 
+    def eval_series(self, step, values):
+        # W&B drops a point logged at a step below its run's latest, so eval points (at a past
+        # checkpoint's step) get an x axis of their own, `sitctl_eval/step` (W&B's define_metric).
+        self.run.define_metric("sitctl_eval/step")
+        self.run.define_metric("sitctl_eval/*", step_metric="sitctl_eval/step")
+        self.run.log({**{f"sitctl_eval/{key}": value for key, value in values.items()}, "sitctl_eval/step": step})
+
     def flush(self):
         pass  # the W&B service process writes as it receives
 
@@ -160,30 +179,54 @@ class WandbTracker:
         self.run.finish()
         wandb.teardown()  # stops W&B's service process, which writes the run file's last records
 
+    @staticmethod
+    def eval_series_dir(log_dir, series):
+        return log_dir  # the run's own W&B run (its id is in the log dir), on an x axis of its own
+
 
 TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "none": None}
 
 
 class Guarded:
-    """A tracker whose failures after opening are one warning, after which it is dropped."""
+    """A tracker whose failures after opening are one warning, after which it is dropped.
+
+    Each method guards its own call, and only the call: a method that does not exist (here or on
+    the tracker) is a bug and raises AttributeError with its traceback, as on any object."""
 
     def __init__(self, tracker, name: str):
         self.tracker, self.name = tracker, name
 
-    def __getattr__(self, method: str):
-        def call(*args, **kwargs):
-            if self.tracker is None:
-                return
-            try:
-                getattr(self.tracker, method)(*args, **kwargs)
-            except Exception as error:  # a full disk, a dead W&B service: never stop training
-                failed, self.tracker = self.tracker, None
-                with contextlib.suppress(Exception):
-                    failed.close()
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                print(f"warning: the {self.name} tracker failed ({reason}); training goes on without it",
-                      file=sys.stderr, flush=True)
-        return call
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._guard(self.tracker.scalars, step, values)
+
+    def image(self, step: int, tag: str, image: Any) -> None:
+        self._guard(self.tracker.image, step, tag, image)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self._guard(self.tracker.text, step, tag, text)
+
+    def hyperparameters(self, settings: dict[str, Any]) -> None:
+        self._guard(self.tracker.hyperparameters, settings)
+
+    def eval_series(self, step: int, values: dict[str, float]) -> None:
+        self._guard(self.tracker.eval_series, step, values)
+
+    def flush(self) -> None:
+        self._guard(self.tracker.flush)
+
+    def close(self) -> None:
+        self._guard(self.tracker.close)
+
+    def _guard(self, method, *args) -> None:
+        try:
+            method(*args)
+        except Exception as error:  # a full disk, a dead W&B service: never stop training
+            failed, self.tracker = self.tracker, NullTracker()  # every later call does nothing
+            with contextlib.suppress(Exception):
+                failed.close()
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"warning: the {self.name} tracker failed ({reason}); training goes on without it",
+                  file=sys.stderr, flush=True)
 
 
 # =============================================================================================
@@ -193,7 +236,7 @@ class Guarded:
 
 def log_dir_of(config: dict[str, Any], run_dir: Path) -> Path | None:
     """Where a run's tracker writes, from its recorded config; None for --tracker none (or older runs)."""
-    if config.get("tracker") in (None, "none"):
+    if TRACKERS.get(config.get("tracker")) is None:
         return None
     return Path(config["log_dir"]) if config.get("log_dir") else Path(run_dir) / LOGS
 
@@ -296,39 +339,12 @@ def add_eval_to_run(samples, values: dict[str, float], num_samples: int, sampler
     name = checkpoint.config["tracker"]
     step = CheckpointInfo.from_artifact(checkpoint).step
     series = f"{EVAL_SERIES}-{num_samples}-" + sampler.replace(" ", "_")
-    # In TensorBoard a sub-run: the same tag (eval/fid) puts it on the training FID's chart.
-    folder = log_dir / series if name == "tensorboard" else log_dir
-    tracker = open_eval_tracker(name, folder, series)
-    if tracker is None:
-        return None
-    tracker.scalars(step, {f"eval/{key}": float(value) for key, value in values.items()})
-    tracker.close()
-    return log_dir
-
-
-def open_eval_tracker(name: str, folder: Path, series: str) -> Guarded | None:
     try:
-        tracker = open_tracker(name, folder, start_step=None, run_name=series)
+        tracker = open_tracker(name, TRACKERS[name].eval_series_dir(log_dir, series), start_step=None,
+                               run_name=series)
     except TrackerError as error:
         print(f"warning: {error}; the result is not added to the run's {name} logs", file=sys.stderr)
         return None
-    if name == "wandb":  # W&B steps only grow: eval points get their own x axis, the checkpoint's step
-        tracker = Guarded(_WandbEvalSeries(tracker.tracker), name)
-    return tracker
-
-
-class _WandbEvalSeries:
-    """W&B points at past steps: `sitctl_eval/step` is their x axis (W&B's define_metric), since
-    W&B drops a point logged at a step below its run's latest."""
-
-    def __init__(self, tracker: WandbTracker):
-        self.tracker = tracker
-        tracker.run.define_metric("sitctl_eval/step")
-        tracker.run.define_metric("sitctl_eval/*", step_metric="sitctl_eval/step")
-
-    def scalars(self, step, values):
-        renamed = {"sitctl_eval/" + key.split("/", 1)[-1]: value for key, value in values.items()}
-        self.tracker.run.log({**renamed, "sitctl_eval/step": step})
-
-    def close(self):
-        self.tracker.close()
+    tracker.eval_series(step, {key: float(value) for key, value in values.items()})
+    tracker.close()
+    return log_dir
