@@ -7,6 +7,7 @@ the FID during training is checked against the real `sample` + `eval fid` stages
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from sitctl.artifacts import open_artifact, verify_artifact
 from sitctl.checkpoint import list_checkpoints
 from sitctl.plots import read_metrics
 from sitctl.train import TrainConfig, train
+from sitctl.trackers import TRACKERS, Guarded, NullTracker, TensorBoardTracker, open_tracker
 from tests.sitctl.test_data import make_latents
 from tests.sitctl.test_reliability import assert_one_error_line, cli, small_disk
 from tests.torchrun import torchrun
@@ -161,6 +163,115 @@ def test_wandb_offline_leaves_a_run_whose_summary_holds_the_final_loss(digits_la
     assert summary["train/loss"] == pytest.approx(rows[-1]["loss"], rel=1e-9)
     assert summary["_step"] == 3
     assert checkpoint.id in summary["checkpoint"]  # a dashboard line leads back to `sitctl show`
+
+
+def test_a_wandb_eval_series_at_a_past_step_is_kept_on_its_own_x_axis(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    tracker = open_tracker("wandb", tmp_path / "logs", start_step=None, run_name="run")
+    tracker.scalars(5, {"train/loss": 0.5})
+    tracker.eval_series(2, {"fid": 12.5})  # W&B would drop a point at step 2 < 5 on its own step axis
+    tracker.close()
+    summary = wandb_summary(tmp_path / "logs")
+    assert summary["sitctl_eval/fid"] == 12.5 and summary["sitctl_eval/step"] == 2 and summary["train/loss"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracker interface and its guard
+# ---------------------------------------------------------------------------------------------
+
+# Every method of the interface, with arguments of the right kinds.
+CALLS = {"scalars": (1, {"train/loss": 0.5}), "image": (1, "preview", b""), "text": (1, "checkpoint", "x"),
+         "hyperparameters": ({"lr": 1e-3},), "eval_series": (1, {"fid": 3.0}), "flush": (), "close": ()}
+WARNING = "warning: the tensorboard tracker failed ([Errno 28] No space left on device); training goes on without it"
+
+
+class FailingTracker:
+    """Every method records its call, then fails as a full disk does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def fail(self, method):
+        self.calls.append(method)
+        raise OSError(28, "No space left on device")
+
+    def scalars(self, step, values): self.fail("scalars")
+    def image(self, step, tag, image): self.fail("image")
+    def text(self, step, tag, text): self.fail("text")
+    def hyperparameters(self, settings): self.fail("hyperparameters")
+    def eval_series(self, step, values): self.fail("eval_series")
+    def flush(self): self.fail("flush")
+    def close(self): self.fail("close")
+
+
+def test_the_guard_has_every_method_of_the_interface_and_each_tracker_implements_them():
+    for kind in (NullTracker, *(kind for kind in TRACKERS.values() if kind is not None)):
+        for method in CALLS:
+            assert callable(getattr(kind, method)), (kind, method)
+    assert {name for name in vars(Guarded) if not name.startswith("_")} == set(CALLS)
+
+
+def test_a_misspelt_method_on_a_guarded_tracker_raises_attribute_error_and_warns_nothing(capsys):
+    guarded = Guarded(NullTracker(), "tensorboard")
+    with pytest.raises(AttributeError, match="scalar"):
+        guarded.scalar(1, {"train/loss": 0.5})
+    # A tracker class missing a method of the interface is a bug too, not a tracker that failed.
+    with pytest.raises(AttributeError, match="eval_series"):
+        Guarded(object(), "tensorboard").eval_series(1, {"fid": 3.0})
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("method", CALLS)
+def test_each_method_failing_is_one_warning_and_every_later_call_does_nothing(method, capsys):
+    failing = FailingTracker()
+    guarded = Guarded(failing, "tensorboard")
+    getattr(guarded, method)(*CALLS[method])
+    assert capsys.readouterr().err.splitlines() == [WARNING]
+    # The failed tracker was closed (once more when close itself failed), then dropped.
+    assert failing.calls == [method, "close"]
+    for again, args in CALLS.items():
+        getattr(guarded, again)(*args)
+    assert failing.calls == [method, "close"] and capsys.readouterr().err == ""
+
+
+def test_the_tensorboard_eval_series_is_a_sub_run_with_the_training_fids_tag(tmp_path):
+    logs = tmp_path / "logs"
+    folder = TensorBoardTracker.eval_series_dir(logs, "sitctl-eval-16-sde_euler")
+    tracker = open_tracker("tensorboard", folder, start_step=None, run_name="sitctl-eval-16-sde_euler")
+    tracker.eval_series(2, {"fid": 12.5, "precision": 0.25})
+    tracker.close()
+    assert folder.parent == logs  # its own line on the chart of the run's eval/fid
+    assert event_scalars(folder) == {"eval/fid": [(2, 12.5)], "eval/precision": [(2, 0.25)]}
+
+
+def tracker_name_comparisons(path: Path) -> list[str]:
+    """`x.tracker == "wandb"`, `name in ("tensorboard", ...)`: comparisons of a tracker with a tracker name."""
+    def names(node):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return {name for item in node.elts for name in names(item)}
+        return {node.value} if isinstance(node, ast.Constant) and node.value in TRACKERS else set()
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            compared = set().union(*map(names, [node.left, *node.comparators]))
+            # "none" is also other settings' word; compared with a tracker it is the tracker's name.
+            if compared - {"none"} or (compared and "tracker" in ast.unparse(node).lower()):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_but_trackers_compares_a_tracker_name(tmp_path):
+    import sitctl
+
+    example = tmp_path / "example.py"
+    example.write_text('a = config.tracker == "none"\nb = name in ("tensorboard", "x")\nc = config.cfg == "none"\n')
+    assert len(tracker_name_comparisons(example)) == 2  # the check sees what it forbids
+    package = Path(sitctl.__file__).parent
+    assert [line for path in sorted(package.rglob("*.py")) if path.name != "trackers.py"
+            for line in tracker_name_comparisons(path)] == []
 
 
 # ---------------------------------------------------------------------------------------------
