@@ -21,6 +21,7 @@ from model.repa import AlignedSiT, Projector, alignment_loss
 from sitctl.configs import TrainConfig
 from sitctl.encoders import Encoder, load_encoder
 from sitctl.errors import SitctlError
+from sitctl.options import flag_named
 
 PROJECTOR_FILE = "projector"  # projector.safetensors in a checkpoint
 
@@ -61,7 +62,7 @@ def prepare_alignment(config: TrainConfig, model_config: Any, latents: Any, devi
     if config.repa_encoder is None:
         given = [name for name in ("repa_depth", "repa_image_size") if getattr(config, name) is not None]
         if given:
-            raise SitctlError(f"--{given[0].replace('_', '-')} needs --repa-encoder")
+            raise SitctlError(f"{flag_named(config, given[0])} needs --repa-encoder")
         return None
     if latents.encoder_targets == "none":
         raise SitctlError(f"--repa-encoder needs the images the latents were encoded from, and {latents.artifact.path} "

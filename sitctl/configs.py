@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from sitctl.errors import EvalError, ReferenceError, SampleError, SitctlError, SweepError
-from sitctl.options import check_device, check_finite, setting
+from sitctl.options import check_device, check_finite, flag_named, setting
 
 TRAIN_PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 MODES = ("ode", "sde")
@@ -74,7 +74,7 @@ class EncodeConfig:
             raise SitctlError(f"--encoder-targets must be one of {', '.join(ENCODER_TARGETS)}, got {self.encoder_targets!r}")
         for name in ("image_size", "shard_size", "batch_size"):
             if getattr(self, name) < 1:
-                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SitctlError(f"{flag_named(self, name)} must be at least 1, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise SitctlError(f"--workers must be 0 or more, got {self.workers}")
         if self.limit is not None and self.limit < 1:
@@ -213,7 +213,7 @@ class TrainConfig:
             raise SitctlError(f"--eval-mode must be one of {', '.join(MODES)}, got {self.eval_mode!r}")
         for name in ("eval_num", "eval_steps", "eval_batch"):
             if getattr(self, name) < 1:
-                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SitctlError(f"{flag_named(self, name)} must be at least 1, got {getattr(self, name)}")
         if self.eval_num < 2 or self.eval_cfg < 0:
             raise SitctlError("--eval-num must be at least 2 (FID needs a covariance) and --eval-cfg >= 0")
 
@@ -227,10 +227,10 @@ class TrainConfig:
         positive = ("steps", "global_batch", "lr", "data_lanes", "shuffle_buffer", "ckpt_every", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise SitctlError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise SitctlError(f"{flag_named(self, name)} must be positive, got {getattr(self, name)}")
         for name in ("micro_batch", "grad_clip", "discrete_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise SitctlError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise SitctlError(f"{flag_named(self, name)} must be positive, got {getattr(self, name)}")
         if self.discrete_steps is not None and self.discrete_steps < 2:
             raise SitctlError(f"--discrete-steps must be at least 2, got {self.discrete_steps}")
         if self.train_eps is not None and not 0.0 <= self.train_eps < 0.5:
@@ -255,7 +255,7 @@ class TrainConfig:
             raise SitctlError(f"--repa-coeff must be 0 or more, got {self.repa_coeff}")
         for name in ("repa_depth", "repa_projector_width", "repa_image_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SitctlError(f"{flag_named(self, name)} must be at least 1, got {getattr(self, name)}")
 
 
 # =============================================================================================
@@ -346,14 +346,14 @@ class SampleConfig:
         method, steps = self.method or DEFAULT_METHOD[self.mode], self.steps or DEFAULT_STEPS[self.mode]
         for name, value in (("num", self.num), ("batch_size", self.batch_size), ("steps", self.steps)):
             if value is not None and value < 1:
-                raise SampleError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+                raise SampleError(f"{flag_named(self, name)} must be at least 1, got {value}")
         methods = ODE_METHODS if self.mode == "ode" else SDE_METHODS
         choices = {"method": (method, methods), "diffusion": (self.diffusion, DIFFUSIONS),
                    "last_step": (self.last_step, LAST_STEPS), "labels": (self.labels, LABEL_SCHEMES)}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 where = f" with --mode {self.mode}" if name == "method" else ""
-                raise SampleError(f"--{name.replace('_', '-')}{where} must be one of {', '.join(allowed)}, got {value!r}")
+                raise SampleError(f"{flag_named(self, name)}{where} must be one of {', '.join(allowed)}, got {value!r}")
         for option, value, positive in (("w", self.w, False), ("cfg", self.cfg_scale, False), ("preview", self.preview, False),
                                         ("atol", self.atol, True), ("rtol", self.rtol, True)):
             if value < 0 or (positive and value == 0):
@@ -443,7 +443,7 @@ class EvalConfig(InceptionSettings):
             raise EvalError(f"unknown metric(s) {unknown or '(none)'}; choose from {', '.join(METRICS)}")
         for name in ("num_expected", "batch_size", "is_splits", "kid_subsets", "kid_subset_size", "prc_neighborhood"):
             if getattr(self, name) < 1:
-                raise EvalError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise EvalError(f"{flag_named(self, name)} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -542,7 +542,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "steps", "num_samples", "sample_steps"):
             if getattr(self, name) < 1:
-                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SitctlError(f"{flag_named(self, name)} must be at least 1, got {getattr(self, name)}")
         if self.num_samples < 2:
             raise SitctlError("--num-samples must be at least 2 (FID needs a covariance)")
 
@@ -639,18 +639,18 @@ class StudyConfig:
         for name in ("train_seeds", "sample_seeds"):
             seeds = getattr(self, name)
             if self.seed in seeds or len(set(seeds)) < len(seeds):
-                raise SitctlError(f"--{name.replace('_', '-')} must be distinct and differ from --seed {self.seed}, got {list(seeds)}")
+                raise SitctlError(f"{flag_named(self, name)} must be distinct and differ from --seed {self.seed}, got {list(seeds)}")
         unknown = [name for name in self.ablations if name not in ABLATIONS]
         if unknown or not self.ablations:
             raise SitctlError(f"unknown ablation(s) {unknown or '(none)'}; choose from {', '.join(ABLATIONS)}")
         for name in ("image_size", "train_steps", "global_batch", "sample_batch", "ode_steps", "sde_steps", "bootstrap"):
             if getattr(self, name) < 1:
-                raise SitctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SitctlError(f"{flag_named(self, name)} must be at least 1, got {getattr(self, name)}")
         if self.num_samples < 2 or self.reference_images < 2:
             raise SitctlError("--num-samples and --reference-images must be at least 2 (FID needs a covariance)")
         for name in ("convergence_steps", "grid_ode_steps", "grid_sde_steps", "shift_values"):
             if not getattr(self, name) or min(getattr(self, name)) <= 0:
-                raise SitctlError(f"--{name.replace('_', '-')} must list values above 0, got {list(getattr(self, name))}")
+                raise SitctlError(f"{flag_named(self, name)} must list values above 0, got {list(getattr(self, name))}")
         if not 0.0 <= self.convergence_ema_decay < 1.0:
             raise SitctlError(f"--convergence-ema-decay must be in [0, 1), got {self.convergence_ema_decay}")
         if min(self.repa_projector_width, self.encoder_epochs) < 1:

@@ -75,6 +75,11 @@ def flag_of(field: dataclasses.Field) -> str:
     return spell["invert"] or (spell["flags"] or (_flag(field.name),))[0]
 
 
+def flag_named(config: Any, name: str) -> str:
+    """How a user spells field `name` of a config (or its class) on the command line."""
+    return flag_of(next(field for field in dataclasses.fields(config) if field.name == name))
+
+
 def _option(field: str, parameter: inspect.Parameter, convert: str = "value", parse: Callable | None = None) -> dict:
     """One command-line option as plain data: the typer parameter, and how its value becomes the
     field's (`value` as is, `tuple` from a repeated option, `parse` from text, `invert` a --no-x
