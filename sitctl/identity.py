@@ -10,8 +10,9 @@ Each config field declares its role once, in `setting(role=...)` (sitctl/options
 
 Every guard is derived from that declaration: the workspace's request note (which interrupted
 version a rerun continues), train's resume check, sample's resume check, the eval stage's reuse,
-the study's sittings and the demo's reuse. A new field shapes the output unless it says otherwise,
-so forgetting to classify it makes a resume stricter, never silently mixed.
+the study's sittings, and the reuse of a finished result by the sweep, the study and the demo
+(`made_otherwise`). A new field shapes the output unless it says otherwise, so forgetting to
+classify it makes a resume stricter, never silently mixed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pipelines.files import write_json_atomic
-from sitctl.artifacts import REQUEST_FILE
+from sitctl.artifacts import REQUEST_FILE, Artifact
 from sitctl.errors import SitctlError
 from sitctl.options import flag_of
 
@@ -69,6 +70,22 @@ def changed_setting(recorded: Mapping[str, Any], config: Any, roles: Iterable[st
         ours, theirs = as_json(getattr(config, field.name)), recorded_value(recorded, field)
         if theirs != ours:
             return f"{flag_of(field)} {theirs!r}, now {ours!r}"
+    return None
+
+
+def made_otherwise(artifact: Artifact, config: Any, inputs: Iterable[str], roles: Iterable[str] = IDENTITY) -> str | None:
+    """Why the finished `artifact` is not what `config` makes from `inputs` (content ids); None when it is.
+
+    The reuse rule of every stage that looks for an earlier result: the same identity settings,
+    and exactly the same inputs by id (a path says where an input was, not what it held). A run
+    that may have gone further than asked compares only the settings that shape it (SHAPES).
+    """
+    change = changed_setting(artifact.config, config, roles)
+    if change is not None:
+        return f"it was made with {change}"
+    made_from, wanted = sorted(ref["id"] for ref in artifact.inputs), sorted(inputs)
+    if made_from != wanted:
+        return f"it was made from {', '.join(made_from) or 'no input'}, now {', '.join(wanted) or 'no input'}"
     return None
 
 

@@ -141,3 +141,32 @@ def test_the_role_table_covers_every_stage_config():
     stage_configs = {value for name, value in vars(configs).items() if name.endswith("Config")
                      and dataclasses.is_dataclass(value) and value.__module__ == configs.__name__}
     assert stage_configs == set(DECLARED_ROLES)
+
+
+def test_a_finished_result_is_the_same_only_with_the_same_identity_settings_and_the_same_inputs_by_id():
+    from pathlib import Path
+
+    from sitctl.artifacts import Artifact
+    from sitctl.identity import ROLES, made_otherwise
+
+    made = configs.SampleConfig(checkpoint="runs/v1", mode="sde", num=8, seed=3)
+    samples = Artifact(Path("samples/v1"), {"config": settings_of(made, ROLES), "inputs": [{"kind": "checkpoint", "id": "c1"}]})
+    moved = dataclasses.replace(made, checkpoint="elsewhere/run", out="samples/v9", batch_size=4)  # input and free fields
+    assert made_otherwise(samples, moved, ["c1"]) is None
+    assert made_otherwise(samples, dataclasses.replace(made, mode="ode"), ["c1"]) == "it was made with --mode 'sde', now 'ode'"
+    assert made_otherwise(samples, made, ["c2"]) == "it was made from c1, now c2"  # the same path, other weights
+    assert made_otherwise(samples, made, []) == "it was made from c1, now no input"
+
+
+def test_a_run_that_went_further_is_the_same_run_when_only_the_shaping_settings_are_compared():
+    from pathlib import Path
+
+    from sitctl.artifacts import Artifact
+    from sitctl.identity import ROLES, made_otherwise
+
+    run = tiny("lat", "run", steps=20)
+    checkpoint = Artifact(Path("run/step-0000020"), {"config": settings_of(run, ROLES), "inputs": [{"kind": "latents", "id": "l1"}]})
+    asked = dataclasses.replace(run, steps=10)
+    assert made_otherwise(checkpoint, asked, ["l1"]) == "it was made with --steps 20, now 10"  # a finished result's identity
+    assert made_otherwise(checkpoint, asked, ["l1"], (SHAPES,)) is None
+    assert made_otherwise(checkpoint, dataclasses.replace(asked, lr=0.5), ["l1"], (SHAPES,)) == f"it was made with --lr {run.lr!r}, now 0.5"
