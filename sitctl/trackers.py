@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from sitctl.errors import SitctlError
+from sitctl.errors import SitctlError, first_line
 
 LOGS = "logs"  # the tracker's folder inside the run directory, unless --log-dir says otherwise
 WANDB_ID_FILE = "wandb-run-id"  # in the log dir: a resumed run continues the same W&B run
@@ -224,8 +224,7 @@ class Guarded:
             failed, self.tracker = self.tracker, NullTracker()  # every later call does nothing
             with contextlib.suppress(Exception):
                 failed.close()
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"warning: the {self.name} tracker failed ({reason}); training goes on without it",
+            print(f"warning: the {self.name} tracker failed ({first_line(error)}); training goes on without it",
                   file=sys.stderr, flush=True)
 
 
@@ -266,8 +265,7 @@ def open_tracker(name: str, log_dir: Path, *, start_step: int | None, run_name: 
         raise TrackerError(f"{write_failure(f'start the {name} tracker in', log_dir, error)} "
                            "(pass --log-dir somewhere writable, or --tracker none)") from None
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TrackerError(f"cannot start the {name} tracker in {log_dir}: {reason} "
+        raise TrackerError(f"cannot start the {name} tracker in {log_dir}: {first_line(error)} "
                            "(pass --log-dir somewhere writable, or --tracker none)") from None
 
 
