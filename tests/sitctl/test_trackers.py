@@ -22,8 +22,8 @@ import pytest
 from sitctl.artifacts import open_artifact, verify_artifact
 from sitctl.checkpoint import list_checkpoints
 from sitctl.plots import read_metrics
-from sitctl.train import TrainConfig, train
 from sitctl.trackers import TRACKERS, Guarded, NullTracker, TensorBoardTracker, open_tracker
+from sitctl.train import TrainConfig, train
 from tests.sitctl.test_data import make_latents
 from tests.sitctl.test_reliability import assert_one_error_line, cli, small_disk
 from tests.torchrun import torchrun
