@@ -36,6 +36,7 @@ from sitctl.configs import SampleConfig, resolve_sample
 from sitctl.decode import Decoder, load_decoder
 from sitctl.distributed import barrier
 from sitctl.errors import ArtifactError, SampleError
+from sitctl.hardware import set_matmul_precision
 from sitctl.identity import check_continues, read_request, record_request
 from sitctl.plots import save_image_grid
 from sitctl.progress import progress_bar
@@ -160,7 +161,7 @@ def sample_stage(config: SampleConfig):
     config = resolve_sample(config)  # the mode's solver and steps, as the manifest records them
     d = distributed.setup(config.device)
     if d.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
+        set_matmul_precision("tf32" if config.tf32 else "fp32")
     try:
         if config.cuda_graphs and d.device.type != "cuda":
             raise SampleError(f"--cuda-graphs needs a CUDA device; this run is on {d.device.type} (drop --cuda-graphs, or use --compile)")

@@ -43,11 +43,11 @@ from sitctl import alignment as repa
 from sitctl import checkpoint as checkpoints
 from sitctl import distributed, trackers, train_eval
 from sitctl.artifacts import Artifact, disk_errors, is_finished, output_lock
-from sitctl.bench.model import training_mfu
 from sitctl.configs import TrainConfig
 from sitctl.data import Latents, interpolant_noise, open_latents, rank_batches
 from sitctl.decode import Decoder
 from sitctl.errors import SitctlError
+from sitctl.hardware import alignment_flops_per_image, set_matmul_precision, training_mfu
 from sitctl.identity import check_continues
 from sitctl.plots import read_metrics, save_image_grid, save_loss_curve
 from sitctl.progress import peak_memory_gib, progress
@@ -159,9 +159,8 @@ def resolve(config: TrainConfig, device: torch.device) -> TrainConfig:
 
 
 def set_precision(precision: str) -> None:
-    # tf32 and bf16 allow TF32 tensor cores for fp32 matmuls; fp32 keeps them exact.
-    torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
-    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    # tf32 and bf16 allow TF32 tensor cores for fp32 matmuls; fp32 keeps them exact (one rule, in sitctl.hardware).
+    set_matmul_precision(precision)
 
 
 def prepare(config: TrainConfig, d: distributed.Dist, fid_required: bool = True) -> Run:
@@ -441,7 +440,7 @@ def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor | None, sec
         "memory_gib": peak_memory_gib(run.dist.device),
     }
     row["mfu"] = training_mfu(run.model_config, row["images_per_sec"], run.dist.device, run.config.precision,
-                              run.dist.world_size)
+                              run.dist.world_size, alignment_flops_per_image(run.alignment, run.model_config.num_tokens))
     if run.alignment is not None:  # REPA's loss (minus the mean cosine), apart from the interpolant's
         row["align_loss"] = float(window["stats"][2 * TIME_BUCKETS] / counts.sum())
     window.clear()

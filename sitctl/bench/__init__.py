@@ -13,9 +13,10 @@ Each command is a thin function around a plain `bench_*(...) -> dict`, so tests 
 can call the function. Timings use wall clock after warm-up, with CUDA synchronised.
 """
 
-from sitctl.bench.model import PEAK_TFLOPS, PRECISIONS, bench_model, peak_tflops  # noqa: F401
+from sitctl.bench.model import bench_model  # noqa: F401
 from sitctl.bench.report import BenchConfig, bench_all, device_label, replace_section, sizes_for  # noqa: F401
 from sitctl.errors import BenchError  # noqa: F401
+from sitctl.hardware import PEAK_TFLOPS, PRECISIONS, peak_tflops  # noqa: F401
 
 
 def __getattr__(name: str):

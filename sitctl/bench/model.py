@@ -3,60 +3,10 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 from sitctl.errors import BenchError
+from sitctl.hardware import PRECISIONS, matmul_precision, peak_tflops
 from sitctl.progress import peak_memory_gib
-
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-# Dense peak TFLOP/s per precision (NVIDIA data sheets, SXM parts unless named; no sparsity).
-PEAK_TFLOPS = {
-    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
-    "H100": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
-    "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
-    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
-}
-
-
-def peak_tflops(device_name: str, precision: str) -> float | None:
-    """The device's dense peak for `precision`, or None where it is not in the table (CPUs)."""
-    for name, peaks in PEAK_TFLOPS.items():  # "H100 PCIe" is listed before "H100" on purpose
-        if name in device_name:
-            return peaks[precision]
-    return None
-
-
-def training_mfu(model_config, images_per_second: float, device, precision: str, world_size: int) -> float | None:
-    """Model FLOP utilisation of a training run: each device's share of the step FLOPs (model.flops)
-    per second over its dense peak; None where the peak is unknown (CPUs)."""
-    import torch
-
-    from model.flops import train_step_flops
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    peak = peak_tflops(torch.cuda.get_device_name(device), precision)
-    if peak is None:
-        return None
-    return train_step_flops(model_config, 1) * images_per_second / world_size / (peak * 1e12)
-
-
-@contextmanager
-def matmul_precision(precision: str, device_type: str):
-    """Set fp32 matmuls to exact (fp32) or TF32 and autocast to bf16 (bf16), restoring on exit."""
-    import torch
-
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
-    torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    try:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def _seconds_per_call(function, steps: int, warmup: int, device) -> float:

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sitctl.bench.model import PRECISIONS
 from sitctl.errors import BenchError
+from sitctl.hardware import PRECISIONS
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:

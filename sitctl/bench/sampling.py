@@ -8,6 +8,7 @@ from model.interpolants import interpolant
 from sitctl.configs import SampleConfig
 from sitctl.decode import load_decoder
 from sitctl.errors import BenchError
+from sitctl.hardware import set_matmul_precision
 from sitctl.sample import class_labels, draw_latents
 from sitctl.sample_source import Source
 
@@ -45,7 +46,7 @@ def bench_sampling(model: str = "SiT-XL/2", *, batch_size: int = 16, steps: tupl
     from model.network import SiT
 
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    set_matmul_precision("tf32" if tf32 else "fp32")
     config = model_config(model, **overrides)
     net = _randomised(SiT(config)).to(torch_device).eval()
     source = Source(net=net, model_config=config, interp=interpolant("linear"), pred="velocity", vae=vae, scale_factor=None,
