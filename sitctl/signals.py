@@ -110,3 +110,43 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     """
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks agreeing on a stop: one vote per signal, summed in a step's all-reduce, read a step late
+# ---------------------------------------------------------------------------------------------
+
+
+def stop_votes(signum: int | None, device):
+    """This rank's votes, one per stop signal in STOP_SIGNALS' order (1.0 for the one it received), on `device`."""
+    import torch  # start-up cost: the CLI imports this module, and `sitctl --help` must not load torch
+
+    return torch.tensor([float(signum == number) for number in STOP_SIGNALS], device=device)
+
+
+class AgreedStop:
+    """The signal the ranks' summed votes of the previous step stop on (SIGTERM first), or 0.
+
+    Each step's summed votes start their copy to the host when given, and are read at the next
+    step, when the device has long finished them: the host never waits, and every rank still
+    stops at the same step.
+    """
+
+    def __init__(self):
+        self.pending = None  # (host tensor, CUDA event or None) of the last step's votes
+
+    def __call__(self, votes) -> int:
+        import torch  # start-up cost, as above
+
+        if votes.device.type == "cuda":
+            host = torch.empty(len(votes), pin_memory=True).copy_(votes, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = votes.clone(), None
+        previous, self.pending = self.pending, (host, done)
+        if previous is None:
+            return 0
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return next((int(number) for number, count in zip(STOP_SIGNALS, previous[0].tolist()) if count > 0), 0)

@@ -7,21 +7,20 @@ gradients are accumulated. Defaults are the SiT paper's (arXiv 2401.08740, Sec. 
 which keeps DiT's recipe): AdamW, lr 1e-4, no weight decay, betas (0.9, 0.999), constant lr,
 global batch 256, EMA 0.9999 updated every step, label dropout 0.1.
 
-The loop reads as train_step / maybe_checkpoint / maybe_preview. A SIGTERM or SIGINT sets a
-flag (sitctl/signals.py) that all ranks agree on a step boundary later; the run saves at once
-(no preview, no loss plot) and raises Interrupted, which exits 128 + the signal; a NaN or inf
-loss stops the run at the next log, preview or checkpoint, before anything after it is saved,
-leaving the last checkpoint as it was. No step waits for the device otherwise: statistics stay
-on it until a log line reads them.
+The loop reads as train_step / maybe_log / maybe_checkpoint / maybe_preview. A SIGTERM or
+SIGINT sets a flag (sitctl/signals.py) that all ranks agree on a step boundary later; the run
+saves at once (no preview, no loss plot) and raises Interrupted, which exits 128 + the signal; a
+NaN or inf loss stops the run at the next log, preview or checkpoint, before anything after it
+is saved, leaving the last checkpoint as it was. No step waits for the device otherwise: its
+statistics (sitctl/step_stats.py) stay on it until a log line reads them
+(sitctl/metrics_log.py). Previews and the FID of the EMA weights are sitctl/watch.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,41 +28,35 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from rich.console import Console
 from torch import nn
 
 from model.configs import ModelConfigError, model_config
-from model.guidance import GuidedVelocity
-from model.interpolants import interpolant
+from model.interpolants import Interpolant, interpolant
 from model.network import SiT
 from model.objectives import TIME_DISTRIBUTIONS, UniformTime, times_from_uniform, training_loss
-from model.samplers import sample_ode
 from sitctl import alignment as repa
 from sitctl import checkpoint as checkpoints
-from sitctl import distributed, trackers, train_eval
+from sitctl import distributed, trackers, watch
 from sitctl.artifacts import Artifact, disk_errors, is_finished, output_lock
 from sitctl.configs import TrainConfig
 from sitctl.data import Latents, interpolant_noise, open_latents, rank_batches
-from sitctl.decode import Decoder
 from sitctl.errors import SitctlError
 from sitctl.hardware import alignment_flops_per_image, set_matmul_precision, training_mfu
 from sitctl.identity import check_continues
-from sitctl.plots import read_metrics, save_image_grid, save_loss_curve
+from sitctl.metrics_log import LogWindow, append_row, metrics_path, trim_metrics
+from sitctl.plots import save_loss_curve
 from sitctl.progress import peak_memory_gib, progress
-from sitctl.records import CheckpointInfo, LatentsInfo
-from sitctl.vae import load_vae
-from sitctl.signals import StopRequest, stop_on_signals
+from sitctl.records import CheckpointInfo
+from sitctl.signals import STOP_SIGNALS, AgreedStop, StopRequest, stop_on_signals, stop_votes
+from sitctl.step_stats import StepStats
 
-TIME_BUCKETS = 10  # loss is also logged per t in [k/10, (k+1)/10)
-STOP_VOTES = (signal.SIGTERM, signal.SIGINT)  # the signals ranks vote on, in the order they win
 NAN_HOOK = "SITCTL_TEST_NAN_AT_STEP"  # tests plant a NaN loss at this (1-based) step
 DEFAULT_EVAL_EVERY = 25_000  # steps between FIDs when --eval-every is not given (and a reference is found)
 
+
 class NonFiniteLossError(SitctlError):
     """The loss became NaN or inf; the run stops before saving anything trained from it."""
-
-
 
 
 # =============================================================================================
@@ -75,7 +68,7 @@ class NonFiniteLossError(SitctlError):
 class Run:
     """The mutable state of a training run on one rank."""
 
-    config: TrainConfig
+    config: TrainConfig  # resolved (see `resolve`): what the checkpoints record
     dist: distributed.Dist
     latents: Latents
     model_config: Any  # model.configs.SiTConfig
@@ -83,21 +76,22 @@ class Run:
     ema: nn.Module
     forward: nn.Module  # net wrapped by DDP and/or torch.compile: what the loss calls
     optimizer: torch.optim.Optimizer
+    batches: Iterator[dict]  # this rank's share of each global batch, from the run's data position
+    interp: Interpolant  # --interp as the object the math takes
+    time_distribution: Any  # --time-dist likewise (model.objectives)
     train_eps: float  # the range of training times, [train_eps, 1 - train_eps]
     sample_eps: float  # the end of sampling time the checkpoint records (previews and the FID use it too)
     micro_batch: int
-    interp: Any = None  # the interpolant object, resolved from config.interp once when the run is prepared
-    time_distribution: Any = UniformTime()  # resolved from --time-dist once, likewise
+    tracker: Any  # sitctl.trackers: TensorBoard, W&B or nothing (always nothing off rank 0)
+    alignment: repa.Alignment | None  # REPA's encoder and projector (--repa-encoder), else None
     step: int = 0
     saved_step: int | None = None  # step of the newest checkpoint, known on every rank
     last_saved: Artifact | None = None  # that checkpoint, opened on rank 0
-    batches: Iterator[dict] | None = None
-    window: dict[str, Any] = field(default_factory=dict)
+    window: LogWindow = field(default_factory=LogWindow)  # the steps since the last metrics row
     first_bad_step: torch.Tensor | None = None  # on the device: first step whose loss was not finite (0: none)
-    stop_vote: tuple | None = None  # the last step's all-reduced stop votes, on their way to the host
-    tracker: Any = None  # sitctl.trackers: TensorBoard, W&B or nothing (always nothing off rank 0)
-    evaluation: Any = None  # sitctl.train_eval.TrainingEval, when a FID is due in this run
-    alignment: repa.Alignment | None = None  # REPA's encoder and projector (--repa-encoder), else None
+    agreed_stop: AgreedStop = field(default_factory=AgreedStop)  # the ranks' stop votes, read a step late
+    evaluation: watch.TrainingEval | None = None  # when a FID is due in this run
+    preview: watch.Preview | None = None  # on rank 0, when previews are on
 
 
 def fit_model(config: TrainConfig, latents: Latents):
@@ -158,15 +152,10 @@ def resolve(config: TrainConfig, device: torch.device) -> TrainConfig:
                    log_dir=None if config.log_dir is None else os.path.abspath(config.log_dir))
 
 
-def set_precision(precision: str) -> None:
-    # tf32 and bf16 allow TF32 tensor cores for fp32 matmuls; fp32 keeps them exact (one rule, in sitctl.hardware).
-    set_matmul_precision(precision)
-
-
-def prepare(config: TrainConfig, d: distributed.Dist, fid_required: bool = True) -> Run:
-    """Check everything a user can get wrong, then build the network, EMA, optimizer and data.
-
-    fid_required: a FID due in this run that finds no reference is an error, not a note."""
+def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
+    """Resolve the settings, check everything a user can get wrong, then build the network, EMA, optimizer and data."""
+    fid_required = config.eval_every is not None  # a period asked for is honoured or refused; the default may skip
+    config = resolve(config, d.device)
     if is_finished(config.out):  # never write a run into another stage's artifact
         raise SitctlError(f"{config.out} is a finished artifact, not a run directory; choose a new --out")
     latents = open_latents(config.latents)
@@ -182,9 +171,9 @@ def prepare(config: TrainConfig, d: distributed.Dist, fid_required: bool = True)
     )
     if d.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)
-        trim_metrics(Path(config.out) / "metrics.jsonl", start_step)
+        trim_metrics(config.out, start_step)
     tracker = trackers.open_run_tracker(config, d, start_step, latents.artifact.id)
-    set_precision(config.precision)
+    set_matmul_precision(config.precision)  # tf32 and bf16 allow TF32 tensor cores for fp32 matmuls; fp32 keeps them exact
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every world size
     random.seed(config.seed)  # and the python/numpy states a checkpoint records are the same every run
     np.random.seed(config.seed)
@@ -196,17 +185,18 @@ def prepare(config: TrainConfig, d: distributed.Dist, fid_required: bool = True)
                                   fused=d.device.type == "cuda")
     interp = interpolant(config.interp)  # names become objects here, at the edge; the math gets the object
     run = Run(config=config, dist=d, latents=latents, model_config=model_config, net=net, ema=ema, forward=net,
-              optimizer=optimizer, micro_batch=micro, batches=batches, step=start_step, interp=interp, tracker=tracker,
-              time_distribution=time_distribution(config), alignment=alignment,
+              optimizer=optimizer, batches=batches, interp=interp, time_distribution=time_distribution(config),
               train_eps=config.train_eps if config.train_eps is not None else interp.default_eps(config.pred)[0],
-              sample_eps=interp.default_eps(config.pred)[1])
+              sample_eps=interp.default_eps(config.pred)[1], micro_batch=micro, tracker=tracker,
+              alignment=alignment, step=start_step)
     if resume_from is not None:
         saved = checkpoints.load_training_state(resume_from, model=net, ema=ema, optimizer=optimizer,
                                                 modules=extra_modules(run))
         run.last_saved, run.saved_step = resume_from, start_step
-        run.window.update(_window_from_record(saved.get("log_window"), config, d.device))
+        run.window = LogWindow.from_record(saved.get("log_window"), config.out, config.global_batch, d.device)
     run.forward = wrap_for_training(alignment.module(net) if alignment else net, config, d)
-    run.evaluation = train_eval.prepare_eval(run, required=fid_required)
+    run.evaluation = watch.prepare_eval(run, required=fid_required)
+    run.preview = watch.prepare_preview(run)  # its VAE loaded now: a missing one fails before the first step
     return run
 
 
@@ -240,8 +230,8 @@ def _no_sync(run: Run, last: bool):
     return ddp.no_sync()
 
 
-def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward and backward this rank's share in micro-batches; return per-sample losses and t."""
+def train_step(run: Run, batch: dict[str, torch.Tensor]) -> StepStats:
+    """Forward and backward this rank's share in micro-batches; return its statistics (on the device)."""
     config, device = run.config, run.dist.device
     # Loader batches are pinned on CUDA, so these copies overlap with the host's next work.
     x1 = batch["x1"].to(device, non_blocking=True)  # (n, C, H, W)
@@ -272,49 +262,23 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     losses = torch.cat(losses)  # (n,)
     if os.environ.get(NAN_HOOK) == str(run.step + 1):
         losses = losses * float("nan")
-    return torch.stack([losses, t.float(), *([torch.cat(aligns)] if aligns else [])])  # (2, n), (3, n) with REPA
+    return StepStats.of(losses, t.float(), torch.cat(aligns) if aligns else None)
 
 
-def reduce_step(run: Run, losses_and_t: torch.Tensor, signum: int | None) -> tuple[torch.Tensor, int]:
-    """All-reduce [per-t-bucket loss sums and counts, stop votes] in one collective; stats stay on the device.
+def reduce_step(run: Run, stats: StepStats, signum: int | None) -> tuple[StepStats, int]:
+    """Sum the ranks' statistics and stop votes in one collective; they stay on the device.
 
     Nothing here waits for the device: a non-finite loss is noted on the device (check_finite
     reads it before anything is logged or saved), and the stop votes are read one step late.
-    Returns the stats and the signal the ranks agreed to stop on (0: none yet).
+    Returns the summed statistics and the signal the ranks agreed to stop on (0: none yet).
     """
-    losses, t, aligned = losses_and_t[0], losses_and_t[1], losses_and_t[2:]  # aligned: REPA's row, if any
-    bucket = (t * TIME_BUCKETS).long().clamp(0, TIME_BUCKETS - 1)
-    sums = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, losses)
-    counts = torch.zeros(TIME_BUCKETS, device=t.device).index_add_(0, bucket, torch.ones_like(losses))
-    # One vote per stop signal, so every rank learns which signal stopped the run (its exit status).
-    votes = torch.tensor([float(signum == number) for number in STOP_VOTES], device=t.device)
-    stats = torch.cat([sums, counts, aligned.sum(1), votes])
-    stats = distributed.all_reduce_sum(run.dist, stats)
+    votes = stop_votes(signum, run.dist.device)  # one per signal, so every rank learns which one stopped the run
+    summed = distributed.all_reduce_sum(run.dist, torch.cat([stats.pack(), votes]))
     if run.first_bad_step is None:
-        run.first_bad_step = torch.zeros((), dtype=torch.int64, device=t.device)
-    bad = ~torch.isfinite(stats).all() & (run.first_bad_step == 0)
+        run.first_bad_step = torch.zeros((), dtype=torch.int64, device=summed.device)
+    bad = ~torch.isfinite(summed).all() & (run.first_bad_step == 0)
     run.first_bad_step = torch.where(bad, run.step + 1, run.first_bad_step)
-    return stats[: -len(STOP_VOTES)], agreed_stop(run, stats[-len(STOP_VOTES):])
-
-
-def agreed_stop(run: Run, votes: torch.Tensor) -> int:
-    """The signal the ranks' all-reduced votes of the previous step stop on (SIGTERM first), or 0.
-
-    This step's votes start their copy to the host now and are read at the next step, when the
-    device has long finished them: the host never waits, and every rank still stops at the same step.
-    """
-    if votes.device.type == "cuda":
-        host = torch.empty(len(votes), pin_memory=True).copy_(votes, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-    else:
-        host, done = votes.clone(), None
-    previous, run.stop_vote = run.stop_vote, (host, done)
-    if previous is None:
-        return 0
-    if previous[1] is not None:
-        previous[1].synchronize()
-    return next((int(number) for number, count in zip(STOP_VOTES, previous[0].tolist()) if count > 0), 0)
+    return StepStats.unpack(summed[: -len(STOP_SIGNALS)]), run.agreed_stop(summed[-len(STOP_SIGNALS):])
 
 
 def check_finite(run: Run) -> None:
@@ -357,14 +321,12 @@ def is_log_step(run: Run, step: int) -> bool:
 def train(config: TrainConfig) -> Artifact | None:
     """Run (or resume) training; returns the last checkpoint artifact on rank 0, None elsewhere."""
     d = distributed.setup(config.device)
-    fid_required = config.eval_every is not None  # a period asked for is honoured or refused; the default may skip
-    config = resolve(config, d.device)
     run = None
     hint = "free space (or make it writable) and rerun with --resume"
     try:
         # A signal while preparing is kept too: the run then stops after its first step.
         with stop_on_signals(), output_lock(config.out, d), disk_errors("write the run", config.out, hint=hint):
-            run = prepare(config, d, fid_required)
+            run = prepare(config, d)
             train_loop(run)
         return run.last_saved if d.is_main else None
     finally:
@@ -377,13 +339,12 @@ def train(config: TrainConfig) -> Artifact | None:
 def train_loop(run: Run) -> None:
     """Step until config.steps; on a signal every rank saves at the same step and raises Interrupted."""
     config = run.config
-    decoder = load_preview_decoder(run)
     with stop_on_signals() as stop, progress_bar(run) as progress:
         task = progress.add_task("train", total=config.steps, completed=run.step)
         while run.step < config.steps:
             started = time.perf_counter()
-            losses_and_t = train_step(run, next(run.batches))
-            stats, stopping = reduce_step(run, losses_and_t, stop.signum)
+            stats = train_step(run, next(run.batches))
+            stats, stopping = reduce_step(run, stats, stop.signum)
             grad_norm = apply_update(run)
             run.step += 1
             progress.update(task, completed=run.step)
@@ -393,7 +354,7 @@ def train_loop(run: Run) -> None:
             maybe_checkpoint(run, force=stopping or run.step == config.steps, plot=not stopping)
             if stopping and run.step < config.steps:  # a signal in the last step is too late to matter
                 raise stopped(run, stop, stopping)
-            maybe_preview(run, decoder)
+            maybe_preview(run)
 
 
 def stopped(run: Run, stop: StopRequest, signum: int):
@@ -410,78 +371,35 @@ def progress_bar(run: Run):
 
 
 # =============================================================================================
-# Logs, checkpoints, previews
+# Logs, checkpoints, previews, FID
 # =============================================================================================
 
 
-def maybe_log(run: Run, stats: torch.Tensor, grad_norm: torch.Tensor | None, seconds: float, console) -> None:
-    """Accumulate this step on the device; every log_every steps read it back, write a metrics.jsonl row and a console line.
+def maybe_log(run: Run, stats: StepStats, grad_norm: torch.Tensor | None, seconds: float, console) -> None:
+    """Add this step to the window; every log_every steps read it back, write a metrics.jsonl row and a console line.
 
     images/s counts only the steps' own time (data, forward, backward, update), not checkpoints
     or previews. grad_norm is the logged step's norm (before clipping).
     """
-    window = run.window
-    if not window:
-        window.update(stats=torch.zeros_like(stats), steps=0, seconds=0.0)
-    window["stats"] += stats
-    window["steps"] += 1
-    window["seconds"] += seconds
+    run.window.add(stats, seconds)
     if not is_log_step(run, run.step):
         return
     check_finite(run)
-    sums, counts = window["stats"][:TIME_BUCKETS], window["stats"][TIME_BUCKETS : 2 * TIME_BUCKETS]  # then REPA's sum, if any
-    row = {
-        "step": run.step,
-        "loss": float(sums.sum() / counts.sum()),
-        "loss_by_t": [float(s / c) if c > 0 else None for s, c in zip(sums, counts)],
-        "images_per_sec": window["steps"] * run.config.global_batch / window["seconds"],
-        "lr": run.optimizer.param_groups[0]["lr"],
-        "grad_norm": float(grad_norm),
-        "memory_gib": peak_memory_gib(run.dist.device),
-    }
-    row["mfu"] = training_mfu(run.model_config, row["images_per_sec"], run.dist.device, run.config.precision,
-                              run.dist.world_size, alignment_flops_per_image(run.alignment, run.model_config.num_tokens))
-    if run.alignment is not None:  # REPA's loss (minus the mean cosine), apart from the interpolant's
-        row["align_loss"] = float(window["stats"][2 * TIME_BUCKETS] / counts.sum())
-    window.clear()
+    window, run.window = run.window, LogWindow()
+    images_per_sec = window.steps * run.config.global_batch / window.seconds
+    row = {"step": run.step, **window.stats.losses(), "images_per_sec": images_per_sec,
+           "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+           "memory_gib": peak_memory_gib(run.dist.device),
+           "mfu": training_mfu(run.model_config, images_per_sec, run.dist.device, run.config.precision,
+                               run.dist.world_size, alignment_flops_per_image(run.alignment, run.model_config.num_tokens))}
+    if window.stats.align_sum is not None:  # REPA's loss (minus the mean cosine), apart from the interpolant's
+        row["align_loss"] = window.stats.align_loss()
     if run.dist.is_main:
-        with open(Path(run.config.out) / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_row(run.config.out, row)
         run.tracker.scalars(run.step, trackers.flat_scalars(row, prefix="train/"))
         run.tracker.flush()  # as current as metrics.jsonl: a kill loses no logged step
         console.print(f"step {row['step']:>8}  loss {row['loss']:.4f}  {row['images_per_sec']:8.1f} img/s  "
                       f"lr {row['lr']:.1e}  grad {row['grad_norm']:.3f}  mem {row['memory_gib']:.2f} GiB", soft_wrap=True)
-
-
-def _window_record(window: dict[str, Any]) -> dict[str, Any] | None:
-    """The steps accumulated since the last metrics row, as JSON: a resume then completes that row.
-
-    Their wall time is left out, so that identical runs write identical checkpoints.
-    """
-    if not window or not window["steps"]:
-        return None
-    return {"stats": window["stats"].tolist(), "steps": window["steps"]}  # grad_norm is the logged step's own
-
-
-def _window_from_record(record: dict[str, Any] | None, config: TrainConfig, device) -> dict[str, Any]:
-    """The restored window; its steps' time is taken at the last logged throughput (0 s if none)."""
-    if not record:
-        return {}
-
-    metrics = Path(config.out) / "metrics.jsonl"
-    rows = [row for row in read_metrics(metrics) if "loss" in row] if metrics.is_file() else []
-    speed = rows[-1].get("images_per_sec") if rows else None
-    seconds = record["steps"] * config.global_batch / speed if speed else 0.0
-    return {"stats": torch.tensor(record["stats"], device=device), "steps": int(record["steps"]), "seconds": seconds}
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
-    if not path.is_file():
-        return
-
-    rows = [row for row in read_metrics(path) if row.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def checkpoint_extra(run: Run) -> dict[str, Any]:
@@ -506,7 +424,7 @@ def maybe_checkpoint(run: Run, force: bool = False, plot: bool = True) -> None:
         consumed = run.step * (config.global_batch // config.data_lanes)
         state = {"samples_seen": run.step * config.global_batch, "world_size": run.dist.world_size,
                  "data": {"lanes": config.data_lanes, "samples_per_lane": consumed},
-                 "log_window": _window_record(run.window)}
+                 "log_window": run.window.record()}
         checkpoints.discard_partial(config.out, run.step)
         run.last_saved = checkpoints.save_checkpoint(
             config.out, run.step, model=run.net, ema=run.ema, optimizer=run.optimizer, state=state,
@@ -515,60 +433,31 @@ def maybe_checkpoint(run: Run, force: bool = False, plot: bool = True) -> None:
         run.tracker.text(run.step, "checkpoint", f"{run.last_saved.path.resolve()} (id {run.last_saved.id}): "
                                                  f"sitctl show {run.last_saved.id}")
         checkpoints.prune_checkpoints(config.out, config.keep_last, config.keep_every)
-        metrics = Path(config.out) / "metrics.jsonl"
-        if plot and metrics.is_file():
-            save_loss_curve(metrics, Path(config.out) / "loss.png")
+        if plot and metrics_path(config.out).is_file():
+            save_loss_curve(metrics_path(config.out), Path(config.out) / "loss.png")
     run.saved_step = run.step
     distributed.barrier(run.dist)
 
 
-def load_preview_decoder(run: Run):
-    """The sample stage's Decoder through the latents' VAE, loaded before the first step (rank 0, previews on)."""
-    if not run.config.preview_every or not run.dist.is_main:
-        return None
-
-    vae = LatentsInfo.from_artifact(run.latents.artifact).vae
-    network, _ = load_vae(vae.get("source") or vae["name"], run.dist.device)  # None for pixel latents
-    return Decoder(vae=network, scale_factor=run.latents.scale_factor, record=vae)
-
-
-def maybe_preview(run: Run, decoder) -> None:
+def maybe_preview(run: Run) -> None:
     """Every preview_every steps rank 0 saves a grid of EMA samples (fixed noise and labels)."""
     config = run.config
     if not config.preview_every or run.step % config.preview_every:
         return
     check_finite(run)  # on every rank, so that all of them stop together
-    if not run.dist.is_main:
-        return
-
-    device, n = run.dist.device, config.preview_images
-    x0 = torch.randn((n, *run.latents.latent_shape), generator=torch.Generator().manual_seed(config.seed)).to(device)
-    y = (torch.arange(n) % run.latents.num_classes).to(device)
-    velocity = GuidedVelocity(run.ema, y, interp=run.interp, pred=config.pred, cfg_scale=config.preview_cfg,
-                              null_class=run.latents.num_classes)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-        latents = sample_ode(velocity, x0, method="heun", steps=config.preview_steps,
-                             sample_eps=run.sample_eps).float()
-        images = decoder(latents)  # (n, H, W, C) uint8
-    path = Path(config.out) / "previews" / f"step-{run.step:07d}.png"
-    save_image_grid(images, path)
-    run.tracker.image(run.step, "preview", read_png(path))
-
-
-def read_png(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 of a PNG, as the tracker shows it."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    if run.preview is not None:
+        path = watch.draw_preview(run.preview, config.out, run.step)
+        run.tracker.image(run.step, "preview", watch.read_png(path))
 
 
 def maybe_evaluate(run: Run, console) -> None:
-    """Every eval_every steps: FID of the EMA weights (sitctl/train_eval.py) into metrics.jsonl, fid.png and the tracker."""
+    """Every eval_every steps: FID of the EMA weights (sitctl/watch.py) into metrics.jsonl, fid.png and the tracker."""
     if run.evaluation is None or run.step % run.config.eval_every:
         return
     check_finite(run)  # a NaN network is not sampled, on any rank
-    row = train_eval.measure_fid(run.evaluation, run.dist)
+    row = watch.measure_fid(run.evaluation, run.dist)
     if run.dist.is_main:
-        train_eval.record_fid(run.config.out, run.step, row)
+        watch.record_fid(run.config.out, run.step, row)
         run.tracker.scalars(run.step, {"eval/fid": row["fid"]})
         console.print(f"step {run.step:>8}  FID {row['fid']:.4f}  ({row['fid_num']} images, {row['fid_sampler']}, "
                       f"{row['fid_seconds']:.1f} s)", soft_wrap=True)

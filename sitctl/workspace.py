@@ -32,6 +32,7 @@ from rich.table import Table
 from sitctl.artifacts import MANIFEST, Artifact, open_artifact, staging_pattern
 from sitctl.checkpoint import list_checkpoints
 from sitctl.errors import ArtifactError, SitctlError
+from sitctl.metrics_log import metrics_path
 from sitctl.plots import read_metrics
 from sitctl.trackers import log_dir_of
 
@@ -253,7 +254,7 @@ def _checkpoint_facts(artifact: Artifact) -> str:
 
 def logged_loss(run_dir: Path, step: int) -> float | None:
     """The last loss the run logged at or before `step` (its metrics.jsonl), if any."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = metrics_path(run_dir)
     if not metrics.is_file():
         return None
 

@@ -22,7 +22,7 @@ from sitctl.plots import save_image_grid
 from sitctl.decode import Decoder, load_decoder
 from sitctl.sample import SampleConfig, sample_stage
 from sitctl.sample_source import open_source
-from sitctl.train import TrainConfig, load_preview_decoder, prepare
+from sitctl.train import TrainConfig, prepare
 from tests.sitctl.test_encode import read_shards
 
 
@@ -89,7 +89,7 @@ def test_latents_round_trip_encode_to_decode_at_the_recorded_scale_factor(vae_wo
                               global_batch=8, data_lanes=1, loader_workers=0, preview_every=1),
                   distributed.setup("cpu"))
     run.batches.close()
-    preview_decoder = load_preview_decoder(run)
+    preview_decoder = run.preview.decoder
     for decoder in (sample_decoder, preview_decoder):
         assert decoder.scale_factor == latents.extra["scale_factor"]
         assert_pixels_match(decoder(training), expected)

@@ -21,6 +21,7 @@ import pytest
 
 from sitctl.artifacts import open_artifact, verify_artifact
 from sitctl.checkpoint import list_checkpoints
+from sitctl.cli import app, run_app
 from sitctl.plots import read_metrics
 from sitctl.trackers import TRACKERS, Guarded, NullTracker, TensorBoardTracker, open_tracker
 from sitctl.train import TrainConfig, train
@@ -307,13 +308,28 @@ def test_a_tracker_failing_mid_run_is_one_warning_and_every_checkpoint_is_saved(
     verify_artifact(checkpoint.path)
 
 
-def test_a_run_without_a_reference_says_so_once_and_trains_on(tmp_path, capsys):
+def test_a_run_without_a_reference_says_so_once_and_trains_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sitctl.train.DEFAULT_EVAL_EVERY", 1)  # the default period (25,000 steps) due in a 2-step run
     latents = make_latents(tmp_path / "latents", shape=(3, 8, 8))  # no source images recorded
-    checkpoint = train(tiny(latents.path, tmp_path / "run", steps=2, ckpt_every=2, eval_every=1))
+    checkpoint = train(tiny(latents.path, tmp_path / "run", steps=2, ckpt_every=2, eval_every=None))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "no FID during training" in warnings[0]
-    assert checkpoint.extra["step"] == 2
+    assert warnings == [f"warning: no FID during training: {tmp_path / 'run'} is in no workspace; training goes on without it"]
+    assert checkpoint.extra["step"] == 2 and checkpoint.config["eval_every"] == 1
     assert not [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if "fid" in row]
+
+
+def test_a_typed_eval_period_without_a_reference_is_one_error_line_before_the_first_step(tmp_path, capsys):
+    latents = make_latents(tmp_path / "latents", shape=(3, 8, 8))
+    args = ["train", str(latents.path), "--out", str(tmp_path / "run"), "--model", "SiT-T/2", "--global-batch", "8",
+            "--data-lanes", "2", "--shuffle-buffer", "16", "--loader-workers", "0", "--preview-every", "0",
+            "--steps", "2", "--device", "cpu", "--eval-every", "1"]
+    with pytest.raises(SystemExit) as exit_status:
+        run_app(app, args)
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --eval-every 1 needs a reference: {tmp_path / 'run'} is in no workspace; pass --eval-ref "
+        "(a reference artifact or an ADM .npz), or --eval-every 0"]
+    assert not list((tmp_path / "run").glob("step-*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------

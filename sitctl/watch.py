@@ -1,6 +1,8 @@
-"""FID measured during training: every --eval-every steps the EMA weights are sampled and scored.
+"""Watching the EMA weights during training: a preview grid every --preview-every steps and the FID
+every --eval-every steps. Both draw through the sample stage's own pieces, so what they show is
+what `sitctl sample` would draw from the checkpoint saved at that step.
 
-Nothing here is a second sampler or a second FID. The images are drawn by the sample stage's
+The FID is not a second sampler or a second FID. The images are drawn by the sample stage's
 `draw_latents` with a `SampleConfig` made from the run's --eval-* settings and decoded by its
 `Decoder`; their features come from the eval stage's `extract_features` and the number from its
 `compute_metrics`, against the reference `sitctl eval fid` would use. So the value equals
@@ -12,11 +14,14 @@ on the checkpoint saved at that step (`--precision bf16` too for a bf16 run). Th
 are dealt to the ranks in blocks exactly as the sample stage deals them (per-sample noise and
 labels, so the images do not depend on the number of processes); each rank extracts its own
 images' features and rank 0 gathers them in index order and computes the FID.
+
+A preview integrates the ODE with Heun from fixed noise and labels (one grid is comparable with
+the next); in a bf16 run only the network runs under autocast and returns fp32, as `sitctl sample
+--precision bf16` runs it: guidance, the solver and the VAE stay in fp32.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
+from model.guidance import GuidedVelocity
+from model.samplers import sample_ode
 
 from sitctl import distributed
 from sitctl.configs import EvalConfig, SampleConfig, TrainConfig
@@ -35,7 +44,8 @@ from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_f
 from sitctl.evaluate.reference import Reference, load_reference
 from sitctl.evaluate.results import sampler_text
 from sitctl.evaluate.stage import check_reference, compute_metrics
-from sitctl.plots import save_metric_curve
+from sitctl.metrics_log import append_row, metrics_path
+from sitctl.plots import save_image_grid, save_metric_curve
 from sitctl.records import LatentsInfo
 from sitctl.sample import class_labels, draw_latents, rank_blocks, with_precision
 from sitctl.sample_source import Source, lineage_vae
@@ -43,6 +53,21 @@ from sitctl.workspace import MARKER, find_root
 
 EVAL_METHOD = {"sde": "euler", "ode": "heun"}  # fixed-step solvers, so the cost is known in advance
 FID_PLOT = "fid.png"
+PREVIEW_DIR = "previews"
+
+
+def sampling_precision(config: TrainConfig) -> str:
+    """The sample stage's --precision that draws as this run trains: bf16 for a bf16 run, else fp32."""
+    return "bf16" if config.precision == "bf16" else "fp32"
+
+
+def ema_source(run, settings: SampleConfig) -> Source:
+    """The run's EMA network (updated in place by training) as the sample stage's Source, in `settings`' precision."""
+    vae, scale_factor = lineage_vae(run.latents.artifact, None)
+    source = Source(net=run.ema, model_config=run.model_config, interp=run.interp, pred=run.config.pred, vae=vae,
+                    scale_factor=scale_factor, artifact=None, identity="training",
+                    sample_eps=run.sample_eps)  # what the checkpoint records
+    return with_precision(source, settings)
 
 
 @dataclass
@@ -63,7 +88,7 @@ def sample_settings(config: TrainConfig) -> SampleConfig:
     """The `sitctl sample` settings of the FID during training."""
     return SampleConfig(mode=config.eval_mode, method=EVAL_METHOD[config.eval_mode], steps=config.eval_steps,
                         cfg_scale=config.eval_cfg, num=config.eval_num, batch_size=config.eval_batch, seed=config.seed,
-                        precision="bf16" if config.precision == "bf16" else "fp32", preview=0)
+                        precision=sampling_precision(config), preview=0)
 
 
 def eval_steps_ahead(config: TrainConfig, step: int) -> bool:
@@ -101,11 +126,7 @@ def prepare_eval(run, required: bool = True) -> TrainingEval | None:
     weights = resolve_weights(eval_config.inception_weights, fetch=eval_config.fetch_weights)
     extractor = create_extractor(weights, [POOL_FEATURES], d.device)
     settings = sample_settings(config)
-    vae, scale_factor = lineage_vae(run.latents.artifact, None)
-    source = Source(net=run.ema, model_config=run.model_config, interp=run.interp, pred=config.pred, vae=vae,
-                    scale_factor=scale_factor, artifact=None, identity="training",
-                    sample_eps=run.sample_eps)  # what the checkpoint records
-    source = with_precision(source, settings)
+    source = ema_source(run, settings)
     labels = class_labels(settings.num, run.model_config.num_classes, settings.seed, settings.labels)
     return TrainingEval(settings=settings, source=source, decoder=load_decoder(source, d.device), extractor=extractor,
                         labels=labels, blocks=rank_blocks(settings.num, settings.batch_size, d.rank, d.world_size),
@@ -193,7 +214,54 @@ def gather_in_index_order(features: torch.Tensor, blocks: list[range], settings:
 
 def record_fid(out: str, step: int, row: dict[str, Any]) -> None:
     """Rank 0: the row into metrics.jsonl, and fid.png redrawn beside loss.png."""
-    metrics = Path(out) / "metrics.jsonl"
-    with open(metrics, "a") as handle:
-        handle.write(json.dumps({"step": step, **row}) + "\n")
-    save_metric_curve(metrics, Path(out) / FID_PLOT, key="fid", title="FID during training (EMA)")
+    append_row(out, {"step": step, **row})
+    save_metric_curve(metrics_path(out), Path(out) / FID_PLOT, key="fid", title="FID during training (EMA)")
+
+
+# =============================================================================================
+# Previews
+# =============================================================================================
+
+
+@dataclass
+class Preview:
+    """What rank 0 needs for a preview grid, prepared before the first step (so a missing VAE fails early)."""
+
+    source: Source  # the EMA network in the run's sampling precision
+    decoder: Decoder
+    x0: torch.Tensor  # (n, C, H, W) the same noise at every preview
+    labels: torch.Tensor  # (n,) classes 0, 1, ... in turn
+    settings: SampleConfig  # the ODE's solver, steps and guidance scale
+
+
+def prepare_preview(run) -> Preview | None:
+    """Rank 0's preview pieces; None off rank 0 or when previews are off."""
+    config, device = run.config, run.dist.device
+    if not config.preview_every or not run.dist.is_main:
+        return None
+    settings = SampleConfig(mode="ode", method="heun", steps=config.preview_steps, cfg_scale=config.preview_cfg,
+                            num=config.preview_images, seed=config.seed, precision=sampling_precision(config), preview=0)
+    source = ema_source(run, settings)
+    n, shape = config.preview_images, run.latents.latent_shape
+    x0 = torch.randn((n, *shape), generator=torch.Generator().manual_seed(config.seed)).to(device)
+    labels = (torch.arange(n) % run.latents.num_classes).to(device)
+    return Preview(source=source, decoder=load_decoder(source, device), x0=x0, labels=labels, settings=settings)
+
+
+def draw_preview(preview: Preview, out: str, step: int) -> Path:
+    """Rank 0: the grid of the EMA weights now, saved as previews/step-NNNNNNN.png under `out`."""
+    source, settings = preview.source, preview.settings
+    velocity = GuidedVelocity(source.net, preview.labels, interp=source.interp, pred=source.pred,
+                              cfg_scale=settings.cfg_scale, null_class=source.model_config.num_classes)
+    with torch.no_grad():
+        latents = sample_ode(velocity, preview.x0, method=settings.method, steps=settings.steps,
+                             sample_eps=source.sample_eps)
+    path = Path(out) / PREVIEW_DIR / f"step-{step:07d}.png"
+    save_image_grid(preview.decoder(latents), path)  # (n, H, W, C) uint8
+    return path
+
+
+def read_png(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 of a PNG, as the tracker shows it."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
