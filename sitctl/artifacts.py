@@ -236,7 +236,7 @@ def output_lock(out: str | Path, d=None):
         except OSError as error:
             refusal = ArtifactError(write_failure("write to", path.parent, error))
     if d is not None and d.active:
-        from sitctl.distributed import all_agree
+        from sitctl.distributed import all_agree  # start-up cost: torch, which `sitctl ls`, show and verify never need
 
         if not all_agree(d, refusal is None) and refusal is None:
             raise OtherRankStopped(f"rank 0 could not lock {out}")

@@ -91,8 +91,8 @@ def _say(line: str) -> None:
 
 
 def _encode(config) -> None:
-    from sitctl.encode import encode
-    from sitctl.records import LatentsInfo
+    from sitctl.encode import encode  # start-up cost: `sitctl --help` loads no stage
+    from sitctl.records import LatentsInfo  # start-up cost: `sitctl --help` loads no stage
 
     artifact = encode(config)
     if artifact is not None:
@@ -111,7 +111,7 @@ NAME_HELP = "An artifact: a directory, kind/vN (e.g. runs/v2: its newest checkpo
 
 
 def _artifact_path(name: str) -> str:
-    from sitctl.workspace import resolve_any
+    from sitctl.workspace import resolve_any  # start-up cost: `sitctl --help` loads no stage
 
     return str(resolve_any(name))
 
@@ -122,7 +122,7 @@ def show(
     kind: str = typer.Option(None, "--kind", help="Fail unless the artifact is of this kind."),
 ) -> None:
     """Print an artifact's summary and its lineage back to the raw data."""
-    from sitctl.show import show as run_show
+    from sitctl.show import show as run_show  # start-up cost: `sitctl --help` loads no stage
 
     run_show(_artifact_path(path), kind=kind)
 
@@ -133,7 +133,7 @@ def verify(
     kind: str = typer.Option(None, "--kind", help="Fail unless the artifact is of this kind."),
 ) -> None:
     """Recheck the sha256 of every file of an artifact: prints OK, or one error line (exit 2)."""
-    from sitctl.show import verify as run_verify
+    from sitctl.show import verify as run_verify  # start-up cost: `sitctl --help` loads no stage
 
     artifact = run_verify(_artifact_path(path), kind=kind)
     typer.echo(f"OK {artifact.path}: {artifact.kind} {artifact.id}, {len(artifact.manifest['files'])} files verified")
@@ -144,7 +144,7 @@ def list_workspace() -> None:
     """List every artifact version of the workspace (this folder, or the nearest parent marked as one)."""
     from rich.console import Console
 
-    from sitctl.workspace import find_root, ls_table
+    from sitctl.workspace import find_root, ls_table  # start-up cost: `sitctl --help` loads no stage
 
     Console().print(ls_table(find_root()))
 
@@ -155,8 +155,8 @@ def list_workspace() -> None:
 
 
 def _train(config) -> None:
-    from sitctl.records import CheckpointInfo
-    from sitctl.train import train
+    from sitctl.records import CheckpointInfo  # start-up cost: `sitctl --help` loads no stage
+    from sitctl.train import train  # start-up cost: `sitctl --help` loads no stage
 
     artifact = train(config)
     if artifact is not None:
@@ -172,7 +172,7 @@ _command(app, "train", configs.TrainConfig, _train, stage=True, doc="""Train a S
 @app.command("recipes")
 def recipes() -> None:
     """List the named recipes: published setups for `sitctl train/sample --recipe NAME`."""
-    from sitctl.recipes import describe, recipe_names
+    from sitctl.recipes import describe, recipe_names  # start-up cost: `sitctl --help` loads no stage
 
     for name in recipe_names():
         entry = describe(name)
@@ -185,8 +185,8 @@ def recipes() -> None:
 
 
 def _sample(config) -> None:
-    from sitctl.records import SamplesInfo
-    from sitctl.sample import sample_stage
+    from sitctl.records import SamplesInfo  # start-up cost: `sitctl --help` loads no stage
+    from sitctl.sample import sample_stage  # start-up cost: `sitctl --help` loads no stage
 
     artifact = sample_stage(config)
     if _main_rank():
@@ -215,9 +215,9 @@ app.add_typer(eval_app, name="eval")
 
 
 def _evaluate(config) -> None:
-    from sitctl.evaluate.results import paper_row
-    from sitctl.evaluate.stage import evaluate_stage
-    from sitctl.records import MetricsInfo
+    from sitctl.evaluate.results import paper_row  # start-up cost: `sitctl --help` loads no stage
+    from sitctl.evaluate.stage import evaluate_stage  # start-up cost: `sitctl --help` loads no stage
+    from sitctl.records import MetricsInfo  # start-up cost: `sitctl --help` loads no stage
 
     info = MetricsInfo.from_artifact(artifact := evaluate_stage(config))
     if "paper" in config.metrics:
@@ -237,8 +237,8 @@ _command(eval_app, "all", configs.EvalConfig, _evaluate, stage=True, fixed={"met
 
 
 def _reference(config) -> None:
-    from sitctl.evaluate.reference import build_reference
-    from sitctl.records import ReferenceInfo
+    from sitctl.evaluate.reference import build_reference  # start-up cost: `sitctl --help` loads no stage
+    from sitctl.records import ReferenceInfo  # start-up cost: `sitctl --help` loads no stage
 
     artifact = build_reference(config)
     typer.echo(f"reference artifact: {artifact.path} ({ReferenceInfo.from_artifact(artifact).num_images} images, id {artifact.id})")
@@ -254,8 +254,8 @@ def eval_ref_npz(
     out: str = typer.Argument(..., help="The .npz file to write."),
 ) -> None:
     """Export a reference artifact as an ADM reference batch .npz (arr_0 images, mu, sigma, mu_s, sigma_s)."""
-    from sitctl.artifacts import open_artifact
-    from sitctl.evaluate.reference import write_adm_npz
+    from sitctl.artifacts import open_artifact  # start-up cost: `sitctl --help` loads no stage
+    from sitctl.evaluate.reference import write_adm_npz  # start-up cost: `sitctl --help` loads no stage
 
     typer.echo(f"wrote {write_adm_npz(open_artifact(ref, 'reference'), out)}")
 
@@ -265,8 +265,8 @@ def eval_table(path: str = typer.Argument(None, help="A results.jsonl, or a fold
     """Print the results table (every evaluation appended to results.jsonl)."""
     from rich.console import Console
 
-    from sitctl.evaluate.results import read_results, results_table
-    from sitctl.workspace import results_file
+    from sitctl.evaluate.results import read_results, results_table  # start-up cost: `sitctl --help` loads no stage
+    from sitctl.workspace import results_file  # start-up cost: `sitctl --help` loads no stage
 
     if path is None:
         path = str(results_file()) if results_file().is_file() else "."
@@ -274,7 +274,7 @@ def eval_table(path: str = typer.Argument(None, help="A results.jsonl, or a fold
 
 
 def _sweep(config) -> None:
-    from sitctl.evaluate.sweep import sweep_stage
+    from sitctl.evaluate.sweep import sweep_stage  # start-up cost: `sitctl --help` loads no stage
 
     summary = sweep_stage(config)
     for point in summary["points"]:
@@ -292,7 +292,7 @@ _command(eval_app, "sweep", configs.SweepConfig, _sweep, stage=True,
 
 
 def _demo(config) -> None:
-    from sitctl.demo import run_demo
+    from sitctl.demo import run_demo  # start-up cost: `sitctl --help` loads no stage
 
     run_demo(config)
 
@@ -310,7 +310,7 @@ _command(app, "demo", configs.DemoConfig, _demo, doc="""Run encode -> train -> s
 
 
 def _doctor(config) -> None:
-    from sitctl.doctor import run_doctor
+    from sitctl.doctor import run_doctor  # start-up cost: `sitctl --help` loads no stage
 
     run_doctor(config)
 
@@ -332,7 +332,7 @@ _command(app, "doctor", configs.DoctorConfig, _doctor, doc="""Check this machine
 def _study(config) -> None:
     import json
 
-    from sitctl.study.run import study_command
+    from sitctl.study.run import study_command  # start-up cost: `sitctl --help` loads no stage
 
     typer.echo(json.dumps(study_command(config), indent=2))
 

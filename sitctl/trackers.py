@@ -26,10 +26,14 @@ import os
 import sys
 import threading
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from sitctl.errors import SitctlError, first_line
+from sitctl.artifacts import ancestor, write_failure
+from sitctl.distributed import all_agree
+from sitctl.errors import OtherRankStopped, SitctlError, first_line
+from sitctl.records import CheckpointInfo
 
 LOGS = "logs"  # the tracker's folder inside the run directory, unless --log-dir says otherwise
 WANDB_ID_FILE = "wandb-run-id"  # in the log dir: a resumed run continues the same W&B run
@@ -260,8 +264,6 @@ def open_tracker(name: str, log_dir: Path, *, start_step: int | None, run_name: 
     except TrackerError:
         raise
     except OSError as error:  # a full or read-only disk: name the disk, as every stage's write does
-        from sitctl.artifacts import write_failure
-
         raise TrackerError(f"{write_failure(f'start the {name} tracker in', log_dir, error)} "
                            "(pass --log-dir somewhere writable, or --tracker none)") from None
     except Exception as error:
@@ -272,11 +274,6 @@ def open_tracker(name: str, log_dir: Path, *, start_step: int | None, run_name: 
 def open_run_tracker(config, d, start_step: int, latents_id: str) -> Guarded:
     """Rank 0's tracker for a training run (the other ranks get one that does nothing), with the
     config logged once. A tracker that cannot start stops every rank before the first step."""
-    from dataclasses import asdict
-
-    from sitctl.distributed import all_agree
-    from sitctl.errors import OtherRankStopped
-
     tracker, refusal = Guarded(NullTracker(), "none"), None
     run_dir = Path(config.out)
     if d.is_main:
@@ -325,9 +322,6 @@ def add_eval_to_run(samples, values: dict[str, float], num_samples: int, sampler
     """Log `sitctl eval`'s values into the tracker of the run the samples were drawn from, at the
     checkpoint's step, as a series of their own beside the training curves. Returns the log dir
     (None when the samples lead to no run with a tracker); a failure is one warning."""
-    from sitctl.artifacts import ancestor
-    from sitctl.records import CheckpointInfo
-
     checkpoint = ancestor(samples, "checkpoint")
     if checkpoint is None:
         return None

@@ -41,28 +41,32 @@ class Metric:
     """(layer, value) pairs: the layer is read when the network has it; else the value is recorded as unavailable, with why."""
 
 
-def _fid(inputs: MetricInputs) -> dict[str, float]:
-    from sitctl.evaluate import metrics
+def _math():
+    """sitctl/evaluate/metrics.py, imported when a metric is computed: it loads torch and scipy, and
+    this table is read at start-up (`sitctl --help` lists the metrics)."""
+    from sitctl.evaluate import metrics  # start-up cost
 
+    return metrics
+
+
+def _fid(inputs: MetricInputs) -> dict[str, float]:
+    metrics = _math()
     return {"fid": metrics.frechet_distance(metrics.feature_statistics(inputs.pool), inputs.reference.statistics)}
 
 
 def _sfid(inputs: MetricInputs) -> dict[str, float]:
-    from sitctl.evaluate import metrics
-
+    metrics = _math()
     return {"sfid": metrics.frechet_distance(metrics.feature_statistics(inputs.spatial), inputs.real_spatial())}
 
 
 def _is(inputs: MetricInputs) -> dict[str, float]:
-    from sitctl.evaluate import metrics
-
+    metrics = _math()
     mean, std = metrics.inception_score(inputs.logits, inputs.config.is_splits, inputs.config.seed)
     return {"is_mean": mean, "is_std": std}
 
 
 def _kid(inputs: MetricInputs) -> dict[str, float]:
-    from sitctl.evaluate import metrics
-
+    metrics = _math()
     config = inputs.config
     mean, std = metrics.kernel_inception_distance(inputs.pool, inputs.real_pool(), subsets=config.kid_subsets,
                                                   subset_size=config.kid_subset_size, seed=config.seed)
@@ -70,15 +74,13 @@ def _kid(inputs: MetricInputs) -> dict[str, float]:
 
 
 def _prc(inputs: MetricInputs) -> dict[str, float]:
-    from sitctl.evaluate import metrics
-
+    metrics = _math()
     return metrics.precision_recall(inputs.pool, inputs.real_pool(), neighborhood=inputs.config.prc_neighborhood)
 
 
 def _paper(inputs: MetricInputs) -> dict[str, float]:
     """The SiT/DiT papers' row, as guided-diffusion's evaluator computes it: FID, sFID, IS, precision, recall."""
-    from sitctl.evaluate import metrics
-
+    metrics = _math()
     values = _fid(inputs) | _sfid(inputs)
     if inputs.logits is not None:
         values["adm_is"] = metrics.adm_inception_score(inputs.logits)
