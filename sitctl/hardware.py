@@ -25,10 +25,6 @@ PEAK_TFLOPS = {
     "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
 
-# torch's float32 matmul precision per sitctl precision: "highest" keeps fp32 matmuls exact, "high"
-# lets them use TF32 tensor cores (under bf16 autocast, for the ops autocast leaves in fp32).
-FLOAT32_MATMUL = {"fp32": "highest", "tf32": "high", "bf16": "high"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Peaks and MFU
@@ -95,7 +91,8 @@ def alignment_flops_per_image(alignment: Any, tokens: int) -> float:
 
 
 def set_matmul_precision(precision: str) -> None:
-    """fp32: exact fp32 matmuls and cuDNN convolutions; tf32 and bf16: TF32 tensor cores for both.
+    """fp32: exact fp32 matmuls and cuDNN convolutions; tf32 and bf16 (any other): TF32 tensor cores
+    for both (under bf16 autocast, for the ops autocast leaves in fp32).
 
     Matmuls are set through torch.set_float32_matmul_precision only, never also through the legacy
     torch.backends.cuda.matmul.allow_tf32: on torch 2.14, set_float32_matmul_precision("high")
@@ -103,7 +100,7 @@ def set_matmul_precision(precision: str) -> None:
     torch.get_float32_matmul_precision() raises. Convolutions have no such global setting: cuDNN's
     own flag is set beside it (the two do not clash).
     """
-    torch.set_float32_matmul_precision(FLOAT32_MATMUL[precision])
+    torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
     torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
