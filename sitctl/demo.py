@@ -22,35 +22,31 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from rich.console import Console
 
 from sitctl import workspace
 from sitctl.artifacts import Artifact
 from sitctl.checkpoint import list_checkpoints
-from sitctl.configs import DemoConfig, EncodeConfig, EvalConfig, ReferenceConfig, SampleConfig, TrainConfig
+from sitctl.configs import (
+    DemoConfig, EncodeConfig, EvalConfig, ReferenceConfig, SampleConfig, TrainConfig, resolve_sample
+)
 from sitctl.encode import encode
 from sitctl.evaluate.metrics import frechet_distance
 from sitctl.evaluate.reference import build_reference, load_reference
 from sitctl.evaluate.stage import evaluate_stage
-from sitctl.identity import same_settings
+from sitctl.identity import made_otherwise
 from sitctl.records import MetricsInfo, ReferenceInfo
 from sitctl.sample import sample_stage
 from sitctl.signals import Interrupted, stop_on_signals
-from sitctl.train import train
-
-
-def _made_with(artifact: Artifact, config: Any) -> bool:
-    """Whether `artifact` was made with the settings of `config` (wherever it was placed)."""
-    return same_settings(artifact.config, config)
+from sitctl.train import resolve, train
 
 
 def _matching(root: Path, kind: str, config: Any, inputs: list[Artifact]) -> Artifact | None:
-    """A finished version made with exactly `config` from exactly `inputs` (by id), if any."""
-    wanted_inputs = sorted(artifact.id for artifact in inputs)
+    """The newest finished version made with exactly `config` from exactly `inputs` (by id), if any."""
     for version in reversed(workspace.finished_versions(root, kind)):
-        artifact = version.artifact
-        if _made_with(artifact, config) and sorted(ref["id"] for ref in artifact.inputs) == wanted_inputs:
-            return artifact
+        if made_otherwise(version.artifact, config, [artifact.id for artifact in inputs]) is None:
+            return version.artifact
     return None
 
 
@@ -95,12 +91,11 @@ def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
         loader_workers=0, ckpt_every=config.steps // 2 or 1, keep_last=1, log_every=50,
         preview_every=config.steps // 2 or 1, preview_images=40, preview_steps=25, preview_cfg=config.cfg_scale,
         device="cpu")
-    run_dir = None
+    run_dir, recorded = None, resolve(settings, torch.device(settings.device))  # as a run records its settings
     for version in reversed(workspace.finished_versions(root, "checkpoint")):  # newest run of these settings
-        checkpoint = version.artifact
-        if _made_with(checkpoint, settings) and [ref["id"] for ref in checkpoint.inputs] == [latents.id]:
+        if made_otherwise(version.artifact, recorded, [latents.id]) is None:
             if list_checkpoints(version.path)[-1][0] >= config.steps:
-                return checkpoint
+                return version.artifact
             run_dir = version.path  # interrupted: resume it
             break
     out = run_dir or workspace.next_version(root, "checkpoint")
@@ -111,9 +106,10 @@ def train_digits(config: DemoConfig, root: Path, latents: Artifact) -> Artifact:
 
 
 def sample_digits(config: DemoConfig, root: Path, checkpoint: Artifact) -> Artifact:
-    settings = SampleConfig(checkpoint=str(checkpoint.path), out="-", mode="sde", w=1.0, steps=config.sample_steps,
-                            cfg_scale=config.cfg_scale, num=config.num_samples, batch_size=100, seed=config.seed,
-                            preview=100, device="cpu")
+    # Resolved (the mode's solver filled in) as the samples manifest records it, so a rerun finds it.
+    settings = resolve_sample(SampleConfig(
+        checkpoint=str(checkpoint.path), out="-", mode="sde", w=1.0, steps=config.sample_steps, cfg_scale=config.cfg_scale,
+        num=config.num_samples, batch_size=100, seed=config.seed, preview=100, device="cpu"))
     return _make(root, "samples", settings, [checkpoint], sample_stage)
 
 
