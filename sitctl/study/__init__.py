@@ -20,10 +20,11 @@ the Inception features, so a bootstrap costs no extra forward pass):
                NFE per time shift) on the baseline's last checkpoint (convergence.py).
 
 Every stage is the one the CLI runs (encode, train, eval ref, sample); the scores with their
-bootstrap come from sitctl/evaluate/bootstrap.py over features kept in each point's metrics artifact. A finished artifact is reused and an
-unfinished training run resumes, so the study runs in as many sittings as it takes
-(`--max-minutes` ends a sitting between points). The report (tables and plots) is rewritten
-from whatever has finished after every point.
+bootstrap come from sitctl/evaluate/bootstrap.py over features kept in each point's metrics artifact.
+A finished artifact is reused when it was made with the same settings from the same inputs
+(sitctl/identity.py; one made otherwise is refused) and an unfinished training run resumes, so
+the study runs in as many sittings as it takes (`--max-minutes` ends a sitting between points).
+The report (tables and plots) is rewritten from whatever has finished after every point.
 
 Every number has a spread: FID and KID are bootstrapped over the generated features (the
 reference is fixed), the seeds table adds the spread over training seeds and over sample seeds,

@@ -67,6 +67,18 @@ class SamplerSpec:
         return "adaptive" if self.method == "dopri5" else str(self.steps * (2 if self.method == "heun" else 1))
 
 
+@dataclass(frozen=True, kw_only=True)
+class ScoreSettings:
+    """What a point's scores (and the floor's) are made with: the metrics artifact's config."""
+
+    bootstrap: int
+    """Bootstrap resamples of the generated features."""
+    seed: int
+    """Seed of the resampling."""
+    reference: str
+    """Content id of the reference scored against."""
+
+
 @dataclass(frozen=True)
 class Point:
     ablation: str

@@ -18,12 +18,13 @@ from sitctl.artifacts import is_finished, open_artifact
 from sitctl.configs import StudyConfig
 from sitctl.errors import SitctlError
 from sitctl.evaluate.bootstrap import bootstrap_scores, reference_arrays
+from sitctl.identity import same_settings, settings_of
 from sitctl.plots import read_metrics
 from sitctl.study.convergence import convergence_section
 from sitctl.study.encoder import read_quality
 from sitctl.study.points import (
-    best_model, collect, convergence_points, grid_points, model_spec, objective_points, path_points, sampler_points,
-    seed_points
+    ScoreSettings, best_model, collect, convergence_points, grid_points, model_spec, objective_points, path_points,
+    sampler_points, seed_points
 )
 
 TITLES = {
@@ -36,16 +37,17 @@ TITLES = {
 
 
 def cached_floor(config: StudyConfig, out: Path) -> dict[str, float]:
-    """The floor's scores, computed once per (reference, floor, bootstrap, seed)."""
+    """The floor's scores, computed once per (score settings, floor): scored as a point is."""
     ref, floor = open_artifact(out / "reference", "reference"), open_artifact(out / "floor", "reference")
-    key = {"reference": ref.id, "floor": floor.id, "bootstrap": config.bootstrap, "seed": config.seed}
+    settings = ScoreSettings(bootstrap=config.bootstrap, seed=config.seed, reference=ref.id)
     saved = out / "floor-scores.json"
-    if saved.is_file() and json.loads(saved.read_text())["key"] == key:
-        return json.loads(saved.read_text())["scores"]
+    cached = json.loads(saved.read_text()) if saved.is_file() else None
+    if cached is not None and same_settings(cached["key"], settings) and cached["key"].get("floor") == floor.id:
+        return cached["scores"]
     # Real-vs-real: the floor's n real training images scored exactly as a point.
     features, _, _ = reference_arrays(floor)
     scores = bootstrap_scores(features, *reference_arrays(ref), resamples=config.bootstrap, seed=config.seed)
-    saved.write_text(json.dumps({"key": key, "scores": scores}, indent=2) + "\n")
+    saved.write_text(json.dumps({"key": {**settings_of(settings), "floor": floor.id}, "scores": scores}, indent=2) + "\n")
     return scores
 
 

@@ -1,4 +1,9 @@
-"""Running the study: every stage is the one the CLI runs, reused when finished, resumed when not."""
+"""Running the study: every stage is the one the CLI runs, reused when finished, resumed when not.
+
+A finished artifact at a point's path is reused only when it was made with the settings the study
+would make it with now, from the same inputs by content id (`identity.made_otherwise`). The paths
+are fixed (the report reads them), so one made otherwise is refused, never replaced.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,41 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, is_finished, open_artifact
 from sitctl.checkpoint import list_checkpoints
-from sitctl.configs import StudyConfig
+from sitctl.configs import StudyConfig, resolve_sample
 from sitctl.encode import EncodeConfig, encode
 from sitctl.errors import SitctlError
 from sitctl.evaluate.bootstrap import bootstrap_scores, reference_arrays, sample_features
 from sitctl.evaluate.reference import ReferenceConfig, build_reference
-from sitctl.identity import check_continues, settings_of
+from sitctl.identity import IDENTITY, SHAPES, check_continues, made_otherwise, settings_of
 from sitctl.sample import SampleConfig, sample_stage
 from sitctl.signals import Interrupted, StopRequest, stop_on_signals
 from sitctl.study.encoder import ENCODER_NAME, encoder_hub, ensure_encoder, read_quality
 from sitctl.study.points import (
-    FEATURES_FILE, SCORES_FILE, SETTINGS_FILE, TIMINGS_FILE, ModelSpec, Point, best_model, convergence_points,
-    grid_points, is_scored, objective_points, path_points, point_dir, sampler_points, seed_points
+    FEATURES_FILE, SCORES_FILE, SETTINGS_FILE, TIMINGS_FILE, ModelSpec, Point, ScoreSettings, best_model,
+    convergence_points, grid_points, is_scored, objective_points, path_points, point_dir, sampler_points, seed_points
 )
 from sitctl.study.report import write_report
-from sitctl.train import TrainConfig, train
+from sitctl.train import TrainConfig, resolve, train
 
 
-def _reuse(path: Path, kind: str) -> Artifact | None:
-    return open_artifact(path, kind) if is_finished(path) else None
+def _reuse(path: Path, kind: str, settings: Any, inputs: list[Artifact], roles: tuple[str, ...] = IDENTITY) -> Artifact | None:
+    """The finished artifact at `path` made with `settings` from `inputs`; None while there is none."""
+    if not is_finished(path):
+        return None
+    found = open_artifact(path, kind)
+    why = made_otherwise(found, settings, [artifact.id for artifact in inputs], roles)
+    if why is not None:
+        raise SitctlError(f"{path} is not what this study makes there: {why}; delete it to remake it, or choose another --out")
+    return found
 
 
 def _timed(out: Path, what: str, make):
@@ -47,20 +61,23 @@ def _timed(out: Path, what: str, make):
 def encode_train_images(config: StudyConfig, out: Path, images: bool = False) -> Artifact:
     """The training set in pixel space; `images` keeps the crops too (the convergence runs, for REPA's encoder)."""
     path = out / ("latents-images" if images else "latents")
-    return _reuse(path, "latents") or _timed(out, f"encode {path.name}", lambda: encode(EncodeConfig(
+    settings = EncodeConfig(
         src=config.train_source, out=str(path), image_size=config.image_size, vae="none", limit=config.train_images,
-        shard_size=5000, batch_size=256, workers=0, device=config.device, encoder_targets="images" if images else "none")))
+        shard_size=5000, batch_size=256, workers=0, device=config.device, encoder_targets="images" if images else "none")
+    return _reuse(path, "latents", settings, []) or _timed(out, f"encode {path.name}", lambda: encode(settings))
 
 
 def reference(config: StudyConfig, out: Path, name: str, source: str, count: int) -> Artifact:
     """A reference artifact (images + Inception features) of the first `count` images of `source`."""
     path = out / name
-    return _reuse(path, "reference") or _timed(out, name, lambda: build_reference(ReferenceConfig(
-        source=source, out=str(path), image_size=config.image_size, max_images=count, device=config.device)))
+    settings = ReferenceConfig(source=source, out=str(path), image_size=config.image_size, max_images=count, device=config.device)
+    return _reuse(path, "reference", settings, []) or _timed(out, name, lambda: build_reference(settings))
 
 
 def train_model(config: StudyConfig, out: Path, spec: ModelSpec) -> Artifact:
-    """The run's last checkpoint; an interrupted run resumes from its last checkpoint.
+    """The run's last checkpoint; an interrupted run resumes from its last checkpoint, and a finished
+    one is reused when it was trained with these settings (as the run records them, resolved) on
+    these latents; it may have gone further (a convergence run of an earlier, longer step list).
 
     A convergence run (spec.steps set) keeps a checkpoint at every multiple of the step list's
     greatest common divisor, has a fixed EMA decay whatever its length, and reads the latents
@@ -69,8 +86,6 @@ def train_model(config: StudyConfig, out: Path, spec: ModelSpec) -> Artifact:
     steps = spec.steps or config.train_steps
     run = out / "runs" / spec.name
     found = list_checkpoints(run)
-    if found and found[-1][0] >= steps:
-        return open_artifact(found[-1][1], "checkpoint")
     latents = encode_train_images(config, out, images=spec.steps is not None)
     every = math.gcd(*config.convergence_steps) if spec.steps else max(1, min(500, steps))
     settings = TrainConfig(
@@ -83,6 +98,8 @@ def train_model(config: StudyConfig, out: Path, spec: ModelSpec) -> Artifact:
         preview_every=0, tracker="none", eval_every=0, resume=bool(found), device=config.device,
         **(dict(repa_encoder=ENCODER_NAME, repa_projector_width=config.repa_projector_width) if spec.repa else {}),
     )
+    if found and found[-1][0] >= steps:
+        return _reuse(found[-1][1], "checkpoint", resolve(settings, torch.device(config.device)), [latents], (SHAPES,))
     if spec.repa and read_quality(out) is None:  # trained once, before the first REPA run
         _timed(out, "encoder", lambda: ensure_encoder(config, out))
     try:
@@ -105,16 +122,19 @@ def checkpoint_of(out: Path, point: Point, last: Artifact) -> Artifact:
 def sample_point(config: StudyConfig, out: Path, checkpoint: Artifact, point: Point) -> Artifact:
     path = point_dir(out, point)
     s = point.sampler
-    return _reuse(path, "samples") or _timed(out, f"sample {path.relative_to(out / 'points')}", lambda: sample_stage(SampleConfig(
+    settings = resolve_sample(SampleConfig(  # as the samples manifest records it
         checkpoint=str(checkpoint.path), out=str(path), mode=s.mode, method=s.method, steps=s.steps, w=s.w,
         diffusion=s.diffusion, cfg_scale=s.cfg_scale, time_shift=s.shift, num=config.num_samples, batch_size=config.sample_batch,
-        seed=config.seed if s.seed is None else s.seed, preview=64, device=config.device)))
+        seed=config.seed if s.seed is None else s.seed, preview=64, device=config.device))
+    return _reuse(path, "samples", settings, [checkpoint]) or _timed(
+        out, f"sample {path.relative_to(out / 'points')}", lambda: sample_stage(settings))
 
 
 def score_point(config: StudyConfig, samples: Artifact, ref: Artifact) -> Artifact:
     """The metrics artifact beside the samples: features.npy (cached) and scores.json."""
     path = samples.path.with_name(samples.path.name + "-scores")
-    found = _reuse(path, "metrics")
+    settings = ScoreSettings(bootstrap=config.bootstrap, seed=config.seed, reference=ref.id)
+    found = _reuse(path, "metrics", settings, [samples, ref])
     if found is not None:
         return found
     staging = begin_artifact(path)
@@ -122,8 +142,7 @@ def score_point(config: StudyConfig, samples: Artifact, ref: Artifact) -> Artifa
     np.save(staging / FEATURES_FILE, features)
     scores = bootstrap_scores(features, *reference_arrays(ref), resamples=config.bootstrap, seed=config.seed)
     (staging / SCORES_FILE).write_text(json.dumps(scores, indent=2) + "\n")
-    settings = {"bootstrap": config.bootstrap, "seed": config.seed, "reference": ref.id}
-    return finish_artifact(staging, path, kind="metrics", config=settings, inputs=[samples, ref], extra={"values": scores})
+    return finish_artifact(staging, path, kind="metrics", config=asdict(settings), inputs=[samples, ref], extra={"values": scores})
 
 
 def planned_points(config: StudyConfig, out: Path) -> list[Point]:

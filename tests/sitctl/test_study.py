@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from sitctl.errors import SitctlError
 from sitctl.configs import StudyConfig
 from sitctl.study.points import FEATURES_FILE, model_spec, path_points, sampler_points
 from sitctl.study.report import sampler_series
-from sitctl.study.run import run_study
+from sitctl.study.run import encode_train_images, run_study
 from sitctl.signals import Interrupted
 from tests.pipelines.test_sources import write_idx
 
@@ -161,3 +162,11 @@ def test_the_seeds_ablation_retrains_with_each_seed_and_reports_their_spread(tin
         assert f"| linear-velocity | ode-heun-2 | {varied} | 2 | {np.mean(fids):.2f} ± {np.std(fids, ddof=1):.2f} |" in report
     assert "| gvp-velocity | ode-heun-2 | training | 0 | not run yet | not run yet |" in report
     assert "| linear-velocity-bf16 | sde-euler-3-sigma-w1-cfg1 | training | 1 |" in report
+
+
+def test_a_finished_artifact_made_otherwise_at_a_study_path_is_refused_not_reused(digits_latents_dir, tmp_path):
+    out = tmp_path / "study"
+    shutil.copytree(digits_latents_dir, out / "latents")  # the digits where the study keeps its Fashion-MNIST
+    with pytest.raises(SitctlError, match=r"latents is not what this study makes there: it was made with "
+                                          r"--src 'digits', now 'fashion-mnist:train:.*'; delete it to remake it"):
+        encode_train_images(tiny_config(tmp_path / "fashion", out), out)
