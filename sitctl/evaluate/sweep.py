@@ -55,8 +55,8 @@ def own_name(path: Path, settings: Any, inputs: list[str]) -> Path:
 
 def find_or_place(first: Path, own: Path, kind: str, difference: Callable[[Artifact], str | None],
                   first_free: bool) -> tuple[Artifact | None, Path, str | None]:
-    """(the finished result at `first` or `own` in which `difference` finds none, None, None), or else
-    (None, where to make it: `first` while it is free, then `own`, why `first` was not reused)."""
+    """(the finished result at `first` or `own` in which `difference` finds none, its path, None), or else
+    (None, where to make it: `first` while it is free, else `own`; why what was there is not reused)."""
     why = None
     for candidate in (first, own):
         if not candidate.exists():
