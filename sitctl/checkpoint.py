@@ -185,6 +185,9 @@ def load_tensors(artifact: Artifact, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+KERNEL_CHOICES = ("fused", "foreach", "capturable")  # how an optimizer steps, not what it computes
+
+
 def load_training_state(artifact: Artifact, *, model, ema, optimizer, modules=None) -> dict[str, Any]:
     """Restore weights (and those of `modules`, as saved), optimizer and RNG states in place; return state.json.
 
@@ -202,8 +205,12 @@ def load_training_state(artifact: Artifact, *, model, ema, optimizer, modules=No
     for key, value in optimizer_json["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    # Optimizer.load_state_dict casts and moves each tensor to its parameter's device.
+    # Optimizer.load_state_dict casts and moves each tensor to its parameter's device. The kernel
+    # choices are this process's, not the saved ones: a run begun on a CPU resumes fused on a GPU.
+    kernels = [{key: group[key] for key in KERNEL_CHOICES if key in group} for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": optimizer_json["param_groups"]})
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)
     saved = json.loads(read_verified(artifact, "state.json"))
     _restore_rng(load_tensors(artifact, "rng.safetensors"), saved["rng"])
     return saved

@@ -144,8 +144,8 @@ class TrainConfig:
     """torch.compile the network."""
     seed: int = 0
     """Seeds weights, data order and all per-sample noise."""
-    data_lanes: int = 8
-    """Sample streams making up a batch; a multiple of processes x loader workers."""
+    data_lanes: int | None = None
+    """Sample streams making up a batch; a multiple of processes x loader workers (default: 8, or the smallest such multiple above 8 that divides --global-batch, e.g. 32 for 32 processes)."""
     shuffle_buffer: int = 1000
     """Shuffle buffer per lane, in samples."""
     loader_workers: int = setting(1, role="free")
@@ -224,11 +224,11 @@ class TrainConfig:
             raise SitctlError(f"--time-dist must be one of {', '.join(TIME_DISTRIBUTIONS)}, got {self.time_dist!r}")
         if self.time_std <= 0:
             raise SitctlError(f"--time-std must be positive, got {self.time_std}")
-        positive = ("steps", "global_batch", "lr", "data_lanes", "shuffle_buffer", "ckpt_every", "log_every")
+        positive = ("steps", "global_batch", "lr", "shuffle_buffer", "ckpt_every", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SitctlError(f"{flag_named(self, name)} must be positive, got {getattr(self, name)}")
-        for name in ("micro_batch", "grad_clip", "discrete_steps"):
+        for name in ("micro_batch", "grad_clip", "discrete_steps", "data_lanes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise SitctlError(f"{flag_named(self, name)} must be positive, got {getattr(self, name)}")
         if self.discrete_steps is not None and self.discrete_steps < 2:

@@ -358,10 +358,19 @@ def rank_batches(
         dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
         worker_init_fn=ignore_stop_signals if workers else None, in_order=True, pin_memory=pin_memory,
     )
-    return _join_workers(iter(loader), max(workers, 1))
+    return _join_workers(iter(loader), max(workers, 1), pin_memory)
 
 
-def _join_workers(items: Iterator[dict], workers: int) -> Iterator[dict]:
+def _joined(parts: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
+    """The workers' parts end to end; in page-locked memory when they were (a plain cat returns pageable
+    memory, and a copy from it to a GPU is synchronous whatever `non_blocking` says)."""
+    if not pin_memory:
+        return torch.cat(parts)
+    out = torch.empty((sum(len(part) for part in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
+    return torch.cat(parts, out=out)
+
+
+def _join_workers(items: Iterator[dict], workers: int, pin_memory: bool = False) -> Iterator[dict]:
     """One rank batch per step; closing this generator stops the loader's worker processes."""
     try:
         while True:
@@ -370,11 +379,25 @@ def _join_workers(items: Iterator[dict], workers: int) -> Iterator[dict]:
             for part in parts:
                 if "error" in part:
                     raise ArtifactError(part["error"])
-            yield parts[0] if workers == 1 else {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+            yield parts[0] if workers == 1 else {key: _joined([part[key] for part in parts], pin_memory) for key in parts[0]}
     finally:
         shutdown = getattr(items, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+DEFAULT_LANES = 8  # the lane count runs have used since the start: kept where it works, so their data order stays
+
+
+def default_lanes(global_batch: int, world_size: int, workers: int) -> int:
+    """--data-lanes when not given: the smallest multiple of the readers (ranks x loader workers)
+    from DEFAULT_LANES up that divides the global batch (8 for up to 8 readers and a batch of 8k),
+    else one lane per reader (check_lanes then says why that cannot work)."""
+    readers = world_size * max(workers, 1)
+    for lanes in range(readers, global_batch + 1, readers):
+        if lanes >= DEFAULT_LANES and global_batch % lanes == 0:
+            return lanes
+    return readers
 
 
 def check_lanes(num_lanes: int, global_batch: int, world_size: int, workers: int, num_samples: int) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sitctl.errors import SitctlError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -38,8 +40,8 @@ def setup(device: str | None = None) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    torch_device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    torch_device = torch.device(rank_device(device, local_rank, world_size, torch.cuda.is_available()))
+    use_cuda = torch_device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
@@ -49,6 +51,22 @@ def setup(device: str | None = None) -> Dist:
             device_id=torch_device if use_cuda else None,
         )
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def rank_device(device: str | None, local_rank: int, world_size: int, cuda_available: bool) -> str:
+    """The device of this rank for --device (cpu, cuda, cuda:N or None: cuda when present).
+
+    One process honours cuda:N; under torchrun each rank takes cuda:LOCAL_RANK, so a single named
+    GPU, which would put every rank on it, is refused in one line.
+    """
+    if device == "cpu" or (device is None and not cuda_available):
+        return "cpu"
+    if device is not None and device.startswith("cuda:"):
+        if world_size > 1:
+            raise SitctlError(f"--device {device} names one GPU, but this job has {world_size} processes, each on "
+                              "cuda:LOCAL_RANK; pass --device cuda (or leave it out)")
+        return device
+    return f"cuda:{local_rank}"
 
 
 def barrier(d: Dist) -> None:

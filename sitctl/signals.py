@@ -118,10 +118,17 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 
 
 def stop_votes(signum: int | None, device):
-    """This rank's votes, one per stop signal in STOP_SIGNALS' order (1.0 for the one it received), on `device`."""
+    """This rank's votes, one per stop signal in STOP_SIGNALS' order (1.0 for the one it received), on `device`.
+
+    Made on the device by kernels alone: a tensor built from a Python list would be a blocking
+    host-to-device copy at every step.
+    """
     import torch  # start-up cost: the CLI imports this module, and `sitctl --help` must not load torch
 
-    return torch.tensor([float(signum == number) for number in STOP_SIGNALS], device=device)
+    votes = torch.zeros(len(STOP_SIGNALS), device=device)
+    if signum in STOP_SIGNALS:
+        votes[STOP_SIGNALS.index(signum)] = 1.0
+    return votes
 
 
 class AgreedStop:

@@ -40,7 +40,7 @@ from sitctl import checkpoint as checkpoints
 from sitctl import distributed, trackers, watch
 from sitctl.artifacts import Artifact, disk_errors, is_finished, output_lock
 from sitctl.configs import TrainConfig
-from sitctl.data import Latents, interpolant_noise, open_latents, rank_batches
+from sitctl.data import Latents, default_lanes, interpolant_noise, open_latents, rank_batches
 from sitctl.errors import SitctlError
 from sitctl.hardware import alignment_flops_per_image, set_matmul_precision, training_mfu
 from sitctl.identity import check_continues
@@ -139,15 +139,17 @@ def time_distribution(config: TrainConfig):
     return TIME_DISTRIBUTIONS[config.time_dist](mean=config.time_mean, std=config.time_std)
 
 
-def resolve(config: TrainConfig, device: torch.device) -> TrainConfig:
+def resolve(config: TrainConfig, device: torch.device, world_size: int = 1) -> TrainConfig:
     """Every derived setting filled in, once; the run records these values.
 
     --precision auto: bf16 autocast on CUDA (tensor cores, SDPA's flash kernels), fp32 elsewhere, so
-    a checkpoint says what it was trained in; REPA's depth of the model; the FID's period; the
-    tracker's folder, absolute so that `sitctl show` and `sitctl eval` find it from anywhere.
+    a checkpoint says what it was trained in; the data lanes for this many processes; REPA's depth
+    of the model; the FID's period; the tracker's folder, absolute so that `sitctl show` and
+    `sitctl eval` find it from anywhere.
     """
     precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return replace(config, precision=precision, repa_depth=repa.resolve_depth(config),
+    lanes = config.data_lanes or default_lanes(config.global_batch, world_size, config.loader_workers)
+    return replace(config, precision=precision, data_lanes=lanes, repa_depth=repa.resolve_depth(config),
                    eval_every=DEFAULT_EVAL_EVERY if config.eval_every is None else config.eval_every,
                    log_dir=None if config.log_dir is None else os.path.abspath(config.log_dir))
 
@@ -155,7 +157,7 @@ def resolve(config: TrainConfig, device: torch.device) -> TrainConfig:
 def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
     """Resolve the settings, check everything a user can get wrong, then build the network, EMA, optimizer and data."""
     fid_required = config.eval_every is not None  # a period asked for is honoured or refused; the default may skip
-    config = resolve(config, d.device)
+    config = resolve(config, d.device, d.world_size)
     if is_finished(config.out):  # never write a run into another stage's artifact
         raise SitctlError(f"{config.out} is a finished artifact, not a run directory; choose a new --out")
     latents = open_latents(config.latents)
@@ -210,8 +212,10 @@ def wrap_for_training(net: nn.Module, config: TrainConfig, d: distributed.Dist) 
     if d.active:
         # Gradients as views into DDP's buckets: no copy between them, and no second gradient buffer.
         # Not static_graph: with no_sync micro-batches it fails an internal assert (torch 2.14, gloo).
+        # No buffer broadcast: the only buffer, the fixed sin-cos position table, is the same on every
+        # rank by construction, and broadcasting it cost a collective every micro-batch.
         forward = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                                      gradient_as_bucket_view=True)
+                                                      gradient_as_bucket_view=True, broadcast_buffers=False)
     if config.compile:
         forward = torch.compile(forward)  # after DDP, so compiled graphs break at gradient buckets
     return forward

@@ -167,6 +167,33 @@ def test_an_optimizers_state_comes_back_whole_from_a_checkpoint_tensors_and_plai
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
 
 
+def test_a_resumed_optimizer_keeps_its_own_kernel_choice_and_steps_to_the_same_numbers(tmp_path):
+    # A run begun on a CPU (foreach AdamW) resumed on a GPU must step fused there, not take the saved flag.
+    import torch
+
+    from sitctl.checkpoint import load_training_state, save_checkpoint
+
+    torch.manual_seed(0)
+    net, data = torch.nn.Linear(3, 2), torch.randn(8, 3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, foreach=True)
+    for _ in range(2):
+        optimizer.zero_grad()
+        net(data).pow(2).sum().backward()
+        optimizer.step()
+    artifact = save_checkpoint(tmp_path / "run", 2, model=net, ema=net, optimizer=optimizer, state={}, config={},
+                               latents=save(tmp_path / "latents", 1), extra={})
+    fresh = torch.nn.Linear(3, 2)
+    fused = torch.optim.AdamW(fresh.parameters(), lr=0.1, fused=True)
+    load_training_state(artifact, model=fresh, ema=torch.nn.Linear(3, 2), optimizer=fused)
+    assert (fused.param_groups[0]["fused"], fused.param_groups[0]["foreach"]) == (True, None)
+    for step_with, model in ((optimizer, net), (fused, fresh)):
+        step_with.zero_grad()
+        model(data).pow(2).sum().backward()
+        step_with.step()
+    for ours, theirs in zip(fresh.parameters(), net.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)  # fused and foreach round alike to float32
+
+
 def test_an_artifact_of_another_kind_is_never_taken_for_a_checkpoint(tmp_path):
     import pytest
 

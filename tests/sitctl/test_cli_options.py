@@ -51,6 +51,8 @@ INTENDED: dict[tuple[str, tuple[str, ...]], set[str]] = {
     ("sitctl encode", ("--workers",)): {"default", "help"},  # issue 22: 4, or fewer on a machine with fewer usable cores
     # issue 32: a period typed is honoured or refused; the default (25,000 steps) may skip with a note
     ("sitctl train", ("--eval-every",)): {"default", "help"},
+    # issue 33: 8 lanes where 8 work, else a multiple of the processes (the guide's 4 x 8 GPUs ran into 8)
+    ("sitctl train", ("--data-lanes",)): {"default", "help"},
 }
 # issue 14: bench loader reports start-up apart from steady state; issue 21: eval prc names torch-fidelity (eval paper has
 # ADM's), eval ref-npz also exports mu_s/sigma_s

@@ -1,36 +1,15 @@
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sitctl import distributed
 from sitctl.artifacts import open_artifact, verify_artifact
 from sitctl.checkpoint import list_checkpoints, load_network, prune_checkpoints
 from sitctl.errors import ArtifactError, SitctlError
-from sitctl.train import NAN_HOOK, NonFiniteLossError, TrainConfig, prepare, train, train_loop
+from sitctl.train import NAN_HOOK, NonFiniteLossError, prepare, train, train_loop
+from tests.helpers import TINY, assert_same_files, run_cli, tiny  # noqa: F401  (TINY: test_identity.py imports it from here)
 from tests.sitctl.test_data import make_latents
-
-TINY = dict(model="SiT-T/2", global_batch=8, data_lanes=2, shuffle_buffer=16, loader_workers=0, log_every=1,
-            preview_every=0, lr=1e-3)
-
-
-def tiny(latents, out, **overrides):
-    return TrainConfig(latents=str(latents), out=str(out), **{**TINY, **overrides})
-
-
-def weights(checkpoint, name):
-    return load_file(checkpoint / f"{name}.safetensors")
-
-
-def assert_same_files(a, b, names=("model", "ema", "optimizer")):
-    for name in names:
-        left, right = weights(a, name), weights(b, name)
-        assert left.keys() == right.keys()
-        for key in left:
-            assert torch.equal(left[key], right[key]), (name, key)
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_latents_dir, tmp_path):
@@ -64,6 +43,7 @@ def test_resolve_fills_every_derived_setting_once(digits_latents_dir, tmp_path, 
     assert resolve(replace(config, eval_every=0), torch.device("cpu")).eval_every == 0
     assert resolve(replace(config, repa_encoder="dinov2-vitb14", model="SiT-XL/2"), torch.device("cpu")).repa_depth == 8
     assert resolve(resolved, torch.device("cpu")) == resolved  # resolving twice changes nothing
+    assert resolve(replace(config, data_lanes=None, global_batch=256), torch.device("cpu"), world_size=32).data_lanes == 32
 
 
 def test_checkpoint_links_its_latents_and_rebuilds_the_network_alone(digits_latents_dir, tmp_path):
@@ -121,10 +101,7 @@ def test_mismatched_inputs_fail_before_any_compute(digits_latents_dir, tmp_path)
 
 def test_cli_reports_a_wrong_artifact_kind_in_one_line(digits_latents_dir, tmp_path):
     train(tiny(digits_latents_dir, tmp_path / "run", steps=1))
-    result = subprocess.run(
-        [sys.executable, "-m", "sitctl.cli", "train", str(tmp_path / "run" / "step-0000001"), "--out", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = run_cli("train", tmp_path / "run" / "step-0000001", "--out", tmp_path / "x")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/run/step-0000001 is a 'checkpoint' artifact, expected 'latents'"]
 
