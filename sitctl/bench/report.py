@@ -9,6 +9,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sitctl.artifacts import begin_artifact, finish_artifact, open_artifact, write_json_atomic
+from sitctl.bench.encode import bench_encode
+from sitctl.bench.inception import bench_inception
+from sitctl.bench.loader import bench_loader_rate
+from sitctl.bench.model import bench_model
+from sitctl.bench.sampling import bench_sampling
 from sitctl.errors import BenchError
 from sitctl.hardware import PRECISIONS
 
@@ -93,12 +99,6 @@ def sizes_for(device: str | None, **overrides) -> BenchConfig:
 
 def run_benchmarks(config: BenchConfig) -> dict[str, object]:
     """Every benchmark at `config`'s sizes; one entry per stage (model and sampling hold lists)."""
-    from sitctl.bench.encode import bench_encode
-    from sitctl.bench.inception import bench_inception
-    from sitctl.bench.loader import bench_loader_rate
-    from sitctl.bench.model import bench_model
-    from sitctl.bench.sampling import bench_sampling
-
     return {
         "model": [bench_model(model, batch=batch, precision=precision, steps=config.model_steps,
                               warmup=config.model_warmup, device=config.device, compile=compiled)
@@ -207,8 +207,6 @@ def replace_section(text: str, heading: str, section: str) -> str:
 
 def bench_all(config: BenchConfig, out: str | Path, benchmarks_md: str | Path | None = None):
     """Run every benchmark, write the bench artifact `out` (results.json) and this device's BENCHMARKS.md section."""
-    from sitctl.artifacts import begin_artifact, finish_artifact, open_artifact, write_json_atomic
-
     staging = begin_artifact(out)  # refuses an existing `out` before spending minutes measuring
     device = device_label(config.device)
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()

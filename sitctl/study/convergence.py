@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from sitctl.configs import StudyConfig
+from sitctl.metrics_log import metrics_path
 from sitctl.plots import read_metrics
 from sitctl.study.points import CONVERGENCE_RECIPES, Point, convergence_runs
 
@@ -198,7 +199,7 @@ def plot_training(config: StudyConfig, out: Path, plt) -> Path:
     labels = [label for label, _, _ in CONVERGENCE_RECIPES]
     drawn: set[str] = set()
     for label, spec in convergence_runs(config):
-        log = out / "runs" / spec.name / "metrics.jsonl"
+        log = metrics_path(out / "runs" / spec.name)
         rows = [r for r in read_metrics(log) if "loss" in r] if log.is_file() else []
         if not rows:
             continue

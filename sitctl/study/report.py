@@ -19,12 +19,21 @@ from sitctl.configs import StudyConfig
 from sitctl.errors import SitctlError
 from sitctl.evaluate.bootstrap import bootstrap_scores, reference_arrays
 from sitctl.identity import same_settings, settings_of
+from sitctl.metrics_log import metrics_path
 from sitctl.plots import read_metrics
 from sitctl.study.convergence import convergence_section
 from sitctl.study.encoder import read_quality
 from sitctl.study.points import (
-    ScoreSettings, best_model, collect, convergence_points, grid_points, model_spec, objective_points, path_points,
-    sampler_points, seed_points
+    ScoreSettings,
+    best_model,
+    collect,
+    convergence_points,
+    grid_points,
+    model_spec,
+    objective_points,
+    path_points,
+    sampler_points,
+    seed_points,
 )
 
 TITLES = {
@@ -256,7 +265,7 @@ def plot_loss_curves(config: StudyConfig, out: Path) -> Path:
     specs = {p.model for p in path_points(config) + objective_points(config)} | {model_spec("linear", "velocity", precision="bf16")}
     for axis, interp in zip(axes, interps):
         for spec in sorted((s for s in specs if s.interp == interp), key=lambda s: s.name):
-            log = out / "runs" / spec.name / "metrics.jsonl"
+            log = metrics_path(out / "runs" / spec.name)
             rows = [r for r in read_metrics(log) if "loss" in r] if log.is_file() else []
             if rows:
                 axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=spec.name)

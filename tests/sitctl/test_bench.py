@@ -77,7 +77,7 @@ def test_bad_sizes_are_one_line_errors(tmp_path):
 def test_compiled_models_run_with_torch_compile_and_are_labelled(monkeypatch):
     import dataclasses
 
-    import sitctl.bench.model
+    import sitctl.bench.report
     from sitctl.bench.report import figure_rows, run_benchmarks, sizes_for
 
     assert ("SiT-XL/2", 256, "bf16") in sizes_for("cuda").compiled_models  # the XL/2 bf16 + compile row
@@ -88,7 +88,7 @@ def test_compiled_models_run_with_torch_compile_and_are_labelled(monkeypatch):
         return {"model": model, "batch": batch, "precision": precision, "compile": compile, "device": "cpu", "mfu": None,
                 "train_step_ms": 1.0, "train_images_per_s": 1.0, "forward_ms": 1.0, "train_tflops": 1.0}
 
-    monkeypatch.setattr(sitctl.bench.model, "bench_model", fake_bench_model)
+    monkeypatch.setattr(sitctl.bench.report, "bench_model", fake_bench_model)
     results = run_benchmarks(dataclasses.replace(TINY, compiled_models=(("SiT-B/2", 4, "bf16"),)))
     assert calls == [("SiT-T/4", False), ("SiT-B/2", True)]
     settings = [setting for name, setting, _ in figure_rows(results) if name == "model step"]
