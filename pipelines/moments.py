@@ -23,10 +23,16 @@ def pixels_to_tensor(crops: list[np.ndarray], device: torch.device) -> torch.Ten
     return batch.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, S, S)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the VAE: 'auto' is bf16 on CUDA and fp32 elsewhere."""
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """What the VAE runs in: 'auto' is bf16 on CUDA and fp32 elsewhere; the others as named."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the VAE (`resolved_precision`)."""
+    precision = resolved_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16

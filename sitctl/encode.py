@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from pipelines.moments import latent_moments, pixels_to_tensor
+from pipelines.moments import latent_moments, pixels_to_tensor, resolved_precision
 from pipelines.shards import PROGRESS_DIR, Sample, done_record, mark_done, shard_name, write_shard
 from pipelines.sources import CroppedImages, ImageSource, SourceError, collate_items, open_source
 from sitctl import distributed
@@ -68,7 +68,8 @@ def encode(config: EncodeConfig) -> Artifact | None:
             distributed.barrier(dist)
             if not dist.is_main:
                 return None
-            return _finish(staging, config, source, len(shards), vae_info)
+            ran = resolved_precision(dist.device, config.precision)  # what the manifest records, not "auto"
+            return _finish(staging, config, source, len(shards), vae_info | {"precision": ran})
     finally:
         distributed.teardown(dist)
 
@@ -180,6 +181,7 @@ def _finish(staging: Path, config: EncodeConfig, source: ImageSource, num_shards
         num_errors=len(errors),
         source={"name": source.name, "root": source.root},
         encoder_targets=config.encoder_targets,
+        vae_precision=vae_info["precision"],
     ).to_extra()
     # The progress records (settings included) go only after the rename: see finish_artifact.
     return finish_artifact(staging, config.out, kind="latents", config=asdict(config), extra=extra, private=[PROGRESS_DIR])

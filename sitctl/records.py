@@ -60,6 +60,8 @@ class LatentsInfo(_Record):
     num_errors: int = 0
     encoder_targets: str = "none"
     """What each sample also holds for an alignment encoder: none, or images (`KEY.image.png`, the center crop)."""
+    vae_precision: str | None = None
+    """What the VAE ran in (--precision auto resolved on the device): fp32, fp16 or bf16; None in latents made before it was recorded."""
 
 
 @dataclass(frozen=True)

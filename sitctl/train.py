@@ -142,12 +142,13 @@ def time_distribution(config: TrainConfig):
 def resolve(config: TrainConfig, device: torch.device, world_size: int = 1) -> TrainConfig:
     """Every derived setting filled in, once; the run records these values.
 
-    --precision auto: bf16 autocast on CUDA (tensor cores, SDPA's flash kernels), fp32 elsewhere, so
-    a checkpoint says what it was trained in; the data lanes for this many processes; REPA's depth
+    --precision auto: bf16 autocast on a CUDA GPU that has bf16 (tensor cores, SDPA's flash kernels),
+    fp32 elsewhere, so a checkpoint says what it was trained in; the data lanes for this many processes; REPA's depth
     of the model; the FID's period; the tracker's folder, absolute so that `sitctl show` and
     `sitctl eval` find it from anywhere.
     """
-    precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = config.precision if config.precision != "auto" else ("bf16" if bf16 else "fp32")
     lanes = config.data_lanes or default_lanes(config.global_batch, world_size, config.loader_workers)
     return replace(config, precision=precision, data_lanes=lanes, repa_depth=repa.resolve_depth(config),
                    eval_every=DEFAULT_EVAL_EVERY if config.eval_every is None else config.eval_every,

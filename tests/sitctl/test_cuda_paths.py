@@ -52,3 +52,12 @@ def test_joined_worker_parts_stay_page_locked_so_copies_to_the_gpu_overlap():
     joined = _joined(parts, pin_memory=True)
     assert joined.is_pinned() and torch.equal(joined, torch.cat(parts))
     assert not torch.cat(parts).is_pinned()  # why _joined exists
+
+
+def test_encode_records_the_precision_its_vae_ran_in_not_auto(digits_latents_dir):
+    from pipelines.moments import resolved_precision
+    from sitctl.artifacts import open_artifact
+
+    assert open_artifact(digits_latents_dir).config["precision"] == "auto"  # what was asked
+    assert open_artifact(digits_latents_dir).extra["vae_precision"] == "fp32"  # what ran, on this CPU
+    assert [resolved_precision(torch.device("cuda"), p) for p in ("auto", "fp32", "fp16", "bf16")] == ["bf16", "fp32", "fp16", "bf16"]
