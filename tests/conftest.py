@@ -41,6 +41,17 @@ def digits_latents_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def pixel_run(digits_latents_dir, tmp_path_factory) -> Path:
+    """A run dir holding one checkpoint of a random SiT-T/2 on the 8x8 RGB digits (vae none); read only."""
+    from tests.helpers import randomised_sit, write_checkpoint
+
+    net, config = randomised_sit(input_size=8, in_channels=3)
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    write_checkpoint(run_dir, digits_latents_dir, net, config)
+    return run_dir
+
+
 TINY_ENCODER_REPO = "timm/vit_base_patch14_dinov2.lvd142m"  # what --repa-encoder dinov2-vitb14 loads
 
 

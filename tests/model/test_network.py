@@ -12,29 +12,7 @@ from torch import nn
 from model.configs import MODEL_NAMES, ModelConfigError, SiTConfig, model_config
 from model.network import SiT, load_state_dict_checked, sincos_2d, timestep_frequencies
 from sitctl.errors import CheckpointMismatchError
-
-
-def tiny(**overrides) -> SiTConfig:
-    settings = {"input_size": 8, "in_channels": 3, "num_classes": 10} | overrides
-    return model_config("SiT-T/2", **settings)
-
-
-def randomised(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter (the zero-initialised ones too) random values, so outputs carry signal."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return net
-
-
-def inputs(config: SiTConfig, n: int = 3, seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, config.in_channels, config.input_size, config.input_size, generator=generator)
-    t = torch.rand(n, generator=generator)
-    y = torch.arange(n) % (config.num_classes + 1)  # includes the null label when n > num_classes
-    y[-1] = config.num_classes
-    return x, t, y
+from tests.helpers import inputs, randomised, tiny_sit_config
 
 
 @pytest.mark.parametrize(
@@ -51,14 +29,14 @@ def test_output_has_input_shape(name, input_size, channels):
 
 
 def test_fresh_network_predicts_exactly_zero():
-    config = tiny()
+    config = tiny_sit_config()
     x, t, y = inputs(config)
     assert torch.equal(SiT(config)(x, t, y), torch.zeros_like(x))
 
 
 def test_fresh_blocks_are_identity_maps():
     # adaLN-Zero: zero gates make each residual branch vanish at initialisation.
-    net = SiT(tiny())
+    net = SiT(tiny_sit_config())
     tokens, c = torch.randn(2, 16, 64), torch.randn(2, 64)
     assert torch.equal(net.blocks[0](tokens, c), tokens)
 
@@ -111,7 +89,7 @@ def test_timestep_features_take_t_directly():
 
 
 def test_time_and_label_reach_the_output():
-    config = tiny()
+    config = tiny_sit_config()
     net = randomised(SiT(config))
     x, t, y = inputs(config)
     out = net(x, t, y)
@@ -155,7 +133,7 @@ def written_out_forward(net: SiT, x: torch.Tensor, t: torch.Tensor, y: torch.Ten
 
 @pytest.mark.parametrize("patch", (2, 4))
 def test_forward_is_dits_forward_written_out(patch):
-    config = tiny(patch_size=patch) if patch == 2 else model_config("SiT-T/4", input_size=8, in_channels=3, num_classes=10)
+    config = tiny_sit_config(patch_size=patch) if patch == 2 else model_config("SiT-T/4", input_size=8, in_channels=3, num_classes=10)
     net = randomised(SiT(config)).eval()
     x, t, y = inputs(config, n=3)
     expected, after = written_out_forward(net, x, t, y)
@@ -171,7 +149,7 @@ def test_forward_is_dits_forward_written_out(patch):
 
 def test_a_network_cast_to_bf16_runs_in_bf16():
     """Weights in bf16 (not autocast): the float32 time features and position embedding follow the weights."""
-    config = tiny()
+    config = tiny_sit_config()
     net = randomised(SiT(config)).to(torch.bfloat16)
     x, t, y = inputs(config)
     with torch.no_grad():
@@ -211,7 +189,7 @@ def test_published_state_dict_loads_and_keeps_the_mean_half(name):
 
 
 def test_own_state_dict_round_trips_through_compile_and_ddp_prefixes():
-    config = tiny()
+    config = tiny_sit_config()
     source = randomised(SiT(config))
     prefixed = {"module._orig_mod." + key: value for key, value in source.state_dict().items()}
     net = SiT(config)
@@ -222,7 +200,7 @@ def test_own_state_dict_round_trips_through_compile_and_ddp_prefixes():
 
 def test_a_sit_training_checkpoint_loads_its_ema_weights():
     """SiT's train.py saves {"model", "ema", "opt", "args"}; sampling uses the EMA, not the raw model."""
-    config = tiny()
+    config = tiny_sit_config()
     ema, raw = randomised(SiT(config), seed=1), randomised(SiT(config), seed=2)
     checkpoint = {"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {"state": {}}, "args": None}
     net = SiT(config)
@@ -232,40 +210,40 @@ def test_a_sit_training_checkpoint_loads_its_ema_weights():
 
 
 def test_wrong_shape_names_model_key_and_both_shapes():
-    state_dict = SiT(tiny(num_classes=7)).state_dict()
+    state_dict = SiT(tiny_sit_config(num_classes=7)).state_dict()
     with pytest.raises(CheckpointMismatchError) as error:
-        load_state_dict_checked(SiT(tiny()), state_dict, "SiT-T/2")
+        load_state_dict_checked(SiT(tiny_sit_config()), state_dict, "SiT-T/2")
     message = str(error.value)
     assert "SiT-T/2" in message and "y_embedder.embedding_table.weight" in message
     assert "(8, 64)" in message and "(11, 64)" in message and "\n" not in message
 
 
 def test_pos_embed_of_another_input_size_is_refused():
-    state_dict = SiT(tiny()).state_dict() | {"pos_embed": sincos_2d(64, 8)[None]}
+    state_dict = SiT(tiny_sit_config()).state_dict() | {"pos_embed": sincos_2d(64, 8)[None]}
     with pytest.raises(CheckpointMismatchError, match=r"pos_embed has shape \(1, 64, 64\).*\(1, 16, 64\)"):
-        load_state_dict_checked(SiT(tiny()), state_dict, "SiT-T/2")
+        load_state_dict_checked(SiT(tiny_sit_config()), state_dict, "SiT-T/2")
 
 
 def test_missing_and_unexpected_keys_are_named():
-    state_dict = SiT(tiny()).state_dict()
+    state_dict = SiT(tiny_sit_config()).state_dict()
     del state_dict["blocks.1.mlp.fc2.bias"]
     with pytest.raises(CheckpointMismatchError, match=r"blocks\.1\.mlp\.fc2\.bias with shape \(64,\) is missing"):
-        load_state_dict_checked(SiT(tiny()), state_dict, "SiT-T/2")
-    deeper = SiT(tiny(depth=3)).state_dict()
+        load_state_dict_checked(SiT(tiny_sit_config()), state_dict, "SiT-T/2")
+    deeper = SiT(tiny_sit_config(depth=3)).state_dict()
     with pytest.raises(CheckpointMismatchError, match=r"unexpected key blocks\.2\."):
-        load_state_dict_checked(SiT(tiny()), deeper, "SiT-T/2")
+        load_state_dict_checked(SiT(tiny_sit_config()), deeper, "SiT-T/2")
 
 
 def test_qk_norm_adds_per_head_norm_weights():
-    keys = SiT(tiny(qk_norm=True)).state_dict().keys()
+    keys = SiT(tiny_sit_config(qk_norm=True)).state_dict().keys()
     assert "blocks.0.attn.q_norm.weight" in keys and "blocks.0.attn.k_norm.weight" in keys
-    assert "blocks.0.attn.q_norm.weight" not in SiT(tiny()).state_dict()
+    assert "blocks.0.attn.q_norm.weight" not in SiT(tiny_sit_config()).state_dict()
 
 
 def test_compiled_network_matches_eager():
     # aot_eager traces the whole graph (fullgraph: no graph breaks) in seconds; inductor's C++
     # codegen takes ~40 s on a CPU and is exercised by `python -m sitctl.bench model --compile`.
-    config = tiny()
+    config = tiny_sit_config()
     net = randomised(SiT(config))
     x, t, y = inputs(config)
     compiled = torch.compile(net, backend="aot_eager", fullgraph=True)

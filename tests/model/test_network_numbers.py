@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.network import SiT, attention_layer
-from tests.model.test_network import inputs, randomised, tiny
+from tests.helpers import inputs, randomised, tiny_sit_config
 
 # bf16 keeps 8 significant bits (relative rounding 2^-9); through the tiny 2-block network the
 # output's relative L2 error measured 1.1-1.5% (qk-norm on / off). A bound of 3% leaves room for
@@ -58,10 +58,10 @@ def test_qk_norm_attention_is_softmax_of_rms_normalised_queries_and_keys():
 def test_qk_norm_makes_the_output_blind_to_the_scale_of_queries_and_keys():
     # RMS normalisation divides out any factor on q and k, so their projections can grow without
     # changing attention; without it the same factor sharpens every softmax.
-    x_t_y = inputs(tiny(), n=4)
+    x_t_y = inputs(tiny_sit_config(), n=4)
     outputs = {}
     for qk_norm in (True, False):
-        net = randomised(SiT(tiny(qk_norm=qk_norm)))
+        net = randomised(SiT(tiny_sit_config(qk_norm=qk_norm)))
         with torch.no_grad():
             before = net(*x_t_y)
             scale_query_and_key_projections(net, 10.0)
@@ -74,13 +74,13 @@ def test_qk_norm_makes_the_output_blind_to_the_scale_of_queries_and_keys():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_bf16_autocast_forward_is_close_to_fp32(qk_norm):
-    config = tiny(qk_norm=qk_norm)
+    config = tiny_sit_config(qk_norm=qk_norm)
     net = randomised(SiT(config))
     assert relative_bf16_error(net, config) < BF16_RELATIVE_ERROR
 
 
 def test_qk_norm_keeps_bf16_close_to_fp32_when_attention_logits_are_large():
-    config = tiny(qk_norm=True)
+    config = tiny_sit_config(qk_norm=True)
     net = randomised(SiT(config))
     scale_query_and_key_projections(net, 10.0)  # logits x100: bf16's rounding of them would show
     assert relative_bf16_error(net, config) < BF16_RELATIVE_ERROR

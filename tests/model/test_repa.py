@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from model.configs import ModelConfigError, default_repa_depth
 from model.network import SiT
 from model.repa import AlignedSiT, Projector, alignment_loss
-from tests.model.test_network import inputs, randomised, tiny
+from tests.helpers import inputs, randomised, tiny_sit_config
 
 
 def test_alignment_loss_is_minus_the_mean_cosine_over_tokens_per_sample():
@@ -34,7 +34,7 @@ def test_alignment_loss_normalises_in_fp32_whatever_the_inputs():
 
 
 def test_the_hidden_state_is_block_k_output_and_leaves_the_prediction_bitwise_unchanged():
-    config = tiny(depth=3)
+    config = tiny_sit_config(depth=3)
     net = randomised(SiT(config)).eval()
     x, t, y = inputs(config)
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_the_hidden_state_is_block_k_output_and_leaves_the_prediction_bitwise_un
 
 
 def test_the_alignment_gradient_reaches_the_blocks_up_to_depth_and_nothing_after():
-    config = tiny(depth=4)
+    config = tiny_sit_config(depth=4)
     net = randomised(SiT(config))
     aligned = AlignedSiT(net, Projector(config.hidden_size, 6, width=16), depth=2)
     x, t, y = inputs(config)

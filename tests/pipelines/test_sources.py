@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +11,7 @@ from pipelines.sources import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, CroppedImages, SourceError, fashion_mnist_spec, open_source, read_idx,
     stable_keys,
 )
-
-
-def write_idx(path: Path, array: np.ndarray, type_code: int = 0x08) -> None:
-    """An idx file as the MNIST format defines it: 0, 0, type, ndim, big-endian sizes, big-endian data."""
-    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as handle:
-            handle.write(data)
-    else:
-        path.write_bytes(data)
+from tests.helpers import write_idx  # test_study.py imports it from here
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 each with its latent's view, and a tiny timm ViT is loaded by the call that loads DINOv2."""
 
 import json
-import subprocess
-import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -14,16 +12,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from sitctl import distributed
 from sitctl.artifacts import staging_dir
 from sitctl.checkpoint import list_checkpoints, load_network
-from sitctl.configs import TrainConfig
 from sitctl.data import ShardCache, gather_images, gather_views, open_latents, rank_batches
 from sitctl.encode import EncodeConfig, encode
 from sitctl.encoders import load_encoder, prepare_images
 from sitctl.errors import ArtifactError, SitctlError
-from sitctl.train import prepare, train
-from tests.sitctl.test_train import assert_same_files, tiny, weights
+from sitctl.train import train
+from tests.helpers import assert_same_files, ok, run_cli, tiny, tiny_flags, weights
 from tests.torchrun import torchrun
 
 REPA = dict(repa_encoder="dinov2-vitb14", repa_projector_width=64)  # the tiny encoder stands in for DINOv2-B/14
@@ -187,9 +183,8 @@ def test_repa_mistakes_are_one_line_and_write_nothing(digits_latents_dir, digits
         assert not out.exists() and not staging_dir(out).exists()
     # From the command line: latents encoded without images.
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "sitctl.cli", "train", str(digits_latents_dir), "--out", str(out),
-                             "--model", "SiT-T/2", "--repa-encoder", "dinov2-vitb14", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_cli("train", digits_latents_dir, "--out", out, "--model", "SiT-T/2", "--repa-encoder", "dinov2-vitb14",
+                     "--device", "cpu")
     assert result.returncode != 0 and not out.exists()
     assert result.stderr.strip().splitlines() == [
         f"error: --repa-encoder needs the images the latents were encoded from, and {digits_latents_dir} holds none; "
@@ -198,9 +193,7 @@ def test_repa_mistakes_are_one_line_and_write_nothing(digits_latents_dir, digits
 
 @pytest.mark.slow
 def test_two_processes_train_repa_as_one(digits_with_images, tmp_path, tiny_encoder):
-    flags = ["--model", "SiT-T/2", "--global-batch", "8", "--data-lanes", "2", "--shuffle-buffer", "16",
-             "--loader-workers", "0", "--log-every", "1", "--preview-every", "0", "--lr", "1e-3", "--device", "cpu",
-             "--repa-encoder", "dinov2-vitb14", "--repa-projector-width", "64"]
+    flags = tiny_flags(**REPA)
     torchrun(["-m", "sitctl.cli", "train", str(digits_with_images), "--out", str(tmp_path / "two"),
               "--steps", "3", "--ckpt-every", "3", *flags])
     one = train(tiny(digits_with_images, tmp_path / "one", steps=3, ckpt_every=3, micro_batch=2, **REPA))
@@ -211,8 +204,6 @@ def test_two_processes_train_repa_as_one(digits_with_images, tmp_path, tiny_enco
 
 
 def test_the_repa_recipe_encodes_trains_resumes_and_samples_in_a_tiny_workspace(tmp_path, monkeypatch, tiny_encoder):
-    from tests.sitctl.test_workspace import ok
-
     monkeypatch.chdir(tmp_path)
     for variable in ("WORLD_SIZE", "RANK"):
         monkeypatch.delenv(variable, raising=False)

@@ -55,7 +55,7 @@ def test_pruning_past_the_tenth_keeps_the_last_k_by_step_and_every_multiple_of_m
 def test_train_resumes_from_the_newest_checkpoint_past_the_tenth(digits_latents_dir, tmp_path):
     from sitctl.data import open_latents
     from sitctl.train import find_resume_point
-    from tests.sitctl.test_train import tiny
+    from tests.helpers import tiny
 
     latents = open_latents(digits_latents_dir)
     config = tiny(digits_latents_dir, tmp_path, steps=20, resume=True)
@@ -254,7 +254,7 @@ def test_a_checkpoint_that_fills_the_disk_is_one_line_naming_the_disk_and_how_to
 
     from sitctl.checkpoint import save_checkpoint
     from sitctl.errors import ArtifactError
-    from tests.sitctl.test_reliability import small_disk
+    from tests.helpers import small_disk
 
     net = torch.nn.Linear(64, 64)  # 16 KiB of weights, written twice (model and EMA): more than the disk holds
     latents = save(tmp_path / "latents", 1)

@@ -6,7 +6,6 @@ local agents, 8 GPUs become 1 CPU process, the head node becomes 127.0.0.1) then
 with c10d rendezvous over gloo, and must give the weights of one process.
 """
 
-import pytest
 import os
 import re
 import shlex
@@ -14,11 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from sitctl.train import TrainConfig, train
-from tests.sitctl.test_train_distributed import TINY_FLAGS
+from sitctl.train import train
+from tests.helpers import tiny, tiny_flags
 from tests.torchrun import free_port
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
@@ -74,7 +74,7 @@ def test_two_torchrun_agents_as_two_nodes_train_the_same_weights_as_one_process(
     out = tmp_path / "two-nodes"
     # Micro-batches on each node too: gradient accumulation under DDP (no_sync, bucket views).
     train_args = [str(digits_latents_dir), "--out", str(out), "--steps", "3", "--ckpt-every", "3", "--micro-batch", "2",
-                  *TINY_FLAGS]
+                  *tiny_flags(eval_every=0)]  # no FID during training: it would build a reference in the working directory
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     agents = [subprocess.Popen(as_local_agent(line, port, train_args), env=env, stdout=subprocess.PIPE,
@@ -86,9 +86,7 @@ def test_two_torchrun_agents_as_two_nodes_train_the_same_weights_as_one_process(
         for agent in agents:
             agent.kill()
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(outputs)
-    one = train(TrainConfig(latents=str(digits_latents_dir), out=str(tmp_path / "one"), model="SiT-T/2", global_batch=8,
-                            data_lanes=2, shuffle_buffer=16, loader_workers=0, steps=3, ckpt_every=3, preview_every=0,
-                            lr=1e-3))
+    one = train(tiny(digits_latents_dir, tmp_path / "one", steps=3, ckpt_every=3))
     for name in ("model", "ema"):
         two_weights = load_file(out / "step-0000003" / f"{name}.safetensors")
         for key, value in load_file(one.path / f"{name}.safetensors").items():

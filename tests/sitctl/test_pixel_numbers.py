@@ -22,8 +22,8 @@ from sitctl.plots import save_image_grid
 from sitctl.decode import Decoder, load_decoder
 from sitctl.sample import SampleConfig, sample_stage
 from sitctl.sample_source import open_source
-from sitctl.train import TrainConfig, prepare
-from tests.sitctl.test_encode import read_shards
+from sitctl.train import prepare
+from tests.helpers import read_shards, tiny
 
 
 def reference_quantize(x: np.ndarray) -> np.ndarray:
@@ -85,9 +85,7 @@ def test_latents_round_trip_encode_to_decode_at_the_recorded_scale_factor(vae_wo
     assert expected.std() > 5  # a decoder output with structure, not one flat level
     source = open_source(SampleConfig(checkpoint=str(vae_world["run"]), out="-", device="cpu"), torch.device("cpu"))
     sample_decoder = load_decoder(source, torch.device("cpu"))
-    run = prepare(TrainConfig(latents=str(latents.path), out=str(vae_world["root"] / "train"), model="SiT-T/2",
-                              global_batch=8, data_lanes=1, loader_workers=0, preview_every=1),
-                  distributed.setup("cpu"))
+    run = prepare(tiny(latents.path, vae_world["root"] / "train", data_lanes=1, preview_every=1), distributed.setup("cpu"))
     run.batches.close()
     preview_decoder = run.preview.decoder
     for decoder in (sample_decoder, preview_decoder):

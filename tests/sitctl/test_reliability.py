@@ -7,7 +7,6 @@ run only as root (CI containers) and are skipped elsewhere.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -19,58 +18,17 @@ import numpy as np
 import pytest
 
 from sitctl.artifacts import open_artifact, staging_dir
-from tests.sitctl.test_sample import pixel_run  # noqa: F401  (a fixture: a random SiT-T/2 checkpoint on 8x8 digits)
+# test_trackers.py, test_identity.py and test_checkpoint.py import cli, assert_one_error_line and small_disk from here.
+from tests.helpers import assert_one_error_line, cli, sample_bytes, small_disk, tiny, tiny_flags
 
 # Enough images of 8x8 pixels to fill a 48 KiB disk part way through the run.
 SAMPLE_ARGS = ["--num-samples", "400", "--batch-size", "32", "--steps", "2", "--mode", "ode", "--method", "euler",
                "--device", "cpu", "--preview", "0"]
 
 
-def cli(*args: str, capsys) -> tuple[int, str]:
-    """Run `sitctl ARGS` in this process as the console script does; return (exit status, stderr)."""
-    from sitctl.cli import app, run_app
-
-    capsys.readouterr()
-    argv, sys.argv = sys.argv, ["sitctl", *map(str, args)]
-    try:
-        run_app(app)
-        status = 0
-    except SystemExit as stop:
-        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    finally:
-        sys.argv = argv
-    return status, capsys.readouterr().err
-
-
-def assert_one_error_line(status: int, stderr: str, *needles: str) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert status == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 # ---------------------------------------------------------------------------------------------
 # Full disks (root only: a real tmpfs)
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_disk(directory: Path, size: str):
-    """A tmpfs of `size` mounted at `directory`; `resize(size)` grows it in place (freeing space)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    directory.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-
-    def resize(new_size: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={new_size}", str(directory)], check=True)
-
-    try:
-        yield resize
-    finally:
-        subprocess.run(["umount", "-l", str(directory)])
 
 
 def test_full_disk_while_sampling_stops_in_one_line_and_the_rerun_redraws_what_was_lost(pixel_run, tmp_path, capsys):
@@ -161,8 +119,7 @@ def test_plain_tensor_inception_weights_still_load(tmp_path):
 # Bad inputs: each is exit 2, one `error:` line, no traceback, and nothing a later stage accepts
 # ---------------------------------------------------------------------------------------------
 
-TRAIN_ARGS = ["--model", "SiT-T/2", "--steps", "2", "--global-batch", "8", "--data-lanes", "2", "--shuffle-buffer", "16",
-              "--loader-workers", "0", "--log-every", "1", "--preview-every", "0", "--ckpt-every", "2", "--device", "cpu"]
+TRAIN_ARGS = tiny_flags(steps=2, ckpt_every=2)
 SMALL_SAMPLE = ["--num-samples", "4", "--batch-size", "4", "--steps", "2", "--mode", "ode", "--method", "euler",
                 "--device", "cpu", "--preview", "0"]
 
@@ -201,12 +158,10 @@ def hand_edit(path: Path, edit) -> None:
 @pytest.fixture(scope="module")
 def trained_run(digits_latents_dir, tmp_path_factory) -> Path:
     """A real two-step training run (one checkpoint) on the 8x8 digits."""
-    from sitctl.train import TrainConfig, train
+    from sitctl.train import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    train(TrainConfig(latents=str(digits_latents_dir), out=str(out), model="SiT-T/2", steps=2, global_batch=8,
-                      data_lanes=2, shuffle_buffer=16, loader_workers=0, log_every=1, preview_every=0, ckpt_every=2,
-                      device="cpu"))
+    train(tiny(digits_latents_dir, out, steps=2, ckpt_every=2))
     return out
 
 
@@ -330,14 +285,6 @@ def kill_at_publish(monkeypatch) -> None:
     monkeypatch.setattr(sitctl.artifacts.os, "replace", replace)
 
 
-def sample_bytes(path: Path) -> dict[str, bytes]:
-    """What must not change across a kill: the id, the merged images and labels, the preview."""
-    artifact = open_artifact(path, "samples")
-    with h5py.File(artifact.file("samples.h5"), "r") as handle:
-        return {"id": artifact.id.encode(), "images": handle["images"][:].tobytes(), "labels": handle["labels"][:].tobytes(),
-                "preview": artifact.file("preview.png").read_bytes()}
-
-
 def run_subprocess(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "sitctl.cli", *map(str, args)], capture_output=True, text=True,
@@ -397,12 +344,10 @@ def test_encoding_killed_then_rerun_gives_identical_bytes_and_never_mixes_source
 
 def test_training_is_reproducible_and_a_killed_checkpoint_write_resumes_to_the_same_bytes(digits_latents_dir, tmp_path):
     from sitctl.checkpoint import checkpoint_dir
-    from sitctl.train import TrainConfig, train
+    from sitctl.train import train
 
     def config(out, steps, **overrides):
-        return TrainConfig(latents=str(digits_latents_dir), out=str(out), model="SiT-T/2", steps=steps, global_batch=8,
-                           data_lanes=2, shuffle_buffer=16, loader_workers=0, log_every=3, preview_every=0,
-                           ckpt_every=2, device="cpu", **overrides)
+        return tiny(digits_latents_dir, out, steps=steps, log_every=3, ckpt_every=2, **overrides)
 
     one, two = train(config(tmp_path / "one", 4)), train(config(tmp_path / "two", 4))
     assert one.id == two.id  # weights, optimizer, rng.safetensors and state.json all identical

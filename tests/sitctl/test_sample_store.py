@@ -160,7 +160,7 @@ def test_a_file_killed_while_its_datasets_were_made_is_deleted_and_its_samples_d
 
 
 def test_a_full_disk_stops_the_append_that_meets_it_and_every_row_counted_reads_back_as_written(tmp_path):
-    from tests.sitctl.test_reliability import small_disk
+    from tests.helpers import small_disk
 
     disk = tmp_path / "disk"
     with small_disk(disk, "48k") as resize:

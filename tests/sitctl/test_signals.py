@@ -21,8 +21,7 @@ import pytest
 
 from sitctl.artifacts import staging_dir, verify_artifact
 from sitctl.checkpoint import checkpoint_dir, list_checkpoints
-from tests.sitctl.test_reliability import cli, sample_bytes
-from tests.sitctl.test_sample import pixel_run  # noqa: F401  (a fixture: a random SiT-T/2 checkpoint on 8x8 digits)
+from tests.helpers import cli, sample_bytes, tiny, tiny_flags
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +51,12 @@ def continue_line(args: list, extra: tuple[str, ...] = ()) -> str:
     return f"continue with: sitctl {shlex.join([*map(str, args), *extra])}"
 
 
-TRAIN_ARGS = ["--model", "SiT-T/2", "--global-batch", "8", "--data-lanes", "2", "--shuffle-buffer", "16",
-              "--loader-workers", "2", "--log-every", "1", "--preview-every", "0", "--device", "cpu", "--eval-every", "0"]
+TRAIN_ARGS = tiny_flags(loader_workers=2, eval_every=0)  # no FID during training (no reference in the working directory)
 
 
 def test_group_sigterm_during_training_with_loader_workers_saves_says_so_and_the_resume_is_bitwise_equal(
         digits_latents_dir, tmp_path):
-    from sitctl.train import TrainConfig, train
+    from sitctl.train import train
 
     out = tmp_path / "run"
     args = ["train", digits_latents_dir, "--out", out, "--steps", "100000", "--ckpt-every", "100000", *TRAIN_ARGS]
@@ -71,9 +69,7 @@ def test_group_sigterm_during_training_with_loader_workers_saves_says_so_and_the
     verify_artifact(saved)
 
     def config(run_dir, **more):
-        return TrainConfig(latents=str(digits_latents_dir), out=str(run_dir), model="SiT-T/2", steps=step + 2, global_batch=8,
-                           data_lanes=2, shuffle_buffer=16, loader_workers=2, log_every=1, preview_every=0,
-                           ckpt_every=100000, device="cpu", **more)
+        return tiny(digits_latents_dir, run_dir, steps=step + 2, loader_workers=2, ckpt_every=100000, **more)
 
     resumed, straight = train(config(out, resume=True)), train(config(tmp_path / "straight"))
     assert resumed.id == straight.id  # weights, EMA, AdamW moments, RNG states and data position, byte for byte
@@ -114,7 +110,7 @@ def test_group_sigterm_during_encode_with_workers_keeps_finished_shards_and_the_
     assert rerun.id == straight.id
 
 
-def test_group_sigterm_during_sampling_keeps_the_drawn_blocks_and_the_rerun_is_bitwise_equal(pixel_run, tmp_path, capsys):  # noqa: F811
+def test_group_sigterm_during_sampling_keeps_the_drawn_blocks_and_the_rerun_is_bitwise_equal(pixel_run, tmp_path, capsys):
     out = tmp_path / "samples"
     options = ["--num-samples", "64", "--batch-size", "4", "--mode", "ode", "--method", "euler", "--steps", "2",
                "--device", "cpu", "--preview", "8"]  # 16 blocks: the signal comes after the first
@@ -133,7 +129,7 @@ def test_group_sigterm_during_sampling_keeps_the_drawn_blocks_and_the_rerun_is_b
 def test_a_signal_agreed_on_in_the_last_step_lets_the_run_finish_with_status_0(digits_latents_dir, tmp_path, monkeypatch):
     """The ranks agree on a stop a step after the signal; when that step is the last, the run simply ends."""
     import sitctl.train
-    from sitctl.train import TrainConfig, train
+    from sitctl.train import train
 
     real_step = sitctl.train.train_step
 
@@ -143,6 +139,5 @@ def test_a_signal_agreed_on_in_the_last_step_lets_the_run_finish_with_status_0(d
         return real_step(run, batch)
 
     monkeypatch.setattr(sitctl.train, "train_step", signal_in_step_2)
-    done = train(TrainConfig(latents=str(digits_latents_dir), out=str(tmp_path / "run"), model="SiT-T/2", steps=3,
-                             global_batch=8, data_lanes=2, shuffle_buffer=16, loader_workers=0, preview_every=0, device="cpu"))
+    done = train(tiny(digits_latents_dir, tmp_path / "run", steps=3))
     assert done.extra["step"] == 3 and [step for step, _ in list_checkpoints(tmp_path / "run")] == [3]

@@ -8,8 +8,7 @@ from sitctl.artifacts import open_artifact, verify_artifact
 from sitctl.checkpoint import list_checkpoints, load_network, prune_checkpoints
 from sitctl.errors import ArtifactError, SitctlError
 from sitctl.train import NAN_HOOK, NonFiniteLossError, prepare, train, train_loop
-from tests.helpers import TINY, assert_same_files, run_cli, tiny  # noqa: F401  (TINY: test_identity.py imports it from here)
-from tests.sitctl.test_data import make_latents
+from tests.helpers import TINY, assert_same_files, make_latents, run_cli, tiny  # noqa: F401  (TINY: test_identity.py imports it from here)
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_latents_dir, tmp_path):

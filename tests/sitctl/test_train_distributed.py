@@ -1,6 +1,5 @@
 """Real 2-process torchrun (gloo on CPU) runs of `sitctl train`."""
 
-import pytest
 import os
 import shlex
 import signal
@@ -14,12 +13,11 @@ from safetensors.torch import load_file
 
 from sitctl.artifacts import open_artifact, verify_artifact
 from sitctl.checkpoint import checkpoint_dir, list_checkpoints
-from sitctl.train import TrainConfig, train
+from sitctl.train import train
+from tests.helpers import tiny, tiny_flags
 from tests.torchrun import free_port, torchrun
 
-TINY_FLAGS = ["--model", "SiT-T/2", "--global-batch", "8", "--data-lanes", "2", "--shuffle-buffer", "16",
-              "--loader-workers", "0", "--log-every", "1", "--preview-every", "0", "--lr", "1e-3", "--device", "cpu",
-              "--eval-every", "0"]  # no FID during training: it would build a reference in the working directory
+TINY_FLAGS = tiny_flags(eval_every=0)  # no FID during training: it would build a reference in the working directory
 
 
 @pytest.mark.slow
@@ -27,9 +25,7 @@ def test_two_processes_train_the_same_weights_as_one(digits_latents_dir, tmp_pat
     torchrun(["-m", "sitctl.cli", "train", str(digits_latents_dir), "--out", str(tmp_path / "two"),
               "--steps", "3", "--ckpt-every", "3", *TINY_FLAGS])
     # One process, its batch of 8 in micro-batches of 2: accumulation must not change the step either.
-    one = train(TrainConfig(latents=str(digits_latents_dir), out=str(tmp_path / "one"), model="SiT-T/2", global_batch=8,
-                            micro_batch=2, data_lanes=2, shuffle_buffer=16, loader_workers=0, steps=3, ckpt_every=3,
-                            preview_every=0, lr=1e-3))
+    one = train(tiny(digits_latents_dir, tmp_path / "one", micro_batch=2, steps=3, ckpt_every=3))
     for name in ("model", "ema"):
         two_weights = load_file(tmp_path / "two" / "step-0000003" / f"{name}.safetensors")
         one_weights = load_file(one.path / f"{name}.safetensors")
@@ -44,8 +40,7 @@ def test_two_processes_train_the_same_weights_as_one(digits_latents_dir, tmp_pat
 def test_sigterm_at_the_torchrun_agent_saves_one_checkpoint_for_both_ranks_and_the_resume_is_bitwise_equal(
         digits_latents_dir, tmp_path):
     run_dir = tmp_path / "run"
-    flags = [*TINY_FLAGS[: TINY_FLAGS.index("--loader-workers")], "--loader-workers", "1",
-             *TINY_FLAGS[TINY_FLAGS.index("--loader-workers") + 2 :]]  # the default: one loader worker per rank
+    flags = tiny_flags(loader_workers=1, eval_every=0)  # the default: one loader worker per rank
     args = ["train", str(digits_latents_dir), "--out", str(run_dir), "--steps", "100000", "--ckpt-every", "100000", *flags]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", "-m", "sitctl.cli", *args]

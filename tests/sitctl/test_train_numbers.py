@@ -11,17 +11,14 @@ from safetensors.torch import load_file
 
 from sitctl import distributed
 from sitctl.checkpoint import list_checkpoints
-from sitctl.train import TrainConfig, prepare, train_loop, train_step
-
-TINY = dict(model="SiT-T/2", global_batch=8, data_lanes=2, shuffle_buffer=16, loader_workers=0, log_every=1,
-            preview_every=0, lr=1e-3)
+from sitctl.train import prepare, train_loop, train_step
+from tests.helpers import tiny
 
 
 def test_ema_after_k_steps_is_the_explicit_recurrence(digits_latents_dir, tmp_path):
     # decay 0.9, not 0.5: with 0.5 a lerp weight of `decay` and of `1 - decay` would agree.
     decay, steps = 0.9, 3
-    config = TrainConfig(latents=str(digits_latents_dir), out=str(tmp_path / "run"), steps=steps, ckpt_every=1,
-                         keep_last=steps, ema_decay=decay, **TINY)
+    config = tiny(digits_latents_dir, tmp_path / "run", steps=steps, ckpt_every=1, keep_last=steps, ema_decay=decay)
     run = prepare(config, distributed.setup("cpu"))
     initial = {name: value.detach().double().clone() for name, value in run.net.state_dict().items()}
     try:
@@ -57,8 +54,7 @@ class LabelRecorder(torch.nn.Module):
 
 def test_trainer_drops_the_configured_fraction_of_labels_to_the_null_class(digits_latents_dir, tmp_path):
     dropout, steps = 0.25, 10
-    config = TrainConfig(latents=str(digits_latents_dir), out=str(tmp_path / "run"), steps=steps, ckpt_every=steps,
-                         label_dropout=dropout, **{**TINY, "global_batch": 64})
+    config = tiny(digits_latents_dir, tmp_path / "run", steps=steps, ckpt_every=steps, label_dropout=dropout, global_batch=64)
     run = prepare(config, distributed.setup("cpu"))
     recorder = LabelRecorder(run.net)
     run.forward = recorder  # train_step calls run.forward: the labels it sees are the trainer's

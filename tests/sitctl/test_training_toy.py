@@ -11,7 +11,8 @@ import pytest
 
 from model.interpolants import NAMES
 from sitctl.plots import read_metrics
-from sitctl.train import TrainConfig, train
+from sitctl.train import train
+from tests.helpers import tiny
 
 STEPS, WINDOW = 60, 15
 
@@ -20,9 +21,8 @@ STEPS, WINDOW = 60, 15
 @pytest.mark.parametrize("pred", ("velocity", "noise", "score"))
 @pytest.mark.parametrize("interp", NAMES)
 def test_tiny_sit_loss_falls_through_the_trainer(digits_latents_dir, tmp_path, interp, pred):
-    config = TrainConfig(latents=str(digits_latents_dir), out=str(tmp_path / "run"), model="SiT-T/2", interp=interp,
-                         pred=pred, steps=STEPS, global_batch=16, data_lanes=2, shuffle_buffer=64, loader_workers=0,
-                         lr=3e-3, flip=False, log_every=1, ckpt_every=STEPS, preview_every=0)
+    config = tiny(digits_latents_dir, tmp_path / "run", interp=interp, pred=pred, steps=STEPS, global_batch=16,
+                  shuffle_buffer=64, lr=3e-3, flip=False, ckpt_every=STEPS)
     train(config)
     losses = [row["loss"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert len(losses) == STEPS
