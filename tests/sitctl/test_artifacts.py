@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import subprocess
-import sys
 
 import pytest
 from rich.console import Console
@@ -17,6 +16,7 @@ from sitctl.artifacts import (
 )
 from sitctl.errors import ArtifactError
 from sitctl.show import show
+from tests.helpers import run_cli
 
 
 def make(out, kind, files, inputs=(), config=None, extra=None):
@@ -108,17 +108,12 @@ def test_lineage_reaches_raw_data_and_marks_missing_parents(chain):
     assert console.export_text().splitlines()[-1].endswith(f"checkpoint {checkpoint.id}  {checkpoint.path}  (missing)")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sitctl.cli", *args], capture_output=True, text=True, timeout=120)
-
-
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 2, result
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert message in result.stderr
 
 
-@pytest.mark.slow
 def test_cli_verify_and_show(chain):
     latents, checkpoint, samples = chain
     ok = run_cli("verify", str(latents.path))

@@ -4,10 +4,7 @@ import sys
 import pytest
 
 from sitctl import __version__
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sitctl.cli", *args], capture_output=True, text=True, timeout=120)
+from tests.helpers import run_cli
 
 
 def test_version_prints_package_version():
@@ -56,5 +53,5 @@ def test_importing_the_command_line_and_its_help_load_no_torch():
 
 @pytest.mark.parametrize("command", ["train", "sample"])
 def test_a_negative_seed_is_one_error_line_not_a_traceback(command):
-    done = subprocess.run([sys.executable, "-m", "sitctl", command, "--seed", "-1"], capture_output=True, text=True, timeout=120)
+    done = run_cli(command, "--seed", "-1")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == ["error: --seed must be 0 or more, got -1"]

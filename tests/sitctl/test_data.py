@@ -1,20 +1,14 @@
-import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import tarfile
 import time
-from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
-from sitctl.artifacts import begin_artifact, finish_artifact
 from pipelines.shards import open_shard
 from sitctl.data import (
     _INTERPOLANT_NOISE,
@@ -33,35 +27,7 @@ from sitctl.data import (
     rank_batches,
 )
 from sitctl.errors import ArtifactError, SitctlError
-
-
-def make_latents(out, *, num_samples=24, num_shards=3, shape=(3, 8, 8), num_classes=4, seed=0, kind="latents", std=0.1,
-                 label=lambda index, num_classes: str(index % num_classes)):
-    """A small latents artifact following the shared contract (posterior std `std`, scale 1)."""
-    rng = np.random.default_rng(seed)
-    staging = begin_artifact(out)
-    shards, histogram = [], Counter()
-    for shard in range(num_shards):
-        name = f"shard-{shard:06d}.tar"
-        indices = range(shard, num_samples, num_shards)
-        with wds.TarWriter(str(staging / name), encoder=False, mtime=0) as writer:  # plain headers, as encode writes
-            for index in indices:
-                mean = rng.uniform(-1, 1, shape).astype(np.float16)
-                views = np.stack([mean, mean[..., ::-1]])  # [original, flipped]
-                moments = np.stack([views, np.full_like(views, std)], axis=1)  # (2 views, mean/std, C, H, W)
-                buffer = io.BytesIO()
-                np.save(buffer, moments)
-                histogram[label(index, num_classes)] += 1
-                writer.write({"__key__": f"img{index:05d}", "moments.npy": buffer.getvalue(),
-                              "cls": label(index, num_classes).encode(), "path.txt": f"src/{index}.png".encode()})
-        shards.append({"name": name, "count": len(indices)})
-    extra = {
-        "shards": shards, "num_samples": num_samples, "num_classes": num_classes,
-        "class_names": [str(c) for c in range(num_classes)], "latent_shape": list(shape), "scale_factor": 1.0,
-        "image_size": shape[1], "vae": {"name": "none", "source": None},
-        "class_histogram": {str(k): v for k, v in sorted(histogram.items())}, "num_errors": 0,
-    }
-    return finish_artifact(staging, out, kind=kind, config={"source": "test"}, extra=extra)
+from tests.helpers import make_latents, run_cli  # test_trackers.py imports make_latents from here
 
 
 def take(stream, steps):
@@ -215,14 +181,11 @@ def test_a_damaged_shard_is_one_line_naming_it_even_from_a_worker(tmp_path, dama
     assert "\n" not in str(caught.value)
 
 
-def test_cli_train_on_a_bit_flipped_shard_prints_one_error_line(tmp_path):
+def test_cli_train_on_a_bit_flipped_shard_prints_one_error_line(tmp_path, capfd):
     latents = damaged_latents(tmp_path, "bitflip")
-    result = subprocess.run(
-        [sys.executable, "-m", "sitctl.cli", "train", str(latents.artifact.path), "--out", str(tmp_path / "run"),
-         "--model", "SiT-T/2", "--global-batch", "8", "--data-lanes", "4", "--steps", "4", "--preview-every", "0",
-         "--device", "cpu"],  # the default --loader-workers 1: the error starts in a worker process
-        capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )
+    result = run_cli("train", latents.artifact.path, "--out", tmp_path / "run", "--model", "SiT-T/2", "--global-batch", "8",
+                     "--data-lanes", "4", "--steps", "4", "--preview-every", "0", "--device", "cpu",
+                     capture=capfd)  # the default --loader-workers 1: the error starts in a worker process, whose output capfd sees
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: shard ") and "shard-000001.tar" in lines[0], result.stderr

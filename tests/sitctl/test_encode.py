@@ -5,13 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from diffusers import AutoencoderKL
 from PIL import Image
 
@@ -19,6 +16,7 @@ from pipelines.images import center_crop_arr
 from sitctl.artifacts import open_artifact, staging_dir
 from sitctl.encode import EncodeConfig, encode
 from sitctl.errors import SitctlError
+from tests.helpers import offline_hub, read_shards, run_cli, write_idx
 
 SIZE = 16
 GOOD = {  # relative path -> PIL mode it is saved in; sizes differ so the crop does real work
@@ -47,12 +45,6 @@ def image_folder(tmp_path_factory):
     (root / "dog/.DS_Store").write_bytes(b"hidden files are not data")
     (root / "bird").mkdir()
     return root
-
-
-def read_shards(artifact_dir) -> dict[str, dict]:
-    """Every sample of every shard, read with plain webdataset, keyed by __key__."""
-    urls = [str(artifact_dir / shard["name"]) for shard in open_artifact(artifact_dir).extra["shards"]]
-    return {sample["__key__"]: sample for sample in wds.WebDataset(urls, shardshuffle=False).decode()}
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +129,6 @@ def test_digits_limit_and_labels(digits_latents_dir):
 
 
 def test_fashion_mnist_from_idx_files(tmp_path):
-    from tests.pipelines.test_sources import write_idx
-
     pixels = np.random.default_rng(2).integers(0, 256, (6, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / "train-images-idx3-ubyte", pixels)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(6, dtype=np.uint8))
@@ -189,11 +179,6 @@ def test_all_files_unreadable_is_refused_and_not_published(tmp_path):
     assert not (tmp_path / "out").exists() and staging_dir(tmp_path / "out").is_dir()
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sitctl.cli", *args], capture_output=True, text=True, timeout=120, env=full_env)
-
-
 def test_unloadable_local_vae_is_one_line(tmp_path):
     (tmp_path / "not-a-vae").mkdir()
     with pytest.raises(SitctlError, match="cannot load a diffusers AutoencoderKL from") as caught:
@@ -201,12 +186,9 @@ def test_unloadable_local_vae_is_one_line(tmp_path):
     assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
 
 
-def test_cli_hub_vae_offline_says_to_download_it(tmp_path):
-    offline = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run(
-        [sys.executable, "-m", "sitctl.cli", "encode", "digits", "--out", str(tmp_path / "out"), "--vae", "ema"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **offline},
-    )
+def test_cli_hub_vae_offline_says_to_download_it(tmp_path, monkeypatch):
+    offline_hub(monkeypatch, tmp_path / "hf" / "hub")  # an empty cache, and no network
+    result = run_cli("encode", "digits", "--out", tmp_path / "out", "--vae", "ema")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot fetch VAE 'ema' (stabilityai/sd-vae-ft-ema)")
     assert "--vae DIR" in result.stderr and not (tmp_path / "out").exists()
@@ -254,10 +236,12 @@ def test_a_resumed_encode_keeps_the_eleven_marked_shards_and_writes_the_twelfth(
     assert resumed.id == straight.id
 
 
-def test_default_workers_never_exceed_the_usable_cores_so_the_loader_does_not_warn(tmp_path):
-    one_core = {min(os.sched_getaffinity(0))}  # as a scheduler or taskset narrows a job
-    done = subprocess.run([sys.executable, "-m", "sitctl.cli", "encode", "digits", "--out", str(tmp_path / "latents"),
-                           "--vae", "none", "--image-size", "8", "--limit", "32", "--shard-size", "16"],
-                          capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, one_core),
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def test_default_workers_never_exceed_the_usable_cores_so_the_loader_does_not_warn(tmp_path, capfd):
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # as a scheduler or taskset narrows a job (this thread, and the workers it forks)
+    try:
+        done = run_cli("encode", "digits", "--out", tmp_path / "latents", "--vae", "none", "--image-size", "8", "--limit", "32",
+                       "--shard-size", "16", capture=capfd)
+    finally:
+        os.sched_setaffinity(0, cores)
     assert done.returncode == 0 and done.stderr == "", done.stderr  # no "This DataLoader will create 4 worker processes"

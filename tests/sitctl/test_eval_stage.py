@@ -4,9 +4,6 @@ The Inception forward is slow on CPU (~5 images/s on 2 cores), so every image se
 each evaluation runs once per module (about 120 forwards in all).
 """
 
-import os
-import subprocess
-import sys
 from unittest import mock
 
 import h5py
@@ -25,6 +22,7 @@ from pipelines.sources import open_source
 from sitctl.evaluate.reference import ReferenceConfig, build_reference, cropped_batches, load_reference, write_adm_npz
 from sitctl.evaluate.results import read_results, results_table
 from sitctl.evaluate.stage import EvalConfig, EvalError, evaluate_stage
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow  # its module world runs the FID Inception on real digits
 
@@ -168,11 +166,6 @@ def test_samples_of_another_dtype_are_refused(world, tmp_path):
         evaluate(tmp_path, floats, world["reference"].path, "metrics")
 
 
-def run_cli(*args, env=None):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sitctl.cli", *args], capture_output=True, text=True, timeout=300, env=full_env)
-
-
 def test_cli_refuses_fewer_samples_than_promised(world):
     result = run_cli("eval", "fid", str(world["samples"]["other"].path), "--ref", str(world["reference"].path), "--no-fetch")
     assert result.returncode == 2
@@ -256,8 +249,8 @@ def test_cli_paper_prints_fid_sfid_is_precision_recall_and_n_with_is_marked_unav
 
 
 def test_paper_row_fid_is_eval_fids_own_value(world):
-    # Pool features from the pass that also keeps mixed_6/conv are the pool-only pass's (bit for bit in one
-    # process, test_eval_adm.py; the CLI ran on one thread, hence float rounding in the last digits here).
+    # Pool features from the pass that also keeps mixed_6/conv are the pool-only pass's (bit for bit,
+    # test_eval_adm.py); here up to float rounding in the last digits.
     paper = open_artifact(world["root"] / "metrics-paper", "metrics").extra["values"]
     assert paper["fid"] == pytest.approx(world["scored"]["noise"].extra["values"]["fid"], rel=1e-7)
     assert paper["adm_precision"] == 0.0  # noise is inside no real digit's ball

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -13,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.configs import model_config
 from model.network import SiT
 from sitctl.artifacts import open_artifact, staging_dir
-from sitctl.checkpoint import save_checkpoint
 from sitctl.errors import ArtifactError, CheckpointMismatchError, SitctlError
 from sitctl.sample import CRASH_HOOK, SampleConfig, class_labels, rank_blocks, sample_stage
 from sitctl.sample_store import rank_file
+# test_recipes.py imports randomised_sit and write_checkpoint from here.
+from tests.helpers import randomised_sit, run_cli, run_cli_process, write_checkpoint
 from tests.torchrun import torchrun
 
 # Ten images in blocks of 4: rank 0 of 2 gets blocks [0..3] and [8, 9], rank 1 gets [4..7].
@@ -28,46 +24,12 @@ CLI_ARGS = ["--mode", "sde", "--steps", "6", "--cfg", "1.5", "--num-samples", "1
             "--preview", "4"]
 
 
-def randomised_sit(**overrides) -> tuple[SiT, object]:
-    """A SiT-T/2 with every weight random, so its velocity (and each image) depends on all of them."""
-    config = model_config("SiT-T/2", num_classes=10, **overrides)
-    net = SiT(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.normal_(0.0, 0.05, generator=generator)
-    return net, config
-
-
-def write_checkpoint(run_dir: Path, latents_dir: Path, net: SiT, config) -> Path:
-    optimizer = torch.optim.AdamW(net.parameters())
-    extra = {"model_config": asdict(config), "model": "SiT-T/2", "interp": "linear", "pred": "velocity"}
-    artifact = save_checkpoint(run_dir, 1, model=net, ema=net, optimizer=optimizer, state={}, config={},
-                               latents=open_artifact(latents_dir), extra=extra)
-    return artifact.path
-
-
 def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 NHWC, labels) of a finished samples artifact, in index order."""
     artifact = open_artifact(path, "samples")
     with h5py.File(artifact.file("samples.h5"), "r") as handle:
         assert np.array_equal(handle["indices"][:], np.arange(len(handle["indices"])))
         return handle["images"][:], handle["labels"][:]
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sitctl.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=full_env)
-
-
-@pytest.fixture(scope="module")
-def pixel_run(digits_latents_dir, tmp_path_factory) -> Path:
-    """A run dir holding one checkpoint of a random SiT-T/2 on the 8x8 RGB digits (vae none)."""
-    net, config = randomised_sit(input_size=8, in_channels=3)
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    write_checkpoint(run_dir, digits_latents_dir, net, config)
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +100,8 @@ def test_batch_sizes_agree_up_to_float_rounding(pixel_run, reference, tmp_path):
 
 def test_killed_run_resumes_to_the_images_of_an_uninterrupted_one(pixel_run, reference, tmp_path):
     out = tmp_path / "resumed"
-    killed = run_cli("sample", str(pixel_run), "--out", str(out), *CLI_ARGS, env={CRASH_HOOK: "1"})
+    # A real process: the hook exits it at once, skipping every `finally` as a kill would.
+    killed = run_cli_process("sample", pixel_run, "--out", out, *CLI_ARGS, env={CRASH_HOOK: "1"})
     assert killed.returncode == 17, killed.stderr
     with pytest.raises(ArtifactError, match="not finished"):
         open_artifact(out)
@@ -205,8 +168,8 @@ def test_published_checkpoint_samples_like_its_artifact_through_the_vae(tiny_vae
     from_file, _ = read_samples(tmp_path / "from-file")
     from_artifact, _ = read_samples(tmp_path / "from-artifact")
     assert from_file.shape == (5, 16, 16, 3)  # decoded by the tiny VAE's 2x upsampling
-    # Same weights and noise; the subprocess may run other CPU kernels (thread count), so a pixel
-    # may land one grey level apart at a rounding boundary. The decode scale is pinned exactly in
+    # Same weights and noise by two paths (a published file, a run's checkpoint) that may run other CPU
+    # kernels, so a pixel may land one grey level apart at a rounding boundary. The decode scale is pinned exactly in
     # test_pixel_numbers.py.
     difference = np.abs(from_file.astype(int) - from_artifact.astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01

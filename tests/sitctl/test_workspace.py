@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from sitctl.artifacts import open_artifact
 from sitctl.cli import app
 from sitctl.errors import SitctlError
+from tests.helpers import assert_one_error_line, offline_hub, ok, run_cli
 
 ENCODE = ["encode", "imagenet/", "--image-size", "16", "--workers", "0", "--shard-size", "16", "--device", "cpu"]
 TRAIN = ["train", "--interp", "linear", "--pred", "velocity",
@@ -36,24 +37,11 @@ CLASSES, PER_CLASS = 2, 6
 HUB_ID = "stabilityai/sd-vae-ft-ema"
 
 
-def sitctl(*argv: str):
-    """Run one command in-process; a user error comes back as result.exception (run_app prints it)."""
-    result = CliRunner().invoke(app, list(argv))
-    if result.exception is not None and not isinstance(result.exception, (SitctlError, SystemExit)):
-        raise result.exception
-    return result
-
-
-def ok(*argv: str) -> str:
-    result = sitctl(*argv)
-    assert result.exit_code == 0 and result.exception is None, (argv, result.output, result.exception)
-    return result.output
-
-
 def failure(*argv: str) -> str:
-    result = sitctl(*argv)
-    assert isinstance(result.exception, SitctlError), (argv, result.output, result.exception)
-    return str(result.exception)
+    """The message of the one `error: ` line a refused command prints (exit status 2)."""
+    done = run_cli(*argv)
+    assert_one_error_line(done.returncode, done.stderr)
+    return done.stderr.strip().removeprefix("error: ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,17 +75,6 @@ def images(tmp_path_factory) -> Path:
             pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / f"n{label:08d}" / f"img{index}.png")
     return root
-
-
-def offline_hub(patch: pytest.MonkeyPatch, cache: Path) -> None:
-    """HF_HUB_CACHE=cache HF_HUB_OFFLINE=1, as a user sets them: in the environment (for child
-    processes) and in huggingface_hub's constants, which it read from the environment at import."""
-    import huggingface_hub.constants
-
-    patch.setenv("HF_HUB_CACHE", str(cache))
-    patch.setenv("HF_HUB_OFFLINE", "1")
-    patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture
@@ -327,7 +304,7 @@ def test_a_reference_of_another_size_or_source_is_refused(chain, monkeypatch, tm
 
 
 def test_a_user_error_is_one_line_and_exit_2(workspace):
-    result = subprocess.run([sys.executable, "-m", "sitctl.cli", "sample"], capture_output=True, text=True)
+    result = run_cli("sample")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no finished train run")
 
