@@ -37,7 +37,7 @@ from model.network import SiT
 from model.objectives import TIME_DISTRIBUTIONS, UniformTime, times_from_uniform, training_loss
 from sitctl import alignment as repa
 from sitctl import checkpoint as checkpoints
-from sitctl import distributed, trackers, watch
+from sitctl import distributed, memory, trackers, watch
 from sitctl.artifacts import Artifact, disk_errors, is_finished, output_lock
 from sitctl.configs import TrainConfig
 from sitctl.data import Latents, default_lanes, interpolant_noise, open_latents, rank_batches
@@ -107,10 +107,20 @@ def fit_model(config: TrainConfig, latents: Latents):
         raise SitctlError(f"{config.model} does not fit {where}: {error}") from None
 
 
-def plan_micro_batch(config: TrainConfig, world_size: int) -> int:
+def plan_micro_batch(config: TrainConfig, world_size: int, model_config=None, device: torch.device | None = None,
+                     is_main: bool = True) -> int:
+    """Samples per forward on a rank: --micro-batch as given; else on a GPU the largest divisor of the
+    rank's share whose traced footprint fits its free memory (sitctl/memory.py), said in one line; else
+    the whole share (a CPU has no device memory to plan, and its results stay as they were)."""
     if config.global_batch % world_size:
         raise SitctlError(f"global batch {config.global_batch} does not split evenly over {world_size} processes")
     share = config.global_batch // world_size
+    if config.micro_batch is None and device is not None and device.type == "cuda":
+        micro = memory.micro_batch_for_device(model_config, config.precision, share, device)
+        planned = memory.footprint(model_config, config.precision).at(micro) / memory.GiB
+        Console(quiet=not is_main).print(f"micro-batch {micro} of the {share} samples per rank, the most that fit {device} "
+                                         f"(about {planned:.1f} GiB); --micro-batch sets it", soft_wrap=True)
+        return micro
     micro = config.micro_batch or share
     if share % micro:
         raise SitctlError(f"--micro-batch {micro} does not divide the per-rank batch {share}")
@@ -163,7 +173,7 @@ def prepare(config: TrainConfig, d: distributed.Dist) -> Run:
         raise SitctlError(f"{config.out} is a finished artifact, not a run directory; choose a new --out")
     latents = open_latents(config.latents)
     model_config = fit_model(config, latents)
-    micro = plan_micro_batch(config, d.world_size)
+    micro = plan_micro_batch(config, d.world_size, model_config, d.device, is_main=d.is_main)
     resume_from = find_resume_point(config, latents)
     alignment = repa.prepare_alignment(config, model_config, latents, d.device)  # None unless --repa-encoder
     start_step = 0 if resume_from is None else int(CheckpointInfo.from_artifact(resume_from).step)
@@ -334,6 +344,10 @@ def train(config: TrainConfig) -> Artifact | None:
             run = prepare(config, d)
             train_loop(run)
         return run.last_saved if d.is_main else None
+    except torch.OutOfMemoryError:
+        if run is None:  # while preparing: not the micro-batch's doing
+            raise
+        raise memory.out_of_memory(run.micro_batch, d.device) from None
     finally:
         if run is not None:
             run.batches.close()  # stops the loader workers now, not at interpreter exit

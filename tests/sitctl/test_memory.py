@@ -1,17 +1,22 @@
 """Memory planning: the traced activations against independent counts, the planner's choice and its
-refusal, SiT-XL/2 at the bench's and train's sizes on an 80 GiB GPU."""
+refusal, SiT-XL/2 at the bench's and train's sizes on an 80 GiB GPU, and an out-of-memory step as one line."""
 
 import pytest
 import torch
 from torch import nn
 
+import sitctl.train
 from model.configs import model_config
 from model.interpolants import interpolant
 from model.network import SiT
 from model.objectives import training_loss
+from sitctl import memory
 from sitctl.bench.report import CUDA_SIZES
+from sitctl.configs import TrainConfig
 from sitctl.errors import SitctlError
 from sitctl.memory import GiB, bytes_saved_for_backward, footprint, plan_micro_batch_to_fit, saved_activation_bytes
+from sitctl.train import plan_micro_batch
+from tests.helpers import assert_one_error_line, cli, tiny_flags
 
 
 def test_the_tracer_counts_what_a_linear_layer_saves_in_closed_form():
@@ -95,7 +100,7 @@ def test_the_planner_refuses_in_one_line_when_one_sample_does_not_fit():
 def test_sit_xl2_at_the_bench_and_train_sizes_fits_80_gib_with_the_chosen_micro_batch():
     bench_batch = next(batch for name, batch, precision in CUDA_SIZES["models"] if (name, precision) == ("SiT-XL/2", "bf16")
                        and batch == 256)
-    train_share = 256  # train's default --global-batch, on one process
+    train_share = TrainConfig.__dataclass_fields__["global_batch"].default  # one process: its whole share
     xl = model_config("SiT-XL/2")  # 4x32x32 latents of 256-px images: 256 tokens, 1000 classes
     needs = footprint(xl, "bf16")
     # Measured on torch 2.14: 400,505,864 bytes (0.373 GiB) a sample, as the issue's trace found; 1.25 GiB
@@ -109,3 +114,29 @@ def test_sit_xl2_at_the_bench_and_train_sizes_fits_80_gib_with_the_chosen_micro_
         assert needs.static + micro * needs.per_sample <= 80 * GiB
         assert micro == 128  # 14.8 + 128 x 0.373 = 62.6 GiB; 256 would need 110.3
 
+
+def test_train_on_a_gpu_without_micro_batch_takes_the_planned_one_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: 80 * GiB)  # an 80 GiB GPU, without one
+    config = TrainConfig(latents=str(tmp_path), out=str(tmp_path / "run"), model="SiT-XL/2", precision="bf16")
+    xl = model_config("SiT-XL/2")
+    assert plan_micro_batch(config, 1, xl, torch.device("cuda", 0)) == 128
+    assert capsys.readouterr().out.splitlines() == [
+        "micro-batch 128 of the 256 samples per rank, the most that fit cuda:0 (about 62.6 GiB); --micro-batch sets it"]
+    assert plan_micro_batch(config, 2, xl, torch.device("cuda", 0), is_main=False) == 128  # a share of 128 fits whole
+    assert capsys.readouterr().out == ""  # only rank 0 speaks
+    given = TrainConfig(latents=str(tmp_path), out=str(tmp_path / "run"), micro_batch=32)
+    assert plan_micro_batch(given, 1, xl, torch.device("cuda", 0)) == 32  # as the user gave it
+    assert plan_micro_batch(config, 1, xl, torch.device("cpu")) == 256  # a CPU: the whole share, as before
+
+
+def test_a_step_out_of_memory_is_one_error_line_naming_the_micro_batch_to_try(digits_latents_dir, tmp_path, monkeypatch, capsys):
+    def out_of_memory(run, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sitctl.train, "train_step", out_of_memory)
+    status, stderr = cli("train", digits_latents_dir, "--out", tmp_path / "run", *tiny_flags(steps=1), capsys=capsys)
+    assert_one_error_line(status, stderr)
+    assert stderr.strip() == "error: out of memory at micro-batch 8 on cpu; pass --micro-batch 4"
+    status, stderr = cli("train", digits_latents_dir, "--out", tmp_path / "one", *tiny_flags(steps=1, micro_batch=1),
+                         capsys=capsys)
+    assert_one_error_line(status, stderr, "out of memory at micro-batch 1 on cpu: one sample does not fit")
