@@ -27,6 +27,7 @@ from sitctl.data import interpolant_noise, open_latents, rank_batches
 from sitctl.decode import load_decoder
 from sitctl.errors import BenchError
 from sitctl.hardware import PRECISIONS, matmul_precision, peak_tflops, set_matmul_precision
+from sitctl.memory import micro_batch_for_device
 from sitctl.progress import peak_memory_gib
 from sitctl.sample import class_labels, draw_latents
 from sitctl.sample_source import Source
@@ -54,12 +55,20 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _micro_batch(config, precision: str, batch: int, device: torch.device) -> int:
+    """The whole batch on a CPU (no device memory to plan); on a GPU the train stage's micro-batch (sitctl.memory)."""
+    return micro_batch_for_device(config, precision, batch, device) if device.type == "cuda" else batch
+
+
 def bench_model(model: str = "SiT-S/2", *, batch: int = 8, precision: str = "fp32", compile: bool = False,
                 steps: int = 10, warmup: int = 3, device: str | None = None, **overrides) -> dict[str, object]:
     """Time the forward pass and an AdamW train step of `model` on random inputs; derive FLOP/s and MFU.
 
     `overrides` are SiTConfig fields (e.g. input_size=16, in_channels=3). The train step loss is
-    a plain MSE to a random target: its cost is the network's, as with the real objectives.
+    a plain MSE to a random target: its cost is the network's, as with the real objectives. A batch
+    whose activations do not fit the GPU trains in the micro-batches train would choose (the row
+    says which), accumulating gradients: the same step and FLOPs. The forward, which saves nothing
+    for a backward, runs the whole batch.
     """
     if precision not in PRECISIONS:
         raise BenchError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -68,8 +77,11 @@ def bench_model(model: str = "SiT-S/2", *, batch: int = 8, precision: str = "fp3
     config = model_config(model, **overrides)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"
+    micro = _micro_batch(config, precision, batch, torch_device)
     net = SiT(config).to(torch_device)
-    runner = torch.compile(net) if compile else net
+    # Static graphs: the whole-batch forward and the micro-batch train step are two shapes, each
+    # compiled for its own, not one graph for any batch.
+    runner = torch.compile(net, dynamic=False) if compile else net
     generator = torch.Generator(torch_device).manual_seed(0)
     shape = (batch, config.in_channels, config.input_size, config.input_size)
     x = torch.randn(shape, device=torch_device, generator=generator)
@@ -83,9 +95,11 @@ def bench_model(model: str = "SiT-S/2", *, batch: int = 8, precision: str = "fp3
             runner(x, t, y)
 
     def train_step() -> None:
-        loss = torch.nn.functional.mse_loss(runner(x, t, y).float(), target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for start in range(0, batch, micro):
+            part = slice(start, start + micro)
+            loss = torch.nn.functional.mse_loss(runner(x[part], t[part], y[part]).float(), target[part])
+            (loss * (micro / batch)).backward()  # the mean of equal parts' means: the whole batch's mean
         optimizer.step()
 
     with matmul_precision(precision, torch_device.type):
@@ -97,6 +111,7 @@ def bench_model(model: str = "SiT-S/2", *, batch: int = 8, precision: str = "fp3
     peak = peak_tflops(device_name, precision)
     return {
         "model": model, "device": device_name, "precision": precision, "compile": compile, "batch": batch,
+        "micro_batch": micro,
         "input_shape": list(shape[1:]), "parameters": sum(p.numel() for p in net.parameters()),
         "forward_gmacs_per_image": forward_flops(config) / 1e9,
         "forward_ms": forward_s * 1e3, "train_step_ms": train_s * 1e3,

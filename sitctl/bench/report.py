@@ -141,17 +141,22 @@ def _rate(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def model_step_row(run: dict) -> tuple[str, str, str]:
+    """(benchmark, setting, figures) of one bench_model result; a batch trained in micro-batches says so."""
+    mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
+    # On a CPU the figure is the process's peak resident set so far, not this model's: left out.
+    memory = f", peak memory {run['peak_memory_gib']:.2f} GiB" if run["device"] != "cpu" else ""
+    compiled = ", compile" if run.get("compile") else ""
+    micro = run.get("micro_batch", run["batch"])  # results written before rows planned their micro-batch lack it
+    split = f" in micro-batches of {micro}" if micro < run["batch"] else ""
+    return ("model step", f"{run['model']}, batch {run['batch']}{split}, {run['precision']}{compiled}",
+            f"train step {run['train_step_ms']:.0f} ms ({_rate(run['train_images_per_s'])} img/s), "
+            f"forward {run['forward_ms']:.0f} ms, {run['train_tflops']:.3g} TFLOP/s{mfu}{memory}")
+
+
 def figure_rows(results: dict) -> list[tuple[str, str, str]]:
     """(benchmark, setting, figures) per measured row, for the BENCHMARKS.md table."""
-    rows = []
-    for run in results["model"]:
-        mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
-        # On a CPU the figure is the process's peak resident set so far, not this model's: left out.
-        memory = f", peak memory {run['peak_memory_gib']:.2f} GiB" if run["device"] != "cpu" else ""
-        compiled = ", compile" if run.get("compile") else ""
-        rows.append(("model step", f"{run['model']}, batch {run['batch']}, {run['precision']}{compiled}",
-                     f"train step {run['train_step_ms']:.0f} ms ({_rate(run['train_images_per_s'])} img/s), "
-                     f"forward {run['forward_ms']:.0f} ms, {run['train_tflops']:.3g} TFLOP/s{mfu}{memory}"))
+    rows = [model_step_row(run) for run in results["model"]]
     loader = results["loader"]
     shape = "x".join(map(str, loader["latent_shape"]))
     rows.append(("loader", f"{shape} latents, batch {loader['batch']}, 1 core",

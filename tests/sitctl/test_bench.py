@@ -101,3 +101,19 @@ def test_the_loader_bench_reads_kept_photo_crops_when_asked():
     figures = bench_loader_rate(images=16, batch=8, lanes=2, buffer=8, seconds=0.2, encoder_targets="png")
     assert figures["encoder_targets"] == "png" and figures["latents_per_s"] > 0
     assert figures["bytes_per_sample"] > 256 * 256  # a 256-px photo crop beside each 4x32x32 latent
+
+
+def test_a_model_row_that_does_not_fit_trains_in_the_planned_micro_batches_and_says_so(monkeypatch):
+    import sitctl.measure
+    from sitctl.bench.report import model_step_row
+    from sitctl.measure import bench_model
+
+    sizes = dict(batch=4, steps=1, warmup=0, device="cpu", input_size=8)
+    whole = bench_model("SiT-T/4", **sizes)
+    assert whole["micro_batch"] == 4  # a CPU plans nothing: the whole batch, as before
+    assert model_step_row(whole)[1] == "SiT-T/4, batch 4, fp32"
+    # A device that holds 2 samples a forward, as the planner (sitctl.memory) would find it.
+    monkeypatch.setattr(sitctl.measure, "_micro_batch", lambda config, precision, batch, device: 2)
+    split = bench_model("SiT-T/4", **sizes)
+    assert split["micro_batch"] == 2 and split["train_step_ms"] > 0
+    assert model_step_row(split)[1] == "SiT-T/4, batch 4 in micro-batches of 2, fp32"
