@@ -40,7 +40,7 @@ from sitctl.configs import EvalConfig, SampleConfig, TrainConfig
 from sitctl.decode import Decoder, load_decoder
 from sitctl.errors import OtherRankStopped, SitctlError
 from sitctl.evaluate.auto_reference import reference_for
-from sitctl.evaluate.inception import POOL_FEATURES, create_extractor, extract_features, resolve_weights
+from sitctl.evaluate.inception import INCEPTION_PRECISION, POOL_FEATURES, create_extractor, extract_features, resolve_weights
 from sitctl.evaluate.reference import Reference, load_reference
 from sitctl.evaluate.results import sampler_text
 from sitctl.evaluate.stage import check_reference, compute_metrics
@@ -185,8 +185,9 @@ def measure_fid(evaluation: TrainingEval, d) -> dict[str, Any] | None:
     if gathered is None:
         return None
     values = compute_metrics(evaluation.eval_config, {POOL_FEATURES: gathered}, evaluation.reference)
+    # The Inception's precision is its own (fp32, no TF32), not the run's: recorded as `sitctl eval` records it.
     return {"fid": values["fid"], "fid_num": settings.num, "fid_sampler": sampler_text(asdict(settings)),
-            "fid_seconds": time.perf_counter() - started}
+            "fid_inception_precision": INCEPTION_PRECISION, "fid_seconds": time.perf_counter() - started}
 
 
 def gather_in_index_order(features: torch.Tensor, blocks: list[range], settings: SampleConfig, d) -> torch.Tensor | None:

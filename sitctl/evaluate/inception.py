@@ -8,6 +8,10 @@ Two sources of the same network are accepted, so numbers stay comparable with th
 Both are fed exactly as torch-fidelity feeds its own: uint8 NCHW, TF1-style bilinear resize to
 299x299, then (x - 128) / 128. One forward gives every requested feature: pool_3 (2048), the
 spatial features of ADM's sFID (2023, `adm_spatial`) and the unbiased logits (1008).
+
+It runs in exact fp32 wherever it runs (INCEPTION_PRECISION): no TF32 convolutions or matmuls on a
+GPU, whatever the stage around it chose (training's --precision, sample's --tf32), so a FID
+measured on a GPU is the CPU's to rounding, and the metrics artifacts record it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from sitctl.errors import SitctlError, first_line
+from sitctl.hardware import matmul_precision
 from sitctl.progress import progress_bar
 from sitctl.signals import stop_on_signals
 
@@ -44,6 +49,10 @@ SPATIAL_FEATURES = "spatial"  # ADM's sFID input: mixed_6/conv, first 7 channels
 SPATIAL_CHANNELS = 7
 FEATURE_WIDTHS = {POOL_FEATURES: 2048, SPATIAL_FEATURES: SPATIAL_CHANNELS * 17 * 17, LOGITS: 1008}
 FEATURE_NAMES = {"pool": POOL_FEATURES, "spatial": SPATIAL_FEATURES, "logits": LOGITS}  # the registry's layer names
+# TF32 rounds a product's inputs to 10 mantissa bits (fp32 keeps 23), and cuDNN allows it for
+# convolutions by default: the features would then depend on the device and the stage. A
+# sitctl.hardware precision name; `just gpu-check` compares the FID on CUDA with the CPU's.
+INCEPTION_PRECISION = "fp32"
 
 
 class InceptionWeightsError(SitctlError):
@@ -184,7 +193,12 @@ class TorchScriptInception(FeatureExtractorBase):
             raise ValueError(f"expected uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
         # On CPU a few images at a time keep the activations in cache (2-core Xeon: 17 img/s in
         # chunks of 8 against 13 in one batch of 64); a GPU takes the whole batch.
-        chunks = [self._features(chunk) for chunk in (x.split(CPU_CHUNK) if x.device.type == "cpu" else (x,))]
+        # The TorchScript executor runs unoptimised: left on, it profiles the first call and fuses
+        # on the second (compiling GPU kernels inside whichever batch that is, and again for each new
+        # batch shape, such as a short last batch). The CPU has no fuser (torch 2.14): the same
+        # speed there, measured; the features are bit for bit the same.
+        with torch.jit.optimized_execution(False):
+            chunks = [self._features(chunk) for chunk in (x.split(CPU_CHUNK) if x.device.type == "cpu" else (x,))]
         return tuple(torch.cat([chunk[name] for chunk in chunks]) for name in self.features_list)
 
     def _features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -329,7 +343,8 @@ def extract_features(
                 raise stop.interrupted(f"while extracting Inception features of the {label} ({done}{of} images); nothing is kept")
             check_images(images)
             x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)  # (N, 3, H, W) uint8
-            outputs = extractor.convert_features_tuple_to_dict(extractor(x))
+            with matmul_precision(INCEPTION_PRECISION, device.type):  # only the network: `batches` may be a sampler
+                outputs = extractor.convert_features_tuple_to_dict(extractor(x))
             for name, value in outputs.items():
                 collected[name].append(value.float().cpu())
             advance(len(images))

@@ -23,7 +23,7 @@ from sitctl.artifacts import Artifact, begin_artifact, finish_artifact, open_art
 from sitctl.configs import EvalConfig
 from sitctl.errors import EvalError
 from sitctl.evaluate.inception import (
-    FEATURE_NAMES, create_extractor, extract_features, missing_head, pick_device, resolve_weights
+    FEATURE_NAMES, INCEPTION_PRECISION, create_extractor, extract_features, missing_head, pick_device, resolve_weights
 )
 from sitctl.evaluate.metrics import feature_statistics
 from sitctl.evaluate.reference import Reference, load_reference
@@ -221,7 +221,8 @@ def _write_metrics(config, samples, reference, values, weights, count, unavailab
                             "format": "artifact" if reference.artifact is not None else "adm-npz"}
     extra = MetricsInfo(
         values=values, num_samples=count, num_expected=config.num_expected, reference=reference_record,
-        inception=weights.describe(), lineage=[samples.ref(), *lineage(samples)], unavailable=unavailable,
+        inception=weights.describe() | {"precision": INCEPTION_PRECISION}, lineage=[samples.ref(), *lineage(samples)],
+        unavailable=unavailable,
     ).to_extra()
     inputs = [samples] + ([reference.artifact] if reference is not None and reference.artifact is not None else [])
     return finish_artifact(staging, config.out, kind="metrics", config=asdict(config), inputs=inputs, extra=extra)
