@@ -21,11 +21,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_latents_di
     assert [step for step, _ in list_checkpoints(tmp_path / "pieces")] == [2, 5]
 
 
-def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu_and_the_run_records_which(digits_latents_dir, tmp_path):
+def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu_and_the_run_records_which(digits_latents_dir, tmp_path,
+                                                                                   monkeypatch):
     from sitctl.train import resolve
 
     config = tiny(digits_latents_dir, tmp_path / "run", steps=1)
     assert config.precision == "auto"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # a GPU without bf16 (V100)
+    assert resolve(config, torch.device("cuda")).precision == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert resolve(config, torch.device("cuda")).precision == "bf16"
     assert resolve(config, torch.device("cpu")).precision == "fp32"
     assert resolve(tiny(digits_latents_dir, tmp_path, precision="tf32"), torch.device("cuda")).precision == "tf32"
