@@ -309,7 +309,7 @@ def test_a_tracker_failing_mid_run_is_one_warning_and_every_checkpoint_is_saved(
 
 
 def test_a_run_without_a_reference_says_so_once_and_trains_on(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("sitctl.train.DEFAULT_EVAL_EVERY", 1)  # the default period (25,000 steps) due in a 2-step run
+    monkeypatch.setattr("sitctl.train_setup.DEFAULT_EVAL_EVERY", 1)  # the default period (25,000 steps) due in a 2-step run
     latents = make_latents(tmp_path / "latents", shape=(3, 8, 8))  # no source images recorded
     checkpoint = train(tiny(latents.path, tmp_path / "run", steps=2, ckpt_every=2, eval_every=None))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
