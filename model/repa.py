@@ -16,7 +16,6 @@ users of REPA's code saw the loss turn NaN in fp16 after 70-160K steps otherwise
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
