@@ -9,10 +9,7 @@ added to the documented lines.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from typer.testing import CliRunner
 from sitctl.artifacts import open_artifact
 from sitctl.cli import app
 from sitctl.errors import SitctlError
-from tests.helpers import assert_one_error_line, offline_hub, ok, run_cli
+from tests.helpers import assert_one_error_line, offline_hub, ok, run_cli, run_cli_process
 
 ENCODE = ["encode", "imagenet/", "--image-size", "16", "--workers", "0", "--shard-size", "16", "--device", "cpu"]
 TRAIN = ["train", "--interp", "linear", "--pred", "velocity",
@@ -187,9 +184,8 @@ def test_a_rerun_makes_v2_leaves_v1_untouched_and_the_next_stage_picks_v2(worksp
 
 
 def test_a_killed_encode_leaves_nothing_a_later_stage_picks(workspace):
-    env = {**os.environ, "SITCTL_TEST_CRASH_AFTER_SHARDS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "sitctl.cli", *ENCODE, "--shard-size", "4"], env=env,
-                            capture_output=True, text=True)
+    # A real process, on one torch thread as this one: the hook exits it at once, as a kill would.
+    killed = run_cli_process(*ENCODE, "--shard-size", "4", env={"SITCTL_TEST_CRASH_AFTER_SHARDS": "1"})
     assert killed.returncode == 75, killed.stderr
     assert (workspace / "latents" / ".v1.partial").is_dir() and not (workspace / "latents" / "v1").exists()
     message = failure(*TRAIN)
@@ -210,8 +206,7 @@ def test_a_killed_sample_typed_again_resumes_its_version_and_other_settings_do_n
     ok(*ENCODE)
     ok(*TRAIN)
     command = [*SAMPLE[:SAMPLE.index("--batch-size")], "--batch-size", "2", *SAMPLE[SAMPLE.index("--batch-size") + 2:]]
-    killed = subprocess.run([sys.executable, "-m", "sitctl.cli", *command], env={**os.environ, CRASH_HOOK: "1"},
-                            capture_output=True, text=True)
+    killed = run_cli_process(*command, env={CRASH_HOOK: "1"})  # one torch thread as here: the same bytes resumed
     assert killed.returncode == 17, killed.stderr
     assert "writing samples/v2 (samples/v1 unfinished" in ok(*command, "--w", "0.5")
     assert "resuming samples/v1 (interrupted, begun by this same command)" in ok(*command)
