@@ -19,7 +19,7 @@ import pytest
 
 from sitctl.artifacts import open_artifact, staging_dir
 # test_trackers.py, test_identity.py and test_checkpoint.py import cli, assert_one_error_line and small_disk from here.
-from tests.helpers import assert_one_error_line, cli, sample_bytes, small_disk, tiny, tiny_flags
+from tests.helpers import assert_one_error_line, cli, run_cli_process, sample_bytes, small_disk, tiny, tiny_flags
 
 # Enough images of 8x8 pixels to fill a 48 KiB disk part way through the run.
 SAMPLE_ARGS = ["--num-samples", "400", "--batch-size", "32", "--steps", "2", "--mode", "ode", "--method", "euler",
@@ -285,12 +285,6 @@ def kill_at_publish(monkeypatch) -> None:
     monkeypatch.setattr(sitctl.artifacts.os, "replace", replace)
 
 
-def run_subprocess(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sitctl.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=full_env)
-
-
 def test_sampling_killed_then_rerun_gives_identical_bytes_and_never_mixes_settings(pixel_run, tmp_path, monkeypatch, capsys):
     from sitctl.sample import CRASH_HOOK, SampleConfig, sample_stage
 
@@ -299,7 +293,7 @@ def test_sampling_killed_then_rerun_gives_identical_bytes_and_never_mixes_settin
     tried = identical = 0
     for batches in (1, 3):  # mid-run, and after the last batch (before finishing)
         out = tmp_path / f"killed-after-{batches}"
-        assert run_subprocess("sample", pixel_run, "--out", out, *SAMPLE_CLI, env={CRASH_HOOK: str(batches)}).returncode == 17
+        assert run_cli_process("sample", pixel_run, "--out", out, *SAMPLE_CLI, env={CRASH_HOOK: str(batches)}).returncode == 17
         assert_one_error_line(*cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, "--seed", "1", capsys=capsys), "--seed 0, now 1")
         assert cli("sample", pixel_run, "--out", out, *SAMPLE_CLI, capsys=capsys)[0] == 0
         tried, identical = tried + 1, identical + (sample_bytes(out) == sample_bytes(straight))
@@ -324,7 +318,7 @@ def test_encoding_killed_then_rerun_gives_identical_bytes_and_never_mixes_source
     straight = tmp_path / "straight"
     assert cli("encode", "digits", "--out", straight, *args, capsys=capsys)[0] == 0
     killed = tmp_path / "killed"
-    assert run_subprocess("encode", "digits", "--out", killed, *args, env={CRASH_AFTER_SHARDS_ENV: "1"}).returncode == 75
+    assert run_cli_process("encode", "digits", "--out", killed, *args, env={CRASH_AFTER_SHARDS_ENV: "1"}).returncode == 75
     assert_one_error_line(*cli("encode", "digits:holdout", "--out", killed, *args, capsys=capsys), "cannot continue the partial encode")
     assert cli("encode", "digits", "--out", killed, *args, capsys=capsys)[0] == 0
     publishing = tmp_path / "publishing"
