@@ -104,6 +104,27 @@ def tiny_encoder(tiny_encoder_home, monkeypatch):
     return tiny_encoder_home
 
 
+@pytest.fixture
+def tiny_fashion(tmp_path):
+    """Fashion-MNIST in the Debian layout: 48 train and 16 test images of bright squares on black."""
+    import numpy as np
+
+    from tests.helpers import write_idx
+
+    rng = np.random.default_rng(0)
+
+    def images(count):
+        pixels = np.zeros((count, 28, 28), np.uint8)
+        for image, corner in zip(pixels, rng.integers(2, 14, (count, 2))):
+            image[corner[0] : corner[0] + 12, corner[1] : corner[1] + 12] = rng.integers(100, 256)
+        return pixels
+
+    for stem, count in (("train", 48), ("t10k", 16)):
+        write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", images(count))
+        write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", (np.arange(count) % 10).astype(np.uint8))
+    return tmp_path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def the_suite_leaves_the_checkout_alone():
     """No test may turn the repository into a workspace (a stage run with the checkout as working directory)."""

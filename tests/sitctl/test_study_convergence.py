@@ -13,9 +13,8 @@ from sitctl.configs import StudyConfig
 from sitctl.errors import SitctlError
 from sitctl.study.convergence import grid_table, steps_to_reach, summarise
 from sitctl.study.encoder import read_quality
-from sitctl.study.points import CONVERGENCE_RECIPES, Point, convergence_points, convergence_spec, grid_points, sde
+from sitctl.study.points import CONVERGENCE_RECIPES, convergence_points, convergence_spec, grid_points, sde
 from sitctl.study.run import run_study
-from tests.sitctl.test_study import tiny_fashion  # noqa: F401 (a fixture)
 
 STEPS = (250, 500, 1000, 2000)
 
