@@ -36,10 +36,17 @@ demo:
 bench *ARGS:
     {{venv}}python -m sitctl.bench all {{ARGS}}
 
-# On a GPU node, first: doctor, `just bench` at the GPU sizes, a 200-step SiT-XL/2 training under --precision auto
-# vs tf32, 256 images sampled with bf16 + compile + CUDA graphs vs fp32; writes BENCHMARKS.md's GPU sections (< 8 min on an H100).
+# On a GPU node, first: verdicts against stated thresholds (BENCHMARKS.md, "GPU check: what each step proves"): doctor,
+# SiT-XL/2 trained under --precision auto vs tf32, 255 images with bf16 + compile + CUDA graphs vs fp32, the FID's
+# Inception on CUDA vs the CPU, SiT-B/2 under --compile --micro-batch then --resume (< 8 min on an H100). Then `just bench`
+# for the device's figures. `--cpu-dry-run` runs every step at tiny sizes on a CPU (about 2-4 minutes on 2 cores).
 gpu-check *ARGS:
     {{venv}}python -m sitctl.bench gpu-check {{ARGS}}
+
+# On a node with 2 GPUs, the NCCL steps under torchrun: DDP training vs one process, the FID gathered during training vs
+# `sitctl eval fid`, `sitctl sample` over 2 processes vs one (about 2 min). `--cpu-dry-run`: the same on gloo.
+gpu-check-2 *ARGS:
+    {{venv}}python -m sitctl.bench gpu-check --gpus 2 {{ARGS}}
 
 # Benchmark the network: forward and train-step time, images/s, FLOP/s, peak memory.
 bench-model MODEL="SiT-S/2" BATCH="8" PRECISION="fp32":

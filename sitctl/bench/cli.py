@@ -94,9 +94,10 @@ def _gpu_check(config: configs.GpuCheck) -> None:
     from sitctl.bench.gpu_check import gpu_check
 
     results = gpu_check(config)
-    print(f"gpu-check done in {sum(results['seconds'].values()):.0f} s: doctor {results['doctor']['verdict']}; "
-          f"losses within {results['training']['max_relative_difference']:.2%}; sampled pixels differ by "
-          f"{results['sampling']['mean_levels']:.2f} levels on average; details in {config.out}/results.json")
+    statuses = [verdict["status"] for verdict in results["verdicts"]]
+    print(f"gpu-check ({config.gpus} GPU{'s' if config.gpus > 1 else ''}) done in {sum(results['seconds'].values()):.0f} s: "
+          f"{statuses.count('pass')} of {len(statuses)} verdicts pass, {statuses.count('GPU only')} GPU only; "
+          f"details in {config.out}")
 
 
 _command("model", configs.ModelBench, _model,
@@ -112,8 +113,9 @@ _command("inception", configs.InceptionBench, _inception,
 _command("all", configs.AllBench, _all,
          "Every benchmark at sizes that fit this device; writes a bench artifact and updates BENCHMARKS.md.")
 _command("gpu-check", configs.GpuCheck, _gpu_check,
-         "On a new GPU node: doctor, bench at the GPU sizes, XL/2 training auto vs tf32, sampling bf16+compile+graphs vs fp32 "
-         "(under 8 minutes on an H100); writes BENCHMARKS.md's GPU sections.")
+         "On a new GPU node, verdicts against stated thresholds (under 8 minutes on an H100): doctor, XL/2 training auto vs "
+         "tf32, sampling bf16+compile+graphs vs fp32, FID on CUDA vs CPU, B/2 compile+micro-batch+resume; --gpus 2: DDP "
+         "training, the FID gather and the sampling merge under torchrun. Writes BENCHMARKS.md's GPU check section.")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sitctl.errors import BenchError
 from sitctl.options import check_device, check_finite, setting
 
 
@@ -135,8 +136,14 @@ class AllBench:
 @dataclass(frozen=True, kw_only=True)
 class GpuCheck:
     out: str = "gpu-check-out"
-    """Working folder: the random VAE, synthetic latents, both runs, both sample sets, the bench artifact, results.json."""
+    """Working folder (both checks share its random VAE and latents): the runs, the sample sets, the metrics, results*.json."""
     benchmarks_md: str | None = None
-    """Markdown file whose device and `GPU check` sections are rewritten (default: BENCHMARKS.md; OUT/BENCHMARKS.md in a dry run)."""
+    """Markdown file whose `GPU check` section is rewritten (default: BENCHMARKS.md; OUT/BENCHMARKS.md in a dry run)."""
     cpu_dry_run: bool = False
-    """Run every step at tiny sizes on the CPU (no compile, no CUDA graphs): checks the plumbing; the figures mean nothing."""
+    """Run every step at tiny sizes on the CPU (2 processes on gloo; no CUDA graphs): checks the plumbing; the figures mean nothing."""
+    gpus: int = 1
+    """1: the one-GPU steps; 2: the NCCL steps (DDP training, the FID gather, the sampling merge) under torchrun."""
+
+    def __post_init__(self) -> None:
+        if self.gpus not in (1, 2):
+            raise BenchError(f"--gpus must be 1 or 2, got {self.gpus}")
