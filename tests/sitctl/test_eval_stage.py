@@ -300,3 +300,42 @@ def test_adm_npz_export_carries_the_spatial_statistics(world):
         assert {"arr_0", "arr_1", "mu", "sigma", "mu_s", "sigma_s"} <= set(data.files)
     np.testing.assert_array_equal(load_reference(npz).spatial_statistics.sigma,
                                   load_reference(world["reference"].path).spatial_statistics.sigma)
+
+
+class PrecisionSpy:
+    """A stand-in extractor that records the matmul and cuDNN TF32 settings its forward runs under."""
+
+    def __init__(self):
+        self.seen = []
+
+    def get_requested_features_list(self):
+        return ["2048"]
+
+    def __call__(self, x):
+        self.seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        return (torch.zeros(len(x), 2048),)
+
+    def convert_features_tuple_to_dict(self, features):
+        return {"2048": features[0]}
+
+
+def test_the_inception_runs_without_tf32_inside_a_tf32_stage_and_its_batches_keep_the_stages_setting():
+    from sitctl.evaluate.inception import extract_features
+    from sitctl.hardware import matmul_precision
+
+    spy, fed = PrecisionSpy(), []
+
+    def batches():  # what training's FID passes: a sampler, drawing in the stage's precision
+        for _ in range(2):
+            fed.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+            yield np.zeros((3, 8, 8, 3), np.uint8)
+
+    with matmul_precision("tf32", "cpu"):
+        extract_features(spy, batches(), device=torch.device("cpu"))
+        after = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    assert spy.seen == [("highest", False)] * 2
+    assert fed == [("high", True)] * 2 and after == ("high", True)
+
+
+def test_the_metrics_artifact_records_the_inceptions_precision(world):
+    assert world["scored"]["other"].extra["inception"]["precision"] == "fp32"
