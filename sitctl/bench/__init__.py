@@ -25,7 +25,7 @@ from sitctl.hardware import PEAK_TFLOPS, PRECISIONS, peak_tflops  # noqa: F401
 def __getattr__(name: str):
     # The typer app is built on first use, so `import sitctl.bench` in a notebook stays light.
     if name == "app":
-        from sitctl.bench.cli import app
+        from sitctl.bench.cli import app  # start-up cost: building the typer app
 
         return app
     raise AttributeError(name)

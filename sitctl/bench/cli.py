@@ -8,6 +8,7 @@ from typing import Any, Callable
 import typer
 
 from sitctl.bench import configs
+from sitctl.cli import run_app
 from sitctl.errors import BenchError
 from sitctl.options import config_command
 
@@ -30,8 +31,8 @@ def _command(name: str, config_class: type, run: Callable[[Any], None], doc: str
 
 
 def _model(config: configs.ModelBench) -> None:
-    from sitctl.bench.model import bench_model
-    from sitctl.bench.report import print_result
+    from sitctl.bench.model import bench_model  # start-up cost: `--help` loads no benchmark
+    from sitctl.bench.report import print_result  # start-up cost: `--help` loads no benchmark
 
     print_result(bench_model(config.model, batch=config.batch, precision=config.precision, compile=config.compile,
                              steps=config.steps, warmup=config.warmup, device=config.device,
@@ -39,8 +40,8 @@ def _model(config: configs.ModelBench) -> None:
 
 
 def _encode(config: configs.EncodeBench) -> None:
-    from sitctl.bench.encode import bench_encode
-    from sitctl.bench.report import print_result
+    from sitctl.bench.encode import bench_encode  # start-up cost: `--help` loads no benchmark
+    from sitctl.bench.report import print_result  # start-up cost: `--help` loads no benchmark
 
     print_result(bench_encode(config.src, image_size=config.image_size, vae=config.vae, images=config.images,
                               batch=config.batch, steps=config.steps, precision=config.precision,
@@ -48,8 +49,8 @@ def _encode(config: configs.EncodeBench) -> None:
 
 
 def _loader(config: configs.LoaderBench) -> None:
-    from sitctl.bench.loader import bench_loader_rate
-    from sitctl.bench.report import print_result
+    from sitctl.bench.loader import bench_loader_rate  # start-up cost: `--help` loads no benchmark
+    from sitctl.bench.report import print_result  # start-up cost: `--help` loads no benchmark
 
     print_result(bench_loader_rate(config.latents, images=config.images, batch=config.batch, lanes=config.lanes,
                                    buffer=config.buffer, seconds=config.seconds, encoder_targets=config.encoder_targets),
@@ -59,8 +60,8 @@ def _loader(config: configs.LoaderBench) -> None:
 def _sampling(config: configs.SamplingBench) -> None:
     if config.batch < 1 or min(config.steps) < 1:
         raise BenchError(f"--batch and --steps must be at least 1, got {config.batch} and {min(config.steps)}")
-    from sitctl.bench.report import print_result, print_rows
-    from sitctl.bench.sampling import bench_sampling, parse_samplers
+    from sitctl.bench.report import print_result, print_rows  # start-up cost: `--help` loads no benchmark
+    from sitctl.bench.sampling import bench_sampling, parse_samplers  # start-up cost: `--help` loads no benchmark
 
     result = bench_sampling(config.model, batch_size=config.batch, steps=config.steps, cfg_scales=config.cfg_scale,
                             samplers=parse_samplers(list(config.sampler)), vae=config.vae, device=config.device,
@@ -74,15 +75,15 @@ def _sampling(config: configs.SamplingBench) -> None:
 def _inception(config: configs.InceptionBench) -> None:
     if config.batch < 1 or config.images < 1:
         raise BenchError(f"--batch and --images must be at least 1, got {config.batch} and {config.images}")
-    from sitctl.bench.inception import bench_inception
-    from sitctl.bench.report import print_result
+    from sitctl.bench.inception import bench_inception  # start-up cost: `--help` loads no benchmark
+    from sitctl.bench.report import print_result  # start-up cost: `--help` loads no benchmark
 
     print_result(bench_inception(config.batch, config.images, device=config.device, weights=config.weights,
                                  image_size=config.image_size), config.as_json)
 
 
 def _all(config: configs.AllBench) -> None:
-    from sitctl.bench.report import bench_all, sizes_for
+    from sitctl.bench.report import bench_all, sizes_for  # start-up cost: `--help` loads no benchmark
 
     sizes = sizes_for(config.device, loader_latents=config.latents)
     out = config.out or f"bench-out/{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
@@ -91,7 +92,7 @@ def _all(config: configs.AllBench) -> None:
 
 
 def _gpu_check(config: configs.GpuCheck) -> None:
-    from sitctl.bench.gpu_check import gpu_check
+    from sitctl.bench.gpu_check import gpu_check  # start-up cost: `--help` loads no benchmark
 
     results = gpu_check(config)
     statuses = [verdict["status"] for verdict in results["verdicts"]]
@@ -120,6 +121,4 @@ _command("gpu-check", configs.GpuCheck, _gpu_check,
 
 def main() -> None:
     """Run the benchmark app; user errors print one line and exit with status 2."""
-    from sitctl.cli import run_app
-
     run_app(app)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipelines.moments import latent_moments
 from pipelines.sources import CroppedImages, open_source
+from sitctl.vae import load_vae
 
 
 def write_synthetic_jpegs(directory: Path, count: int, size: tuple[int, int] = (500, 375)) -> None:
@@ -41,8 +42,6 @@ SD_VAE_ARCHITECTURE = dict(
 
 def load_bench_vae(vae: str, device: torch.device):
     """load_vae, plus `sd-random`: the SD VAE architecture with random weights."""
-    from sitctl.vae import load_vae
-
     if vae != "sd-random":
         return load_vae(vae, device)[0], vae
     from diffusers import AutoencoderKL
