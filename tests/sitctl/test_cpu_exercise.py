@@ -84,3 +84,19 @@ def test_compiled_sampling_with_a_short_last_block_and_a_guidance_interval_follo
               for artifact in (eager, compiled)]
     assert images[0].shape[0] == 7 and (images[0] - images[1]).abs().max() <= 1  # uint8 levels: rounding at most
     assert open_artifact(compiled.path).config["compile"]
+
+
+def test_two_processes_in_bf16_micro_batches_resume_to_the_run_one_process_trains(digits_latents_dir, tmp_path):
+    # DDP's no_sync micro-batches under bf16 autocast on gloo, stopped at step 2 and resumed to 4, against one
+    # process stepping the same batches: the all-reduce order only rounds differently.
+    from tests.helpers import tiny_flags
+    from tests.torchrun import torchrun
+
+    flags = tiny_flags(eval_every=0, precision="bf16", micro_batch=2)
+    for steps in ("2", "4"):
+        torchrun(["-m", "sitctl.cli", "train", str(digits_latents_dir), "--out", str(tmp_path / "two"), "--steps", steps,
+                  "--ckpt-every", "2", *(["--resume"] if steps == "4" else []), *flags])
+    one = train(tiny(digits_latents_dir, tmp_path / "one", steps=4, ckpt_every=4, precision="bf16", micro_batch=2))
+    two = open_artifact(tmp_path / "two" / "step-0000004")
+    assert two.config["precision"] == one.config["precision"] == "bf16"
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=2e-2, atol=1e-3)
